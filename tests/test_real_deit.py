@@ -1,0 +1,45 @@
+"""Accuracy relations on the real DeiT-Tiny and 500 ImageNet images (skipped without the data)."""
+
+import pytest
+import torch
+
+import tokenpatch
+from tokenpatch.data import IMAGENET_SAMPLE, LabelledImages, eval_transform, load_deit_tiny, load_images
+from tokenpatch.evaluate import accuracy, predict
+
+
+@pytest.fixture(scope="module")
+def deit_and_images(shared_data):
+    model = load_deit_tiny(shared_data)
+    dataset = LabelledImages(shared_data / IMAGENET_SAMPLE, transform=eval_transform(model))
+    x, y = load_images(dataset)
+    return model, x, y, predict(model, x)
+
+
+@pytest.mark.parametrize("method", ["idle", "evit"])
+def test_keep_ratio_one_reproduces_unpatched_top1(deit_and_images, method):
+    model, x, y, reference = deit_and_images
+    tokenpatch.patch(model, method, keep_ratio=1.0)
+    try:
+        logits = predict(model, x)
+    finally:
+        tokenpatch.unpatch(model)
+    assert (logits - reference).abs().max() <= 1e-5
+    assert torch.equal(logits.argmax(1), reference.argmax(1))
+    assert accuracy(logits, y).top1 == accuracy(reference, y).top1
+
+
+@pytest.mark.parametrize("method", ["idle", "evit"])
+def test_top1_falls_as_keep_ratio_falls(deit_and_images, method):
+    model, x, y, reference = deit_and_images
+    tokenpatch.patch(model, method, keep_ratio=1.0)
+    results = {}
+    try:
+        for r in (1.0, 0.7, 0.3):
+            tokenpatch.set_keep_ratio(model, r)
+            results[r] = accuracy(predict(model, x), y, reference)
+    finally:
+        tokenpatch.unpatch(model)
+    assert results[1.0].top1 >= results[0.7].top1 > results[0.3].top1
+    assert results[1.0].agreement == 100.0 > results[0.7].agreement > results[0.3].agreement
+    assert results[0.3].top1 < results[1.0].top1 - 5.0

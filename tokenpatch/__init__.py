@@ -1,0 +1,44 @@
+"""tokenpatch: make pretrained Vision Transformers cheaper by computing on fewer tokens.
+
+    import timm, tokenpatch
+    model = timm.create_model("deit_small_patch16_224", pretrained=True)
+    tokenpatch.patch(model, method="idle", keep_ratio=0.5)
+"""
+
+from .api import available_methods, get_config, get_method_name, patch, set_keep_ratio, unpatch
+from .errors import (
+    AlreadyPatchedError,
+    InputShapeError,
+    InvalidOptionError,
+    NotPatchedError,
+    TokenPatchError,
+    UnknownMethodError,
+    UnsupportedModelError,
+)
+from .methods import EViTConfig, IdleConfig
+from .patcher import is_patched
+from .trace import BlockRecord, Trace, trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "patch",
+    "unpatch",
+    "set_keep_ratio",
+    "available_methods",
+    "get_config",
+    "get_method_name",
+    "is_patched",
+    "trace",
+    "Trace",
+    "BlockRecord",
+    "IdleConfig",
+    "EViTConfig",
+    "TokenPatchError",
+    "UnknownMethodError",
+    "InvalidOptionError",
+    "UnsupportedModelError",
+    "NotPatchedError",
+    "AlreadyPatchedError",
+    "InputShapeError",
+]

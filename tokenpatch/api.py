@@ -1,0 +1,96 @@
+"""Public API: ``patch``, ``unpatch``, ``set_keep_ratio``, ``available_methods``, ``get_config``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, TypeVar
+
+from torch import nn
+
+from .backends import find_backend
+from .errors import AlreadyPatchedError, InvalidOptionError
+from .methods import METHODS, Method, MethodConfig, get_method
+from .methods.base import check_keep_ratio
+from .patcher import PatchContext, context_of, install, is_patched, uninstall
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def available_methods() -> dict[str, str]:
+    """Registered method names, each with a one-line summary."""
+    return {name: method.summary for name, method in sorted(METHODS.items())}
+
+
+def _build_config(method: Method, keep_ratio: Optional[float], options: dict[str, Any]) -> MethodConfig:
+    fields = {f.name for f in dataclasses.fields(method.config_class)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        valid = ", ".join(sorted(fields - {"keep_ratio"})) or "none"
+        raise InvalidOptionError(f"unknown option(s) {unknown} for method {method.name!r}; valid options: {valid}")
+    if keep_ratio is not None:
+        options = {**options, "keep_ratio": check_keep_ratio(keep_ratio)}
+    return method.config_class(**options)
+
+
+def patch(model: ModelT, method: str = "idle", keep_ratio: Optional[float] = None, **options: Any) -> ModelT:
+    """Make ``model`` compute on fewer tokens, in place.
+
+    The model keeps its class, parameters and ``state_dict``; only its forward changes.
+    On any error the model is left exactly as it was.
+
+    Args:
+        model: a supported ViT (see the README for the list), e.g. from ``timm.create_model``.
+        method: one of :func:`available_methods` (``"idle"`` by default).
+        keep_ratio: fraction of patch tokens kept, in (0, 1]; None takes the method's default.
+            1.0 reproduces the unpatched outputs.
+        **options: method options, e.g. ``schedule="geometric"`` for ``idle`` or ``fuse=True``
+            for ``evit``; unknown names are an error.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        UnknownMethodError, InvalidOptionError, UnsupportedModelError, AlreadyPatchedError.
+    """
+    chosen = get_method(method)
+    if is_patched(model):
+        raise AlreadyPatchedError(
+            f"{type(model).__name__} is already patched with {context_of(model).method.name!r}; "
+            "call tokenpatch.unpatch(model) first, or tokenpatch.set_keep_ratio(model, r) to change sparsity"
+        )
+    backend = find_backend(model)
+    config = _build_config(chosen, keep_ratio, options)
+    blocks = backend.blocks(model)
+    ctx = PatchContext(backend, chosen, config, backend.num_prefix_tokens(model), len(blocks))
+    install(model, ctx)
+    return model
+
+
+def unpatch(model: ModelT) -> ModelT:
+    """Restore the original forward of a patched ``model``, in place, and return it.
+
+    Raises:
+        NotPatchedError: if the model is not patched.
+    """
+    uninstall(model, context_of(model).backend)
+    return model
+
+
+def set_keep_ratio(model: nn.Module, keep_ratio: float) -> None:
+    """Change a patched model's keep ratio on the fly (no re-patching, no weight change).
+
+    Raises:
+        NotPatchedError, InvalidOptionError (keep_ratio outside (0, 1]).
+    """
+    ctx = context_of(model)
+    ctx.set_config(dataclasses.replace(ctx.config, keep_ratio=check_keep_ratio(keep_ratio)))
+
+
+def get_config(model: nn.Module) -> MethodConfig:
+    """A copy of the patched model's method options."""
+    return dataclasses.replace(context_of(model).config)
+
+
+def get_method_name(model: nn.Module) -> str:
+    """Name of the method a patched model uses."""
+    return context_of(model).method.name

@@ -1,0 +1,106 @@
+"""The common view of a ViT block and of a ViT model that the engine and the methods use.
+
+A backend is the only code that knows a model family's module names. It turns one of that
+family's blocks into a :class:`BlockView`: the pieces of a pre-norm transformer block
+(norm, q/k/v projections, attention output projection, residual branches), which the engine
+composes into reduced-token forwards.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
+
+from torch import Tensor, nn
+
+
+class BlockView(ABC):
+    """One pre-norm transformer block, exposed as composable pieces.
+
+    Shapes: ``x`` is (B, N, C) residual-stream tokens; ``xn`` is ``norm1(x)``; per-head
+    projections are (B, H, N, D) with ``H * D`` the attention width.
+    """
+
+    num_heads: int
+    head_dim: int
+    scale: float
+
+    @property
+    @abstractmethod
+    def attn_dropout(self) -> float:
+        """Attention-probability dropout to apply now (0 in eval mode)."""
+
+    @abstractmethod
+    def norm1(self, x: Tensor) -> Tensor:
+        """Pre-attention norm, (B, N, C) -> (B, N, C)."""
+
+    @abstractmethod
+    def qkv(self, xn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of all tokens, each (B, H, N, D), q/k norms applied."""
+
+    @abstractmethod
+    def query(self, xn: Tensor) -> Tensor:
+        """Queries only, (B, N, C) -> (B, H, N, D)."""
+
+    @abstractmethod
+    def key(self, xn: Tensor) -> Tensor:
+        """Keys only, (B, N, C) -> (B, H, N, D)."""
+
+    @abstractmethod
+    def value(self, xn: Tensor) -> Tensor:
+        """Values only, (B, N, C) -> (B, H, N, D)."""
+
+    @abstractmethod
+    def attention_output(self, o: Tensor, xn: Tensor) -> Tensor:
+        """Merge heads and project: (B, H, N, D) attention result -> (B, N, C) branch output."""
+
+    @abstractmethod
+    def add_attention(self, x: Tensor, y: Tensor) -> Tensor:
+        """First residual: ``x + drop_path(layer_scale(y))``."""
+
+    @abstractmethod
+    def mlp_residual(self, x: Tensor) -> Tensor:
+        """Second residual branch: ``x + drop_path(layer_scale(mlp(norm2(x))))``."""
+
+
+class Backend(ABC):
+    """Adapter for one model family (timm, Hugging Face transformers, ...)."""
+
+    name: str
+    supported: str  # one sentence naming the model classes this backend patches
+
+    @abstractmethod
+    def claims(self, model: nn.Module) -> bool:
+        """True when the model belongs to this backend's family (it may still be unsupported)."""
+
+    @abstractmethod
+    def check(self, model: nn.Module) -> None:
+        """Raise :class:`~tokenpatch.errors.UnsupportedModelError` if the model can't be patched."""
+
+    @abstractmethod
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        """The transformer blocks, in execution order."""
+
+    @abstractmethod
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        """Tokens before the patches (class, distillation, registers); the first is the class token."""
+
+    @abstractmethod
+    def view(self, block: nn.Module) -> BlockView:
+        """The block as a :class:`BlockView`."""
+
+    @abstractmethod
+    def block_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """The (B, N, C) tokens among a block call's arguments; reject arguments it can't honour."""
+
+    def run_original(self, block: nn.Module, x: Tensor) -> Tensor:
+        """The block's own, unpatched forward on (B, N, C) tokens."""
+        return type(block).forward(block, x)
+
+    def block_output(self, x: Tensor) -> Any:
+        """Wrap the reduced block's (B, N', C) result the way the family's blocks return it."""
+        return x
+
+    @abstractmethod
+    def image_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """The image tensor among a model call's arguments (for input checks)."""

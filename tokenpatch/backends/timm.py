@@ -1,0 +1,130 @@
+"""Backend for timm's ``VisionTransformer`` family (ViT, DeiT, DeiT-III, distilled DeiT, registers).
+
+Read against timm 1.0.31: ``timm.models.vision_transformer.Block`` (``norm1``, ``attn``, ``ls1``,
+``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2``) and ``timm.layers.Attention``
+(fused ``qkv`` linear, ``q_norm``/``k_norm``, optional ``norm`` and ``gate``, ``proj``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import TokenPatchError, UnsupportedModelError
+from .base import Backend, BlockView
+
+try:  # timm is a hard dependency, but keep the import error readable.
+    from timm.layers import Attention as TimmAttention
+    from timm.models.vision_transformer import Block as TimmBlock
+    from timm.models.vision_transformer import VisionTransformer
+except ImportError as exc:  # pragma: no cover - exercised only without timm
+    raise ImportError("tokenpatch's timm backend needs timm>=1.0.20 (pip install timm)") from exc
+
+
+class TimmBlockView(BlockView):
+    """A timm ``Block`` with a standard ``Attention`` as composable pieces."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+        self.attn = block.attn
+        self.num_heads = self.attn.num_heads
+        self.head_dim = self.attn.head_dim
+        self.scale = self.attn.scale
+
+    @property
+    def attn_dropout(self) -> float:
+        return self.attn.attn_drop.p if self.attn.training else 0.0
+
+    def norm1(self, x: Tensor) -> Tensor:
+        return self.block.norm1(x)
+
+    def _heads(self, t: Tensor) -> Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _project(self, xn: Tensor, part: int) -> Tensor:
+        # One third of the fused qkv linear: rows [part*W, (part+1)*W) of its weight.
+        width = self.attn.attn_dim
+        rows = slice(part * width, (part + 1) * width)
+        bias = self.attn.qkv.bias
+        return self._heads(F.linear(xn, self.attn.qkv.weight[rows], None if bias is None else bias[rows]))
+
+    def qkv(self, xn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, n, _ = xn.shape
+        qkv = self.attn.qkv(xn).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        return self.attn.q_norm(q), self.attn.k_norm(k), v
+
+    def query(self, xn: Tensor) -> Tensor:
+        return self.attn.q_norm(self._project(xn, 0))
+
+    def key(self, xn: Tensor) -> Tensor:
+        return self.attn.k_norm(self._project(xn, 1))
+
+    def value(self, xn: Tensor) -> Tensor:
+        return self._project(xn, 2)
+
+    def attention_output(self, o: Tensor, xn: Tensor) -> Tensor:
+        b, _, n, _ = o.shape
+        y = self.attn.norm(o.transpose(1, 2).reshape(b, n, self.attn.attn_dim))
+        if self.attn.gate is not None:
+            y = y * self.attn.gate(xn).sigmoid()
+        return self.attn.proj_drop(self.attn.proj(y))
+
+    def add_attention(self, x: Tensor, y: Tensor) -> Tensor:
+        return x + self.block.drop_path1(self.block.ls1(y))
+
+    def mlp_residual(self, x: Tensor) -> Tensor:
+        return x + self.block.drop_path2(self.block.ls2(self.block.mlp(self.block.norm2(x))))
+
+
+class TimmBackend(Backend):
+    """timm ``VisionTransformer`` and subclasses built from standard ``Block``/``Attention``."""
+
+    name = "timm"
+    supported = (
+        "timm VisionTransformer models (vit_*, deit_*, deit3_*, *_distilled_*, *_reg*) whose blocks "
+        "are timm.models.vision_transformer.Block with timm.layers.Attention and that have a class token"
+    )
+
+    def claims(self, model: nn.Module) -> bool:
+        return isinstance(model, VisionTransformer)
+
+    def check(self, model: nn.Module) -> None:
+        name = type(model).__name__
+        if getattr(model, "cls_token", None) is None:
+            raise UnsupportedModelError(
+                f"{name} has no class token (class_token=False); tokenpatch scores tokens by "
+                f"class-token attention. Supported: {self.supported}."
+            )
+        for i, block in enumerate(model.blocks):
+            if type(block) is not TimmBlock or type(block.attn) is not TimmAttention:
+                raise UnsupportedModelError(
+                    f"{name}.blocks[{i}] is {type(block).__name__} with "
+                    f"{type(getattr(block, 'attn', None)).__name__}; supported: {self.supported}."
+                )
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        return list(model.blocks)
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return int(model.num_prefix_tokens)
+
+    def view(self, block: nn.Module) -> BlockView:
+        return TimmBlockView(block)
+
+    def block_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        x, *rest = args if args else (kwargs.pop("x"),)
+        attn_mask = rest[0] if rest else kwargs.get("attn_mask")
+        is_causal = rest[1] if len(rest) > 1 else kwargs.get("is_causal", False)
+        if attn_mask is not None or is_causal:
+            raise TokenPatchError(
+                "a patched timm block does not support attn_mask or is_causal: token reduction "
+                "changes the sequence length the mask was built for; unpatch the model to use masks"
+            )
+        return x
+
+    def image_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        return args[0] if args else kwargs["x"]

@@ -1,0 +1,81 @@
+"""Labelled image folders and the shared real data (DeiT-Tiny weights, ImageNet sample).
+
+Nothing here downloads: the data directory comes from an argument or the ``TOKENPATCH_DATA``
+environment variable.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+DATA_ENV = "TOKENPATCH_DATA"
+DEIT_TINY_WEIGHTS = "weights/deit_tiny_patch16_224.safetensors"
+IMAGENET_SAMPLE = "imagenet-sample"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+PathLike = Union[str, os.PathLike]
+
+
+def data_dir(explicit: Optional[PathLike] = None) -> Optional[Path]:
+    """The shared data directory: ``explicit``, else ``$TOKENPATCH_DATA``, else None."""
+    chosen = explicit if explicit is not None else os.environ.get(DATA_ENV)
+    return Path(chosen) if chosen else None
+
+
+class LabelledImages(Dataset):
+    """A flat folder of images with a ``file,class_index`` CSV (extra columns are ignored).
+
+    Items are ``(transform(image), class_index)``.
+    """
+
+    def __init__(self, root: PathLike, labels_csv: Optional[PathLike] = None, transform: Optional[Callable] = None) -> None:
+        self.root = Path(root)
+        csv_path = Path(labels_csv) if labels_csv is not None else self.root / "labels.csv"
+        if not csv_path.is_file():
+            raise FileNotFoundError(f"no labels file at {csv_path} (expected columns file,class_index)")
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or not {"file", "class_index"} <= set(rows[0]):
+            raise ValueError(f"{csv_path} must have the columns file,class_index")
+        self.items = [(self.root / r["file"], int(r["class_index"])) for r in rows]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        path, label = self.items[i]
+        image = Image.open(path).convert("RGB")
+        return (self.transform(image) if self.transform else image), label
+
+
+def eval_transform(model: nn.Module) -> Callable:
+    """timm's evaluation transform for ``model``'s pretrained config (resize, crop, normalise)."""
+    from timm.data import create_transform, resolve_data_config
+
+    return create_transform(**resolve_data_config(model=model))
+
+
+def load_deit_tiny(root: PathLike) -> nn.Module:
+    """The real DeiT-Tiny from the shared data directory, in eval mode (no download)."""
+    import timm
+    from safetensors.torch import load_file
+
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    model.load_state_dict(load_file(str(Path(root) / DEIT_TINY_WEIGHTS)), strict=True)
+    return model.eval()
+
+
+def load_images(dataset: Dataset, limit: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """All (or the first ``limit``) items of ``dataset`` stacked: (M, 3, H, W) images, (M,) labels."""
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    images, labels = zip(*(dataset[i] for i in range(count)))
+    return torch.stack(images), torch.tensor(labels)

@@ -1,0 +1,45 @@
+"""Accuracy of a model on a labelled image set, and agreement with a reference model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Tensor, batch_size: int = 50, progress: bool = False, desc: str = "eval") -> Tensor:
+    """Logits of ``model`` on (M, 3, H, W) ``images``, in eval mode, batch by batch: (M, classes)."""
+    model.eval()
+    batches = images.split(batch_size)
+    return torch.cat([model(b) for b in tqdm(batches, desc=desc, disable=not progress, leave=False)])
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Top-1/top-5 accuracy in percent, and top-1 agreement with a reference (percent, or None)."""
+
+    top1: float
+    top5: float
+    agreement: Optional[float] = None
+
+
+def accuracy(logits: Tensor, labels: Tensor, reference_logits: Optional[Tensor] = None) -> Accuracy:
+    """Accuracy of (M, classes) ``logits`` against (M,) ``labels``.
+
+    ``agreement`` is the share of samples whose top-1 matches the reference's top-1 (no labels
+    needed).
+    """
+    top5 = logits.topk(5, dim=1).indices
+    top1 = top5[:, 0]
+    agreement = None
+    if reference_logits is not None:
+        agreement = 100.0 * (top1 == reference_logits.argmax(1)).float().mean().item()
+    return Accuracy(
+        top1=100.0 * (top1 == labels).float().mean().item(),
+        top5=100.0 * (top5 == labels[:, None]).any(1).float().mean().item(),
+        agreement=agreement,
+    )

@@ -1,0 +1,21 @@
+"""The method registry: one small module per method."""
+
+from __future__ import annotations
+
+from ..errors import UnknownMethodError
+from .base import Method, MethodConfig
+from .evit import EViT, EViTConfig
+from .idle import Idle, IdleConfig
+
+METHODS: dict[str, Method] = {m.name: m for m in (Idle(), EViT())}
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name``, or a clear error listing the available ones."""
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}") from None
+
+
+__all__ = ["METHODS", "Method", "MethodConfig", "get_method", "EViTConfig", "IdleConfig"]

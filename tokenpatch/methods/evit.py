@@ -1,0 +1,85 @@
+"""EViT: keep the attentive tokens, drop (or fuse) the rest.
+
+Liang et al., "Not All Patches are What You Need: Expediting Vision Transformers via Token
+Reorganizations", ICLR 2022 (arXiv:2202.07800). At a few blocks, after the attention
+residual and before the MLP, keep the ``ceil(r * (N - P))`` non-prefix tokens with the highest
+head-averaged class-token attention of that block; the rest are dropped, or with ``fuse=True``
+summed into one extra token weighted by their class-token attention. A fused token is an
+ordinary candidate at later reductions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backends.base import BlockView
+from ..engine import PassState, attention_residual, keep_tokens, mlp_residual
+from ..ops import complement_positions, gather_tokens, top_k_positions
+from .base import Method, MethodConfig, check_blocks, quarter_blocks
+
+
+@dataclasses.dataclass
+class EViTConfig(MethodConfig):
+    """Options of ``evit``.
+
+    Attributes:
+        keep_ratio: fraction of the current non-prefix tokens kept at each reduction block.
+        drop_blocks: blocks that reduce; None means 1/4, 2/4, 3/4 of the depth ((3, 6, 9) for 12).
+        fuse: fuse the dropped tokens into one extra token instead of discarding them.
+    """
+
+    keep_ratio: float = 0.7
+    drop_blocks: Optional[tuple[int, ...]] = None
+    fuse: bool = False
+
+    def validate(self, depth: int) -> None:
+        super().validate(depth)
+        if self.drop_blocks is not None:
+            self.drop_blocks = tuple(self.drop_blocks)
+            check_blocks("drop_blocks", self.drop_blocks, depth)
+        self.fuse = bool(self.fuse)
+
+
+class EViT(Method):
+    name = "evit"
+    summary = "EViT: drop (or fuse) inattentive tokens at a few blocks"
+    config_class = EViTConfig
+
+    def schedule(self, config: MethodConfig, depth: int) -> list[Optional[float]]:
+        assert isinstance(config, EViTConfig)
+        blocks = config.drop_blocks if config.drop_blocks is not None else quarter_blocks(depth)
+        return [config.keep_ratio if i in blocks else None for i in range(depth)]
+
+    def reduce_block(
+        self, view: BlockView, x: Tensor, state: PassState, block: int, ratio: float, config: MethodConfig
+    ) -> Tensor:
+        assert isinstance(config, EViTConfig)
+        p = state.num_prefix
+        attention_tokens = x.shape[1]
+        x, cls_attn = attention_residual(view, x, with_cls_attention=True)
+        assert cls_attn is not None
+        candidates = x.shape[1] - p
+        keep = math.ceil(ratio * candidates)
+        if keep < candidates:
+            patch_attn = cls_attn[:, p:]
+            keep_positions = top_k_positions(patch_attn, keep)
+            kept, index = keep_tokens(x, state, keep_positions)
+            state.select(index)
+            if config.fuse:
+                kept = torch.cat([kept, self._fused_token(x[:, p:], patch_attn, keep_positions)], dim=1)
+                state.positions = torch.cat([state.positions, state.positions.new_full((x.shape[0], 1), -1)], dim=1)
+            x = kept
+        state.record(block, attention_tokens, state.positions, x.shape[1])
+        return mlp_residual(view, x)
+
+    @staticmethod
+    def _fused_token(patches: Tensor, patch_attn: Tensor, keep_positions: Tensor) -> Tensor:
+        """(B, 1, C): dropped patches summed with their class-token attention as weights."""
+        dropped = complement_positions(keep_positions, patches.shape[1])
+        weights = torch.gather(patch_attn, 1, dropped).unsqueeze(-1)
+        return (gather_tokens(patches, dropped) * weights).sum(dim=1, keepdim=True)

@@ -1,0 +1,106 @@
+"""Token-axis kernels shared by every method.
+
+All functions are batched over the leading dimension and use only ``gather``/``scatter``/
+``topk``/``sort`` so that a patched model stays traceable and exportable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """Pick tokens per sample.
+
+    Args:
+        x: (B, N, C) tokens.
+        index: (B, K) positions into the N axis.
+
+    Returns:
+        (B, K, C) with ``out[b, i] = x[b, index[b, i]]``.
+    """
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def gather_heads(t: Tensor, index: Tensor) -> Tensor:
+    """Pick tokens of a per-head tensor.
+
+    Args:
+        t: (B, H, N, D) per-head projections.
+        index: (B, K) positions into the N axis.
+
+    Returns:
+        (B, H, K, D).
+    """
+    b, h, _, d = t.shape
+    return torch.gather(t, 2, index[:, None, :, None].expand(b, h, -1, d))
+
+
+def scatter_tokens(x: Tensor, index: Tensor, src: Tensor) -> Tensor:
+    """Write tokens back per sample, out of place (gradients reach both ``x`` and ``src``).
+
+    Args:
+        x: (B, N, C) tokens to update.
+        index: (B, K) distinct positions into the N axis.
+        src: (B, K, C) new values for those positions.
+
+    Returns:
+        (B, N, C): ``x`` with ``out[b, index[b, i]] = src[b, i]``.
+    """
+    return x.scatter(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]), src)
+
+
+def top_k_positions(scores: Tensor, k: int) -> Tensor:
+    """Positions of the ``k`` highest scores per sample, in ascending position order.
+
+    Sorting the positions keeps kept tokens in their original relative order, which makes
+    traces readable and results independent of how ``topk`` breaks ties internally.
+
+    Args:
+        scores: (B, M) scores.
+        k: number to keep, ``1 <= k <= M``.
+
+    Returns:
+        (B, k) int64 positions into the M axis, ascending.
+    """
+    return scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def complement_positions(index: Tensor, n: int) -> Tensor:
+    """Positions in ``range(n)`` that are not in ``index``, per sample, ascending.
+
+    Args:
+        index: (B, K) distinct positions into ``range(n)``.
+        n: length of the axis.
+
+    Returns:
+        (B, n - K) int64 positions.
+    """
+    b, k = index.shape
+    taken = torch.zeros(b, n, dtype=index.dtype, device=index.device).scatter(1, index, torch.ones_like(index))
+    # A stable sort of the "taken" flags puts the free positions first, in order.
+    return taken.sort(dim=1, stable=True).indices[:, : n - k]
+
+
+def prefix_positions(batch: int, num_prefix: int, device: torch.device) -> Tensor:
+    """(B, P) positions ``0..P-1`` of the prefix (class, distillation, register) tokens."""
+    return torch.arange(num_prefix, device=device).expand(batch, num_prefix)
+
+
+def cls_attention(q_cls: Tensor, k: Tensor, scale: float) -> Tensor:
+    """Head-averaged attention of the class token over all keys, without the N x N matrix.
+
+    Costs ``H * N * D`` multiply-adds, against ``H * N * N * D`` for the full attention map.
+
+    Args:
+        q_cls: (B, H, 1, D) query of the class token.
+        k: (B, H, N, D) keys of every token.
+        scale: the attention's logit scale (``D ** -0.5`` for standard ViTs).
+
+    Returns:
+        (B, N) attention probabilities of the class token, softmax over all N keys per head,
+        then averaged over heads (EViT's definition).
+    """
+    logits = (q_cls * scale) @ k.transpose(-2, -1)
+    return logits.softmax(dim=-1).mean(dim=1).squeeze(1)

@@ -1,0 +1,117 @@
+"""Installing and removing the patched forwards.
+
+A patched model keeps its class, modules, parameters and buffers. Only instance attributes
+are added: each block's ``forward`` becomes a bound method routing through the method, the
+model's ``forward`` gains input checks, and ``_tokenpatch`` holds the shared
+:class:`PatchContext`. Deleting them restores the class forwards exactly. Bound methods (not
+closures) keep ``copy.deepcopy`` of a patched model correct.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Optional
+
+from torch import Tensor, nn
+
+from .backends.base import Backend
+from .engine import PassState
+from .errors import InputShapeError, NotPatchedError, TokenPatchError
+from .methods.base import Method, MethodConfig
+from .trace import Trace
+
+CONTEXT_ATTR = "_tokenpatch"
+INDEX_ATTR = "_tokenpatch_index"
+
+
+class PatchContext:
+    """State shared by a patched model and its blocks: method, options and the current pass."""
+
+    def __init__(self, backend: Backend, method: Method, config: MethodConfig, num_prefix: int, depth: int) -> None:
+        self.backend = backend
+        self.method = method
+        self.num_prefix = num_prefix
+        self.depth = depth
+        self.state: Optional[PassState] = None
+        self.trace: Optional[Trace] = None
+        self.set_config(config)
+
+    def set_config(self, config: MethodConfig) -> None:
+        """Validate and adopt ``config``; recompute the per-block schedule."""
+        config.validate(self.depth)
+        self.config = config
+        self.plan = self.method.schedule(config, self.depth)
+
+    def run_block(self, block: nn.Module, index: int, x: Tensor) -> Tensor:
+        """Forward of block ``index`` on (B, N, C) tokens under the method's schedule."""
+        if index == 0 or self.state is None:  # every pass enters through block 0
+            self.state = PassState.start(x, self.num_prefix, self.trace)
+        ratio = self.plan[index]
+        if ratio is None or ratio >= 1.0:
+            out = self.backend.run_original(block, x)
+            self.state.record(index, x.shape[1], self.state.positions, out.shape[1])
+            return out
+        view = self.backend.view(block)
+        return self.method.reduce_block(view, x, self.state, index, ratio, self.config)
+
+
+def context_of(model: nn.Module) -> PatchContext:
+    """The model's :class:`PatchContext`, or :class:`NotPatchedError`."""
+    ctx = model.__dict__.get(CONTEXT_ATTR) if isinstance(model, nn.Module) else None
+    if ctx is None:
+        raise NotPatchedError(f"{type(model).__name__} is not patched; call tokenpatch.patch(model, ...) first")
+    return ctx
+
+
+def is_patched(model: nn.Module) -> bool:
+    """True if ``model`` carries a tokenpatch patch."""
+    return isinstance(model, nn.Module) and CONTEXT_ATTR in model.__dict__
+
+
+def _block_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    ctx: PatchContext = block.__dict__[CONTEXT_ATTR]
+    x = ctx.backend.block_input(args, dict(kwargs))
+    return ctx.backend.block_output(ctx.run_block(block, block.__dict__[INDEX_ATTR], x))
+
+
+def check_images(images: Any) -> None:
+    """Raise :class:`InputShapeError` unless ``images`` is a (B, C, H, W) tensor."""
+    if not isinstance(images, Tensor):
+        raise InputShapeError(f"expected an image tensor of shape (B, C, H, W), got {type(images).__name__}")
+    if images.ndim != 4:
+        raise InputShapeError(f"expected images of shape (B, C, H, W), got a {images.ndim}-D tensor of shape {tuple(images.shape)}")
+
+
+def _model_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    ctx: PatchContext = model.__dict__[CONTEXT_ATTR]
+    check_images(ctx.backend.image_input(args, kwargs))
+    if model.training and getattr(model, "grad_checkpointing", False):
+        raise TokenPatchError(
+            "gradient checkpointing re-runs blocks during backward, which a patched model's "
+            "per-pass token state does not allow; call model.set_grad_checkpointing(False)"
+        )
+    try:
+        return type(model).forward(model, *args, **kwargs)
+    finally:
+        ctx.state = None  # release this pass's tensors
+
+
+def install(model: nn.Module, ctx: PatchContext) -> None:
+    """Attach ``ctx`` and the patched forwards to ``model`` and its blocks (all or nothing)."""
+    try:
+        for index, block in enumerate(ctx.backend.blocks(model)):
+            block.__dict__[CONTEXT_ATTR] = ctx
+            block.__dict__[INDEX_ATTR] = index
+            block.forward = types.MethodType(_block_forward, block)
+        model.__dict__[CONTEXT_ATTR] = ctx
+        model.forward = types.MethodType(_model_forward, model)
+    except Exception:
+        uninstall(model, ctx.backend)
+        raise
+
+
+def uninstall(model: nn.Module, backend: Backend) -> None:
+    """Remove every attribute :func:`install` added; safe on a partly patched model."""
+    for module in [*backend.blocks(model), model]:
+        for name in ("forward", CONTEXT_ATTR, INDEX_ATTR):
+            module.__dict__.pop(name, None)

@@ -1,0 +1,72 @@
+"""Observe which tokens each block of a patched model computed on.
+
+Example::
+
+    with tokenpatch.trace(model) as t:
+        model(images)
+    print(t.tokens_per_block)      # e.g. [197, 197, 197, 99, 99, ...]
+    t.records[5].positions         # (B, 99) original token positions the block's MLP ran on
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class BlockRecord:
+    """What one block did in one forward pass.
+
+    Attributes:
+        block: index of the block in the model.
+        attention_tokens: tokens that took part in the block's attention (queries and keys).
+        mlp_tokens: tokens the block's MLP ran on.
+        output_tokens: sequence length the block returned (idle tokens included).
+        positions: (B, mlp_tokens) original positions of the tokens the MLP ran on; prefix
+            tokens are ``0..P-1``, patches ``P..``, and a fused (EViT) token is ``-1``.
+    """
+
+    block: int
+    attention_tokens: int
+    mlp_tokens: int
+    output_tokens: int
+    positions: Tensor
+
+
+@dataclass
+class Trace:
+    """Per-block records of the most recent forward pass made inside :func:`trace`."""
+
+    records: list[BlockRecord] = field(default_factory=list)
+
+    @property
+    def tokens_per_block(self) -> list[int]:
+        """Number of tokens each block's MLP computed on, in block order."""
+        return [r.mlp_tokens for r in self.records]
+
+    @property
+    def attention_tokens_per_block(self) -> list[int]:
+        """Number of tokens each block's attention computed on, in block order."""
+        return [r.attention_tokens for r in self.records]
+
+
+@contextmanager
+def trace(model: nn.Module) -> Iterator[Trace]:
+    """Record per-block token counts and positions of a patched model while the context is open.
+
+    Raises:
+        NotPatchedError: if ``model`` is not patched.
+    """
+    from .patcher import context_of  # local: patcher imports this module
+
+    ctx = context_of(model)
+    recorder = Trace()
+    previous, ctx.trace = ctx.trace, recorder
+    try:
+        yield recorder
+    finally:
+        ctx.trace = previous
