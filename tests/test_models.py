@@ -155,3 +155,26 @@ def test_dynamic_img_size_patches_other_resolutions():
     patches = (96 // 16) * (80 // 16)
     assert t.tokens_per_block[0] == patches + 1
     assert t.tokens_per_block[-1] == 1 + patches // 2
+
+
+FULL_SIZE = [
+    "deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
+    "deit_small_distilled_patch16_224", "vit_small_patch16_224", "deit3_small_patch16_224",
+]
+
+
+@pytest.mark.parametrize("name", FULL_SIZE)
+def test_full_size_models_patch_and_reproduce(name):
+    import timm
+
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        reference = model(x)
+        tokenpatch.patch(model, "idle", keep_ratio=1.0)
+        assert (model(x) - reference).abs().max() <= 1e-5
+        tokenpatch.set_keep_ratio(model, 0.5)
+        with tokenpatch.trace(model) as t:
+            model(x)
+    prefix = model.num_prefix_tokens
+    assert t.tokens_per_block == [196 + prefix] * 2 + [98 + prefix] * 10

@@ -46,9 +46,14 @@ class PassState:
             trace.records.clear()
         return cls(num_prefix=num_prefix, positions=positions, trace=trace)
 
-    def record(self, block: int, attention_tokens: int, positions: Tensor, output_tokens: int) -> None:
-        """Log one block's work if a trace is open; ``positions`` are those the MLP ran on."""
+    def record(self, block: int, attention_tokens: int, output_tokens: int, computed: Optional[Tensor] = None) -> None:
+        """Log one block's work if a trace is open.
+
+        Args:
+            computed: (B, M) indices into the current tokens whose MLP ran; None means all.
+        """
         if self.trace is not None:
+            positions = self.positions if computed is None else self.positions.gather(1, computed)
             self.trace.records.append(
                 BlockRecord(block, int(attention_tokens), int(positions.shape[1]), int(output_tokens), positions.detach())
             )

@@ -49,7 +49,7 @@ class PatchContext:
         ratio = self.plan[index]
         if ratio is None or ratio >= 1.0:
             out = self.backend.run_original(block, x)
-            self.state.record(index, x.shape[1], self.state.positions, out.shape[1])
+            self.state.record(index, x.shape[1], out.shape[1])
             return out
         view = self.backend.view(block)
         return self.method.reduce_block(view, x, self.state, index, ratio, self.config)

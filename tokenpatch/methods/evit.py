@@ -74,7 +74,7 @@ class EViT(Method):
                 kept = torch.cat([kept, self._fused_token(x[:, p:], patch_attn, keep_positions)], dim=1)
                 state.positions = torch.cat([state.positions, state.positions.new_full((x.shape[0], 1), -1)], dim=1)
             x = kept
-        state.record(block, attention_tokens, state.positions, x.shape[1])
+        state.record(block, attention_tokens, x.shape[1])
         return mlp_residual(view, x)
 
     @staticmethod

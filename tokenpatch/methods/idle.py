@@ -118,7 +118,7 @@ class Idle(Method):
         elif config.score == "fixed":
             state.scores = scores.detach()
         selected = mlp_residual(view, view.add_attention(selected, attend(view, q, k, v, xn_sel)))
-        state.record(block, index.shape[1], state.positions.gather(1, index), x.shape[1])
+        state.record(block, index.shape[1], x.shape[1], computed=index)
         return scatter_tokens(x, index, selected)
 
 

@@ -1,0 +1,54 @@
+"""The tokenpatch command line, end to end on a small model."""
+
+import json
+
+import pytest
+
+import tokenpatch
+from tokenpatch.cli import build_timm_model, main
+from tokenpatch.flops import count_macs
+
+AUDIT = ["audit", "deit_tiny_patch16_224", "--img-size", "64", "--batch-size", "2", "--repeats", "2"]
+
+
+def test_audit_json_agrees_with_the_library(capsys):
+    assert main(AUDIT + ["--keep-ratio", "0.5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    required = {"model", "method", "keep_ratio", "params", "macs", "macs_unpatched", "reduction",
+                "ideal_speedup", "throughput", "throughput_unpatched", "speedup"}
+    assert required <= set(out)
+    model = build_timm_model("deit_tiny_patch16_224", 64, None)
+    assert out["macs_unpatched"] == count_macs(model, (1, 3, 64, 64)).total
+    tokenpatch.patch(model, "idle", keep_ratio=0.5)
+    assert out["macs"] == count_macs(model, (1, 3, 64, 64)).total
+    assert out["reduction"] == pytest.approx(1 - out["macs"] / out["macs_unpatched"])
+    assert out["throughput"] > 0 and out["throughput_unpatched"] > 0
+
+
+def test_audit_table_has_one_row_per_method(capsys):
+    assert main(AUDIT + ["--methods", "all"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:3] == ["method", "keep_ratio", "gmacs_unpatched"]
+    assert sorted(line.split()[0] for line in lines[3:]) == sorted(tokenpatch.available_methods())
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["audit", "no_such_model"], "unknown timm model 'no_such_model'"),
+        (["audit", "deit_tiny_patch16_224", "--checkpoint", "/nonexistent.safetensors"], "No such file"),
+    ],
+)
+def test_bad_arguments_exit_nonzero_with_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tokenpatch: error:") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("argv", [["audit", "deit_tiny_patch16_224", "--keep-ratio", "1.5"],
+                                  ["audit", "deit_tiny_patch16_224", "--method", "nope"]])
+def test_argparse_rejects_bad_values(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
