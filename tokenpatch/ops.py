@@ -10,8 +10,17 @@ import torch
 from torch import Tensor
 
 
+def _flat_rows(index: Tensor, n: int) -> Tensor:
+    """(B, K) per-sample positions -> (B*K,) row numbers in the (B*N, C) flattened tokens."""
+    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * n
+    return (index + offsets).reshape(-1)
+
+
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """Pick tokens per sample.
+
+    Copies whole rows of C values (``index_select`` on the flattened batch), which is several
+    times faster on CPU than an element-wise ``gather`` with an expanded index.
 
     Args:
         x: (B, N, C) tokens.
@@ -20,7 +29,8 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     Returns:
         (B, K, C) with ``out[b, i] = x[b, index[b, i]]``.
     """
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    b, n, c = x.shape
+    return x.reshape(b * n, c).index_select(0, _flat_rows(index, n)).view(b, -1, c)
 
 
 def gather_heads(t: Tensor, index: Tensor) -> Tensor:
@@ -48,7 +58,9 @@ def scatter_tokens(x: Tensor, index: Tensor, src: Tensor) -> Tensor:
     Returns:
         (B, N, C): ``x`` with ``out[b, index[b, i]] = src[b, i]``.
     """
-    return x.scatter(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]), src)
+    b, n, c = x.shape
+    rows = src.reshape(-1, c).to(x.dtype)
+    return x.reshape(b * n, c).index_copy(0, _flat_rows(index, n), rows).view(b, n, c)
 
 
 def top_k_positions(scores: Tensor, k: int) -> Tensor:
