@@ -52,3 +52,57 @@ def test_report_lists_token_ops_counted_as_zero():
     assert {"aten::topk", "aten::gather"} <= set(report.ignored_ops)
     assert report.tokens_per_block == [17, 10, 7, 5]
     assert sum(report.per_block) < report.total
+
+
+def closed_form_macs(c, n_patches, prefix, classes, blocks, patch=16, fused_tokens=()):
+    """fvcore's count of a timm ViT written out by hand.
+
+    ``blocks`` lists, per block, ``(kind, tokens_in, tokens_mlp)``: ``"full"``, ``"idle_first"``
+    (scores from all keys, then q/v on the selected tokens), ``"idle"``, or ``"evit"``.
+    Linear and matmul terms count multiply-adds; LayerNorm counts 5 per element as fvcore does.
+    """
+    total = n_patches * c * 3 * patch * patch  # patch embedding conv
+    for kind, n, m in blocks:
+        if kind == "full":
+            total += 12 * n * c * c + 2 * n * n * c + 10 * n * c
+        elif kind == "idle":
+            total += 12 * m * c * c + 2 * m * m * c + 10 * m * c
+        elif kind == "idle_first":
+            total += 5 * n * c + n * c * c + c * c + n * c  # norm all, keys all, class query, scores
+            total += 11 * m * c * c + 2 * m * m * c + 5 * m * c  # q, v, attention, proj, mlp, norm2
+        elif kind == "evit":
+            total += 5 * n * c + 4 * n * c * c + n * c + 2 * n * n * c  # attention on all n
+            total += 8 * m * c * c + 5 * m * c  # mlp on the kept m
+    final_tokens = blocks[-1][2]
+    return total + 5 * final_tokens * c + c * classes
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.8])
+def test_counts_match_closed_form(ratio):
+    import math
+
+    c, n, prefix, classes = 192, 16, 1, 10
+    model = make_model("deit_tiny", depth=4)
+    assert count_macs(model, (1, 3, 64, 64)).total == closed_form_macs(
+        c, n, prefix, classes, [("full", n + 1, n + 1)] * 4)
+
+    tokenpatch.patch(model, "idle", keep_ratio=ratio, start_block=1)
+    m = prefix + int(ratio * n)
+    expected = closed_form_macs(c, n, prefix, classes, [("full", 17, 17), ("idle_first", 17, m), ("idle", 17, m), ("idle", 17, m)])
+    # idle tokens stay in the sequence: the final norm runs on all of them.
+    expected += 5 * (n + 1 - m) * c
+    assert count_macs(model, (1, 3, 64, 64)).total == expected
+    tokenpatch.unpatch(model)
+
+    tokenpatch.patch(model, "evit", keep_ratio=ratio, drop_blocks=(1, 2))
+    k1 = math.ceil(ratio * n)
+    k2 = math.ceil(ratio * k1)
+    blocks = [("full", 17, 17), ("evit", 17, 1 + k1), ("evit", 1 + k1, 1 + k2), ("full", 1 + k2, 1 + k2)]
+    assert count_macs(model, (1, 3, 64, 64)).total == closed_form_macs(c, n, prefix, classes, blocks)
+
+
+@pytest.mark.parametrize("ratio, published", [(0.9, 4.0), (0.8, 3.5), (0.7, 3.0), (0.6, 2.6), (0.5, 2.3)])
+def test_evit_fuse_reproduces_published_deit_small_macs(ratio, published):
+    model = tokenpatch.patch(timm.create_model("deit_small_patch16_224", pretrained=False), "evit",
+                             keep_ratio=ratio, fuse=True)
+    assert count_macs(model).gmacs == pytest.approx(published, abs=0.05)
