@@ -106,3 +106,10 @@ def test_evit_fuse_reproduces_published_deit_small_macs(ratio, published):
     model = tokenpatch.patch(timm.create_model("deit_small_patch16_224", pretrained=False), "evit",
                              keep_ratio=ratio, fuse=True)
     assert count_macs(model).gmacs == pytest.approx(published, abs=0.05)
+
+
+def test_counting_prints_nothing(capfd):
+    model = tokenpatch.patch(make_model("deit_tiny"), "idle", keep_ratio=0.5)
+    count_macs(model, (1, 3, 64, 64))
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
