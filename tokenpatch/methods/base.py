@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Optional, Sequence
 
@@ -18,7 +17,7 @@ def check_keep_ratio(keep_ratio: Any) -> float:
     """``keep_ratio`` as a float in (0, 1], or a clear error."""
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
         raise InvalidOptionError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
-    if not (0.0 < float(keep_ratio) <= 1.0) or math.isnan(keep_ratio):
+    if not 0.0 < float(keep_ratio) <= 1.0:  # also rejects NaN
         raise InvalidOptionError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
     return float(keep_ratio)
 
