@@ -5,7 +5,8 @@ import json
 import pytest
 
 import tokenpatch
-from tokenpatch.cli import build_timm_model, main
+from tokenpatch.cli import main
+from tokenpatch.models import build_timm_model
 from tokenpatch.flops import count_macs
 
 AUDIT = ["audit", "deit_tiny_patch16_224", "--img-size", "64", "--batch-size", "2", "--repeats", "2"]
@@ -17,7 +18,7 @@ def test_audit_json_agrees_with_the_library(capsys):
     required = {"model", "method", "keep_ratio", "params", "macs", "macs_unpatched", "reduction",
                 "ideal_speedup", "throughput", "throughput_unpatched", "speedup"}
     assert required <= set(out)
-    model = build_timm_model("deit_tiny_patch16_224", 64, None)
+    model = build_timm_model("deit_tiny_patch16_224", 64)
     assert out["macs_unpatched"] == count_macs(model, (1, 3, 64, 64)).total
     tokenpatch.patch(model, "idle", keep_ratio=0.5)
     assert out["macs"] == count_macs(model, (1, 3, 64, 64)).total
@@ -52,3 +53,24 @@ def test_argparse_rejects_bad_values(capsys, argv):
         main(argv)
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_audit_of_a_transformers_twin_reports_the_timm_macs(capsys, name):
+    args = ["audit", name, "--img-size", "64", "--batch-size", "1", "--repeats", "1", "--json"]
+    assert main(args) == 0
+    timm_report = json.loads(capsys.readouterr().out)
+    assert main(["audit", f"hf:{name}"] + args[2:]) == 0
+    hf_report = json.loads(capsys.readouterr().out)
+    assert hf_report["model"] == f"hf:{name}"
+    for key in ("macs", "macs_unpatched", "params"):
+        assert hf_report[key] == timm_report[key]
+
+
+def test_checkpoint_of_the_wrong_model_is_a_one_line_error(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file({"weight": __import__("torch").zeros(2)}, str(tmp_path / "wrong.safetensors"))
+    assert main(AUDIT + ["--checkpoint", str(tmp_path / "wrong.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tokenpatch: error:") and "\n" not in err

@@ -14,6 +14,7 @@ from torch import nn
 from .api import available_methods, patch
 from .errors import TokenPatchError
 from .flops import count_macs
+from .models import build_model, image_size, load_checkpoint
 from .report import format_table
 from .speed import compare_throughput, paired_speedup
 
@@ -21,36 +22,10 @@ AUDIT_COLUMNS = ["method", "keep_ratio", "gmacs_unpatched", "gmacs", "reduction_
                  "img_s_unpatched", "img_s", "speedup"]
 
 
-class CliError(Exception):
-    """A user error reported as one line on stderr with exit status 2."""
-
-
-def build_timm_model(name: str, img_size: Optional[int], checkpoint: Optional[str]) -> nn.Module:
-    """A timm model with random weights (never downloads), optionally loading a checkpoint."""
-    import timm
-
-    if not timm.is_model(name):
-        raise CliError(f"unknown timm model {name!r} (see timm.list_models())")
-    kwargs = {"img_size": img_size} if img_size else {}
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    if checkpoint:
-        model.load_state_dict(_load_state_dict(checkpoint), strict=True)
-    return model.eval()
-
-
-def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("model", state.get("state_dict", state))
-
-
 def audit_rows(model: nn.Module, methods: Sequence[str], keep_ratio: float, batch_size: int,
                repeats: int, device: str) -> list[dict[str, Any]]:
     """One row per method: MACs and measured throughput against the unpatched ``model``."""
-    size = tuple(model.patch_embed.img_size)
+    size = image_size(model)
     shape = (1, 3, *size)
     base_macs = count_macs(model, shape).total
     patched = {m: patch(copy.deepcopy(model), m, keep_ratio=keep_ratio) for m in methods}
@@ -74,9 +49,11 @@ def audit_rows(model: nn.Module, methods: Sequence[str], keep_ratio: float, batc
 
 def _audit(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda was asked for, but torch sees no CUDA device")
+        raise TokenPatchError("--device cuda was asked for, but torch sees no CUDA device")
     methods = sorted(available_methods()) if args.methods == "all" else [args.method]
-    model = build_timm_model(args.model, args.img_size, args.checkpoint)
+    model = build_model(args.model, args.img_size)
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint)
     rows = audit_rows(model, methods, args.keep_ratio, args.batch_size, args.repeats, args.device)
     header = {"model": args.model, "batch_size": args.batch_size, "device": args.device}
     if args.json:
@@ -110,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenpatch", description="Token reduction for pretrained ViTs.")
     commands = parser.add_subparsers(dest="command", required=True)
     audit = commands.add_parser("audit", help="MACs and throughput of a patched timm model vs the unpatched one")
-    audit.add_argument("model", help="timm model name, e.g. deit_small_patch16_224 (random weights)")
+    audit.add_argument("model", help="timm model name, e.g. deit_small_patch16_224, or hf:NAME for its transformers "
+                       "ViT/DeiT twin (random weights)")
     audit.add_argument("--method", default="idle", choices=sorted(available_methods()))
     audit.add_argument("--methods", choices=["all"], help="one row per available method")
     audit.add_argument("--keep-ratio", type=_ratio, default=0.5)
@@ -129,8 +107,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (CliError, TokenPatchError, FileNotFoundError) as exc:
-        print(f"tokenpatch: error: {exc}", file=sys.stderr)
+    except (TokenPatchError, FileNotFoundError, RuntimeError) as exc:
+        message = " ".join(str(exc).split())  # one line, even for torch's multi-line load errors
+        print(f"tokenpatch: error: {message[:500]}", file=sys.stderr)
         return 2
 
 

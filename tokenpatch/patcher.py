@@ -85,10 +85,11 @@ def check_images(images: Any) -> None:
 def _model_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     ctx: PatchContext = model.__dict__[CONTEXT_ATTR]
     check_images(ctx.backend.image_input(args, kwargs))
-    if model.training and getattr(model, "grad_checkpointing", False):
+    checkpointing = getattr(model, "grad_checkpointing", False) or getattr(model, "is_activation_checkpointing", False)
+    if model.training and checkpointing:
         raise TokenPatchError(
             "gradient checkpointing re-runs blocks during backward, which a patched model's "
-            "per-pass token state does not allow; call model.set_grad_checkpointing(False)"
+            "per-pass token state does not allow; turn it off (timm: model.set_grad_checkpointing(False); transformers: model.gradient_checkpointing_disable())"
         )
     try:
         return type(model).forward(model, *args, **kwargs)

@@ -6,9 +6,10 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import Backend, BlockView
+from .hf import HFBackend
 from .timm import TimmBackend
 
-BACKENDS: list[Backend] = [TimmBackend()]
+BACKENDS: list[Backend] = [TimmBackend(), HFBackend()]
 
 
 def find_backend(model: nn.Module) -> Backend:

@@ -1,0 +1,63 @@
+"""The real DeiT-Tiny in timm and, with the same weights, in transformers: patched alike, compared.
+
+    python benchmarks/cross_backend.py --data ../shared/data --images 100
+
+Prints, per method setting, whether both backends selected the same tokens in every block and
+the largest logit difference. The key mapping is the test utility ``tests/hf_convert.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import tokenpatch
+from tokenpatch.data import IMAGENET_SAMPLE, LabelledImages, data_dir, eval_transform, load_deit_tiny, load_images
+from tokenpatch.report import format_table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from hf_convert import hf_twin  # noqa: E402
+
+SETTINGS = [("idle", 0.5, {}), ("idle", 0.7, {"schedule": "geometric"}), ("evit", 0.7, {}), ("evit", 0.5, {"fuse": True})]
+
+
+def compare(timm_model: torch.nn.Module, hf_model: torch.nn.Module, x: torch.Tensor, method: str, ratio: float,
+            options: dict) -> dict:
+    """Patch both models alike, run ``x``, and compare token choices and logits."""
+    tokenpatch.patch(timm_model, method, keep_ratio=ratio, **options)
+    tokenpatch.patch(hf_model, method, keep_ratio=ratio, **options)
+    try:
+        with torch.no_grad(), tokenpatch.trace(timm_model) as timm_trace:
+            timm_logits = timm_model(x)
+        with torch.no_grad(), tokenpatch.trace(hf_model) as hf_trace:
+            hf_logits = hf_model(x).logits
+    finally:
+        tokenpatch.unpatch(timm_model)
+        tokenpatch.unpatch(hf_model)
+    same = all(torch.equal(a.positions, b.positions) for a, b in zip(timm_trace.records, hf_trace.records))
+    return dict(method=method, keep_ratio=ratio, options=str(options or "-"), same_tokens=same,
+                max_logit_diff=(timm_logits - hf_logits).abs().max().item())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="shared data folder (default: $TOKENPATCH_DATA)")
+    parser.add_argument("--images", type=int, default=100)
+    args = parser.parse_args(argv)
+    root = data_dir(args.data)
+    if root is None:
+        parser.error("give --data or set TOKENPATCH_DATA")
+    timm_model = load_deit_tiny(root)
+    hf_model = hf_twin(timm_model)
+    x, _ = load_images(LabelledImages(root / IMAGENET_SAMPLE, transform=eval_transform(timm_model)), args.images)
+    with torch.no_grad():
+        print(f"unpatched max |logit diff| on {len(x)} images: {(timm_model(x) - hf_model(x).logits).abs().max().item():.3g}")
+    print(format_table([compare(timm_model, hf_model, x, *s) for s in SETTINGS], digits=6))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Test utility: a timm ViT/DeiT state dict in transformers' ViT/DeiT key layout."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from tokenpatch.models import hf_config_from_timm
+
+
+def timm_to_hf(state: dict[str, torch.Tensor], distilled: bool) -> dict[str, torch.Tensor]:
+    """Rename (and split qkv of) a timm ViT/DeiT state dict for ViT/DeiTForImageClassification(WithTeacher)."""
+    base = "deit" if distilled else "vit"
+    out = {
+        f"{base}.embeddings.cls_token": state["cls_token"],
+        f"{base}.embeddings.position_embeddings": state["pos_embed"],
+        f"{base}.embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
+        f"{base}.embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
+        f"{base}.layernorm.weight": state["norm.weight"],
+        f"{base}.layernorm.bias": state["norm.bias"],
+    }
+    if distilled:
+        out[f"{base}.embeddings.distillation_token"] = state["dist_token"]
+        heads = {"head": "cls_classifier", "head_dist": "distillation_classifier"}
+    else:
+        heads = {"head": "classifier"}
+    for timm_head, hf_head in heads.items():
+        out[f"{hf_head}.weight"], out[f"{hf_head}.bias"] = state[f"{timm_head}.weight"], state[f"{timm_head}.bias"]
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    renames = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.o_proj",
+               "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    for i in range(depth):
+        src, dst = f"blocks.{i}", f"{base}.layers.{i}"
+        for old, new in renames.items():
+            for kind in ("weight", "bias"):
+                out[f"{dst}.{new}.{kind}"] = state[f"{src}.{old}.{kind}"]
+        for kind in ("weight", "bias"):
+            q, k, v = state[f"{src}.attn.qkv.{kind}"].chunk(3, dim=0)
+            out.update({f"{dst}.attention.q_proj.{kind}": q, f"{dst}.attention.k_proj.{kind}": k,
+                        f"{dst}.attention.v_proj.{kind}": v})
+    return out
+
+
+def hf_twin(timm_model: torch.nn.Module) -> torch.nn.Module:
+    """A transformers model with exactly the timm model's weights, in eval mode."""
+    distilled = timm_model.num_prefix_tokens == 2
+    config = hf_config_from_timm(timm_model)
+    model_class = (transformers.DeiTForImageClassificationWithTeacher if distilled
+                   else transformers.ViTForImageClassification)
+    model = model_class(config)
+    model.load_state_dict(timm_to_hf(timm_model.state_dict(), distilled), strict=True)
+    return model.eval()

@@ -1,0 +1,147 @@
+"""Backend for Hugging Face transformers ViT and DeiT (the 5.x layout).
+
+Read against transformers 5.23: ``ViTModel``/``DeiTModel`` hold ``embeddings`` and ``layers``
+(a ModuleList of ``ViTLayer``/``DeiTLayer``); a layer has ``layernorm_before``, ``attention``
+(``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``scaling``, ``attention_dropout``),
+``layernorm_after``, ``mlp`` (``fc1``, ``fc2``) and ``dropout`` on both residual branches.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from torch import Tensor, nn
+
+from ..errors import TokenPatchError, UnsupportedModelError
+from .base import Backend, BlockView
+
+LAYER_MODULES = ("layernorm_before", "attention.q_proj", "attention.k_proj", "attention.v_proj",
+                 "attention.o_proj", "layernorm_after", "mlp.fc1", "mlp.fc2")
+
+
+def _transformers_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(supported model classes, supported layer classes), empty when transformers is absent."""
+    try:
+        from transformers.models.deit import modeling_deit as deit
+        from transformers.models.vit import modeling_vit as vit
+    except ImportError:
+        return (), ()
+    models = (vit.ViTModel, vit.ViTForImageClassification, deit.DeiTModel, deit.DeiTForImageClassification,
+              deit.DeiTForImageClassificationWithTeacher)
+    return models, (vit.ViTLayer, deit.DeiTLayer)
+
+
+class HFBlockView(BlockView):
+    """A transformers ``ViTLayer``/``DeiTLayer`` as composable pieces."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.attn = layer.attention
+        self.head_dim = self.attn.head_dim
+        self.num_heads = self.attn.q_proj.out_features // self.head_dim
+        self.scale = self.attn.scaling
+
+    @property
+    def attn_dropout(self) -> float:
+        return self.attn.attention_dropout if self.attn.training else 0.0
+
+    def norm1(self, x: Tensor) -> Tensor:
+        return self.layer.layernorm_before(x)
+
+    def _heads(self, t: Tensor) -> Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, -1, self.head_dim).transpose(1, 2)
+
+    def qkv(self, xn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.query(xn), self.key(xn), self.value(xn)
+
+    def query(self, xn: Tensor) -> Tensor:
+        return self._heads(self.attn.q_proj(xn))
+
+    def key(self, xn: Tensor) -> Tensor:
+        return self._heads(self.attn.k_proj(xn))
+
+    def value(self, xn: Tensor) -> Tensor:
+        return self._heads(self.attn.v_proj(xn))
+
+    def attention_output(self, o: Tensor, xn: Tensor) -> Tensor:
+        b, _, n, _ = o.shape
+        return self.attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+
+    def add_attention(self, x: Tensor, y: Tensor) -> Tensor:
+        return x + self.layer.dropout(y)
+
+    def mlp_residual(self, x: Tensor) -> Tensor:
+        return x + self.layer.dropout(self.layer.mlp(self.layer.layernorm_after(x)))
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The ``ViTModel``/``DeiTModel`` inside a task model (or the model itself)."""
+    for name in ("vit", "deit"):
+        inner = getattr(model, name, None)
+        if isinstance(inner, nn.Module):
+            return inner
+    return model
+
+
+class HFBackend(Backend):
+    """transformers ViT and DeiT models (image classification heads included)."""
+
+    name = "hf"
+    supported = (
+        "transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification and "
+        "DeiTForImageClassificationWithTeacher (transformers 5.x: layers with q_proj/k_proj/v_proj/o_proj, fc1/fc2)"
+    )
+
+    def claims(self, model: nn.Module) -> bool:
+        models, _ = _transformers_classes()
+        return bool(models) and isinstance(model, models)
+
+    def check(self, model: nn.Module) -> None:
+        _, layer_classes = _transformers_classes()
+        layers = getattr(_base_model(model), "layers", None)
+        if not isinstance(layers, nn.ModuleList) or not len(layers):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no `layers` ModuleList; expected the transformers 5.x layout: {self.supported}"
+            )
+        for i, layer in enumerate(layers):
+            missing = _missing_modules(layer)
+            if not isinstance(layer, layer_classes) or missing:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__}.layers[{i}] ({type(layer).__name__}) lacks {missing or 'a supported class'}; "
+                    f"expected modules {list(LAYER_MODULES)}"
+                )
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        return list(_base_model(model).layers)
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        embeddings = _base_model(model).embeddings
+        return 1 + int(getattr(embeddings, "distillation_token", None) is not None)
+
+    def view(self, block: nn.Module) -> BlockView:
+        return HFBlockView(block)
+
+    def block_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        x = args[0] if args else kwargs["hidden_states"]
+        attention_mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+        if attention_mask is not None:
+            raise TokenPatchError(
+                "a patched transformers model does not support attention_mask: token reduction changes the "
+                "sequence length the mask was built for; unpatch the model to use masks"
+            )
+        if kwargs.get("output_attentions"):
+            raise TokenPatchError(
+                "output_attentions is not supported on a patched model: reduced blocks compute attention on "
+                "subsets of tokens, so there is no full attention map to return; use tokenpatch.trace(model) to "
+                "see which tokens each block computed"
+            )
+        return x
+
+    def image_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        return args[0] if args else kwargs.get("pixel_values")
+
+
+def _missing_modules(layer: nn.Module) -> list[str]:
+    names = dict(layer.named_modules())
+    return [m for m in LAYER_MODULES if m not in names]
