@@ -102,3 +102,20 @@ def test_timm_and_transformers_agree_on_the_same_weights(key, variant):
     for a, b in zip(timm_trace.records, hf_trace.records):
         assert torch.equal(a.positions, b.positions)
     assert (timm_logits - hf_logits).abs().max() <= 1e-4
+
+
+def test_unexpected_layer_layout_names_the_expected_modules():
+    model = build("ViTForImageClassification")
+    del model.vit.layers[1].attention.q_proj
+    with pytest.raises(UnsupportedModelError, match=r"layers\[1\] \(ViTLayer\) lacks \['attention.q_proj'\]"):
+        tokenpatch.patch(model, "idle")
+    assert not tokenpatch.is_patched(model)
+
+
+@pytest.mark.parametrize("method", ["idle", "evit"])
+def test_train_mode_gradients_reach_every_parameter(method):
+    model = build("DeiTForImageClassification", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    tokenpatch.patch(model, method, keep_ratio=0.5).train()
+    out = model(torch.randn(4, 3, 64, 64), labels=torch.tensor([0, 1, 2, 3]))
+    out.loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
