@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .backends import find_backend
 from .patcher import is_patched
 from .trace import trace
 
@@ -85,8 +86,6 @@ def _as_input(model: nn.Module, input_or_shape: Union[Tensor, Shape]) -> Tensor:
 
 
 def _block_names(model: nn.Module) -> list[str]:
-    from .backends import find_backend
-
     blocks = {id(b) for b in find_backend(model).blocks(model)}
     return [name for name, module in model.named_modules() if id(module) in blocks]
 
@@ -136,12 +135,10 @@ def count_macs(model: nn.Module, input_or_shape: Union[Tensor, Shape] = (1, 3, 2
 
 
 def _sequence_length(model: nn.Module, x: Tensor) -> int:
-    from .backends import find_backend
-
-    backend = find_backend(model)
-    tokens = backend.blocks(model)[0]
+    """Tokens entering the first block of an unpatched model for input ``x``."""
+    first_block = find_backend(model).blocks(model)[0]
     captured: list[int] = []
-    handle = tokens.register_forward_pre_hook(lambda _m, args: captured.append(args[0].shape[1]))
+    handle = first_block.register_forward_pre_hook(lambda _m, args: captured.append(args[0].shape[1]))
     try:
         model(x[:1])
     finally:
