@@ -6,6 +6,7 @@
 """
 
 from .api import available_methods, get_config, get_method_name, patch, set_keep_ratio, unpatch
+from .checkpoint import load, load_config, save, save_config
 from .errors import (
     AlreadyPatchedError,
     InputShapeError,
@@ -30,6 +31,10 @@ __all__ = [
     "get_method_name",
     "is_patched",
     "trace",
+    "save",
+    "load",
+    "save_config",
+    "load_config",
     "Trace",
     "BlockRecord",
     "IdleConfig",
