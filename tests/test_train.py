@@ -1,0 +1,48 @@
+"""Self-distillation fine-tuning of patched models."""
+
+import pytest
+import torch
+
+import tokenpatch
+from tokenpatch.train import DistillationLoss, FinetuneConfig, finetune, teacher_logits, training_loss
+
+from conftest import images, make_model
+
+
+def test_teacher_is_the_unpatched_model_and_state_is_restored():
+    model = make_model("deit_tiny")
+    x = images(model)
+    reference = model(x)
+    tokenpatch.patch(model, "idle", keep_ratio=0.5).train()
+    assert torch.allclose(teacher_logits(model, x), reference, atol=1e-5)
+    assert model.training and tokenpatch.get_config(model).keep_ratio == 0.5
+
+
+def test_distillation_loss_is_zero_only_for_equal_distributions():
+    logits = torch.randn(4, 10)
+    loss = DistillationLoss(temperature=2.0)
+    assert loss(logits, logits).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(logits, torch.randn(4, 10)).item() > 0
+
+
+@pytest.mark.parametrize("method", ["idle", "evit"])
+def test_finetuning_reduces_the_loss_on_a_fixed_batch(method):
+    model = tokenpatch.patch(make_model("deit_tiny", drop_path_rate=0.0), method, keep_ratio=0.3)
+    x = images(model, batch=8)
+    config = FinetuneConfig(steps=8, lr=1e-3, warmup_steps=1)
+    before = training_loss(model, x, None, config, DistillationLoss()).item()
+    history = finetune(model, [x], config, progress=False)
+    after = training_loss(model, x, None, config, DistillationLoss()).item()
+    assert len(history) == 8
+    assert after < 0.7 * before
+
+
+def test_labels_add_cross_entropy_and_evaluation_is_logged():
+    model = tokenpatch.patch(make_model("deit_tiny"), "idle", keep_ratio=0.5)
+    x, y = images(model, batch=4), torch.tensor([0, 1, 2, 3])
+    config = FinetuneConfig(steps=4, lr=1e-4, label_weight=1.0, eval_every=2)
+    history = finetune(model, [(x, y)], config, evaluate=lambda m: {"score": 1.0}, progress=False)
+    assert [h.get("score") for h in history] == [None, 1.0, None, 1.0]
+    distill_only = training_loss(model, x, None, config, DistillationLoss())
+    with_labels = training_loss(model, x, y, config, DistillationLoss())
+    assert with_labels > distill_only
