@@ -74,3 +74,33 @@ def test_checkpoint_of_the_wrong_model_is_a_one_line_error(tmp_path, capsys):
     assert main(AUDIT + ["--checkpoint", str(tmp_path / "wrong.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tokenpatch: error:") and "\n" not in err
+
+
+def test_finetune_runs_end_to_end_and_saves_a_loadable_model(tmp_path, capsys):
+    from PIL import Image
+    import torch
+
+    data = tmp_path / "images"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(10):
+        pixels = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(data / f"{i}.png")
+    tiny = build_timm_model("deit_tiny_patch16_224")
+    from safetensors.torch import save_file
+    save_file(tiny.state_dict(), str(tmp_path / "weights.safetensors"))
+    out = tmp_path / "tuned.safetensors"
+    argv = ["finetune", "deit_tiny_patch16_224", "--data", str(data), "--checkpoint", str(tmp_path / "weights.safetensors"),
+            "--steps", "2", "--batch-size", "4", "--keep-ratio", "0.5", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["train_images"] == 8 and result["val_images"] == 2
+    assert set(result["before"]) == {"agreement"}  # no labels: agreement only
+    assert result["macs"] < result["macs_unpatched"]
+    restored = tokenpatch.load(build_timm_model("deit_tiny_patch16_224"), out)
+    assert tokenpatch.get_config(restored).keep_ratio == 0.5
+
+
+def test_finetune_reports_a_missing_folder_in_one_line(capsys):
+    assert main(["finetune", "deit_tiny_patch16_224", "--data", "/nonexistent", "--steps", "1"]) == 2
+    assert "no image folder at /nonexistent" in capsys.readouterr().err

@@ -46,3 +46,22 @@ def test_labels_add_cross_entropy_and_evaluation_is_logged():
     distill_only = training_loss(model, x, None, config, DistillationLoss())
     with_labels = training_loss(model, x, y, config, DistillationLoss())
     assert with_labels > distill_only
+
+
+def test_image_dataset_reads_every_folder_layout(tmp_path):
+    from PIL import Image
+
+    from tokenpatch.data import image_dataset
+
+    flat, nested = tmp_path / "flat", tmp_path / "nested"
+    for folder in (flat, nested / "cat", nested / "dog"):
+        folder.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(flat / f"{i}.png")
+        Image.new("RGB", (8, 8)).save(nested / ("cat" if i < 2 else "dog") / f"{i}.png")
+    assert [image_dataset(flat)[i][1] for i in range(3)] == [-1, -1, -1]
+    (flat / "labels.csv").write_text("file,class_index\n0.png,5\n1.png,7\n2.png,9\n")
+    assert [image_dataset(flat)[i][1] for i in range(3)] == [5, 7, 9]
+    assert sorted(image_dataset(nested)[i][1] for i in range(3)) == [0, 0, 1]
+    with pytest.raises(FileNotFoundError, match="no image folder"):
+        image_dataset(tmp_path / "missing")

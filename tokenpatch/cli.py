@@ -67,6 +67,34 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from . import finetune_job
+    from .checkpoint import save
+    from .train import FinetuneConfig
+
+    torch.manual_seed(args.seed)
+    model = build_model(args.model)
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint)
+    patch(model, args.method, keep_ratio=args.keep_ratio)
+    train, val = finetune_job.split_dataset(args.model, args.data, args.labels, args.val_fraction, args.seed)
+    config = FinetuneConfig(steps=args.steps, lr=args.lr, label_weight=args.label_weight, eval_every=args.eval_every)
+    result = finetune_job.run(model, train, finetune_job.held_out(model, val), config, args.batch_size, args.seed)
+    if args.out:
+        save(model, args.out)
+    result = {"model": args.model, "method": args.method, "keep_ratio": args.keep_ratio, **result, "out": args.out}
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    else:
+        rows = [{"": when, **scores} for when, scores in (("before", result["before"]), ("after", result["after"]))]
+        print(f"{args.model} {args.method}@{args.keep_ratio}: {result['macs'] / 1e9:.2f} of "
+              f"{result['macs_unpatched'] / 1e9:.2f} GMACs, {args.steps} steps on {result['train_images']} images, "
+              f"validated on {result['val_images']}")
+        print(format_table(rows, digits=2))
+    return 0
+
+
 def _ratio(text: str) -> float:
     try:
         value = float(text)
@@ -99,6 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--repeats", type=_positive, default=10, help="timed rounds (median reported)")
     audit.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     audit.set_defaults(run=_audit)
+
+    tune = commands.add_parser("finetune", help="self-distil a patched model from its unpatched weights on an image folder")
+    tune.add_argument("model", help="timm model name or hf:NAME (weights from --checkpoint)")
+    tune.add_argument("--method", default="idle", choices=sorted(available_methods()))
+    tune.add_argument("--keep-ratio", type=_ratio, default=0.5)
+    tune.add_argument("--data", required=True, help="image folder: flat, class sub-folders, or flat with labels.csv")
+    tune.add_argument("--labels", help="file,class_index CSV (default: DATA/labels.csv when present)")
+    tune.add_argument("--checkpoint", help="weights of the unpatched model (.safetensors or torch state dict)")
+    tune.add_argument("--steps", type=_positive, default=100)
+    tune.add_argument("--batch-size", type=_positive, default=16)
+    tune.add_argument("--lr", type=float, default=2e-5)
+    tune.add_argument("--label-weight", type=float, default=0.0, help="cross-entropy weight when labels exist")
+    tune.add_argument("--val-fraction", type=float, default=0.2, help="share of images held out for evaluation")
+    tune.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--out", help="save the fine-tuned patched model here (tokenpatch.save format)")
+    tune.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    tune.set_defaults(run=_finetune)
     return parser
 
 
@@ -107,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (TokenPatchError, FileNotFoundError, RuntimeError) as exc:
+    except (TokenPatchError, FileNotFoundError, RuntimeError, ValueError) as exc:
         message = " ".join(str(exc).split())  # one line, even for torch's multi-line load errors
         print(f"tokenpatch: error: {message[:500]}", file=sys.stderr)
         return 2

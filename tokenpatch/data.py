@@ -57,6 +57,43 @@ class LabelledImages(Dataset):
         return (self.transform(image) if self.transform else image), label
 
 
+class UnlabelledImages(Dataset):
+    """Every image file directly in a folder, sorted by name; items are ``(image, -1)``."""
+
+    def __init__(self, root: PathLike, transform: Optional[Callable] = None) -> None:
+        self.root = Path(root)
+        self.files = sorted(p for p in self.root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {self.root}")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        image = Image.open(self.files[i]).convert("RGB")
+        return (self.transform(image) if self.transform else image), -1
+
+
+def image_dataset(root: PathLike, labels_csv: Optional[PathLike] = None, transform: Optional[Callable] = None) -> Dataset:
+    """A dataset of ``(image, label)`` for a folder, whichever layout it has.
+
+    - ``labels_csv`` given, or ``root/labels.csv`` present: :class:`LabelledImages`;
+    - class sub-folders: torchvision's ``ImageFolder`` (labels are the sorted folder indices);
+    - otherwise a flat folder of images without labels (label -1).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no image folder at {root}")
+    if labels_csv is not None or (root / "labels.csv").is_file():
+        return LabelledImages(root, labels_csv, transform)
+    if any(p.is_dir() for p in root.iterdir()):
+        from torchvision.datasets import ImageFolder
+
+        return ImageFolder(str(root), transform=transform)
+    return UnlabelledImages(root, transform)
+
+
 def eval_transform(model: nn.Module) -> Callable:
     """timm's evaluation transform for ``model``'s pretrained config (resize, crop, normalise)."""
     from timm.data import create_transform, resolve_data_config

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+
+def logits_of(output: Any) -> Tensor:
+    """The logits tensor of a timm (tensor) or transformers (``.logits``) model output."""
+    return output.logits if hasattr(output, "logits") else output
 
 
 @torch.no_grad()
@@ -15,7 +20,7 @@ def predict(model: nn.Module, images: Tensor, batch_size: int = 50, progress: bo
     """Logits of ``model`` on (M, 3, H, W) ``images``, in eval mode, batch by batch: (M, classes)."""
     model.eval()
     batches = images.split(batch_size)
-    return torch.cat([model(b) for b in tqdm(batches, desc=desc, disable=not progress, leave=False)])
+    return torch.cat([logits_of(model(b)) for b in tqdm(batches, desc=desc, disable=not progress, leave=False)])
 
 
 @dataclass(frozen=True)

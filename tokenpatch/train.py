@@ -21,11 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .api import get_config, set_keep_ratio
-
-
-def logits_of(output: Any) -> Tensor:
-    """The logits tensor of a timm (tensor) or transformers (``.logits``) model output."""
-    return output.logits if hasattr(output, "logits") else output
+from .evaluate import logits_of
 
 
 class DistillationLoss(nn.Module):

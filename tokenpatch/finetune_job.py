@@ -1,0 +1,68 @@
+"""The ``tokenpatch finetune`` job: data split, before/after evaluation, fine-tuning, saving."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from .data import eval_transform, image_dataset, load_images
+from .evaluate import accuracy, predict
+from .flops import count_macs
+from .models import HF_PREFIX, build_timm_model, image_size
+from .train import FinetuneConfig, finetune, unpatched_behaviour
+
+
+@dataclass
+class HeldOut:
+    """Validation images, their labels (or None) and the unpatched model's logits on them."""
+
+    images: Tensor
+    labels: Optional[Tensor]
+    reference: Tensor
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Agreement with the unpatched top-1 (and top-1 when labelled), in percent."""
+        logits = predict(model, self.images, batch_size=32)
+        result = accuracy(logits, self.labels if self.labels is not None else torch.zeros(len(logits), dtype=torch.long),
+                          self.reference)
+        scores = {"agreement": result.agreement}
+        if self.labels is not None:
+            scores["top1"] = result.top1
+        return scores
+
+
+def split_dataset(model_spec: str, data: str, labels: Optional[str], val_fraction: float, seed: int):
+    """(train subset, validation subset) of the folder, with the model's evaluation transform."""
+    name = model_spec[len(HF_PREFIX):] if model_spec.startswith(HF_PREFIX) else model_spec
+    dataset = image_dataset(data, labels, eval_transform(build_timm_model(name)))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = int(round(len(order) * (1 - val_fraction)))
+    if cut == 0 or cut == len(order):
+        raise ValueError(f"--val-fraction {val_fraction} leaves an empty split of {len(order)} images")
+    return Subset(dataset, order[:cut]), Subset(dataset, order[cut:])
+
+
+def held_out(model: nn.Module, subset: Subset) -> HeldOut:
+    """Load the validation images and the unpatched model's logits on them."""
+    images, labels = load_images(subset)
+    with unpatched_behaviour(model):
+        reference = predict(model, images, batch_size=32)
+    return HeldOut(images, labels if (labels >= 0).all() else None, reference)
+
+
+def run(model: nn.Module, train: Subset, val: HeldOut, config: FinetuneConfig, batch_size: int,
+        seed: int) -> dict[str, Any]:
+    """Fine-tune ``model`` on ``train`` and report before/after scores on ``val`` and the MACs."""
+    before = val.evaluate(model.eval())
+    loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    history = finetune(model, loader, config, evaluate=val.evaluate)
+    macs = count_macs(model, (1, 3, *image_size(model))).total
+    with unpatched_behaviour(model):
+        macs_unpatched = count_macs(model, (1, 3, *image_size(model))).total
+    return {"before": before, "after": {k: v for k, v in history[-1].items() if k in before},
+            "macs": macs, "macs_unpatched": macs_unpatched, "steps": config.steps,
+            "train_images": len(train), "val_images": len(val.images), "final_loss": history[-1]["loss"]}
