@@ -67,7 +67,8 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finetune(args: argparse.Namespace) -> int:
+def finetune_result(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the ``finetune`` command's job and return its result (scores before/after, MACs, sizes)."""
     from . import finetune_job
     from .checkpoint import save
     from .train import FinetuneConfig
@@ -82,12 +83,16 @@ def _finetune(args: argparse.Namespace) -> int:
     result = finetune_job.run(model, train, finetune_job.held_out(model, val), config, args.batch_size, args.seed)
     if args.out:
         save(model, args.out)
-    result = {"model": args.model, "method": args.method, "keep_ratio": args.keep_ratio, **result, "out": args.out}
+    return {"model": args.model, "method": args.method, "keep_ratio": args.keep_ratio, **result, "out": args.out}
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    result = finetune_result(args)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()
     else:
-        rows = [{"": when, **scores} for when, scores in (("before", result["before"]), ("after", result["after"]))]
+        rows = [{"": when, **result[when]} for when in ("unpatched", "before", "after")]
         print(f"{args.model} {args.method}@{args.keep_ratio}: {result['macs'] / 1e9:.2f} of "
               f"{result['macs_unpatched'] / 1e9:.2f} GMACs, {args.steps} steps on {result['train_images']} images, "
               f"validated on {result['val_images']}")

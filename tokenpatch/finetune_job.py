@@ -26,7 +26,10 @@ class HeldOut:
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Agreement with the unpatched top-1 (and top-1 when labelled), in percent."""
-        logits = predict(model, self.images, batch_size=32)
+        return self.scores(predict(model, self.images, batch_size=32))
+
+    def scores(self, logits: Tensor) -> dict[str, float]:
+        """Agreement (and top-1 when labelled) of (M, classes) ``logits``, in percent."""
         result = accuracy(logits, self.labels if self.labels is not None else torch.zeros(len(logits), dtype=torch.long),
                           self.reference)
         scores = {"agreement": result.agreement}
@@ -63,6 +66,6 @@ def run(model: nn.Module, train: Subset, val: HeldOut, config: FinetuneConfig, b
     macs = count_macs(model, (1, 3, *image_size(model))).total
     with unpatched_behaviour(model):
         macs_unpatched = count_macs(model, (1, 3, *image_size(model))).total
-    return {"before": before, "after": {k: v for k, v in history[-1].items() if k in before},
+    return {"unpatched": val.scores(val.reference), "before": before, "after": {k: v for k, v in history[-1].items() if k in before},
             "macs": macs, "macs_unpatched": macs_unpatched, "steps": config.steps,
             "train_images": len(train), "val_images": len(val.images), "final_loss": history[-1]["loss"]}
