@@ -4,18 +4,23 @@ import pytest
 import torch
 
 import tokenpatch
-from tokenpatch.train import DistillationLoss, FinetuneConfig, finetune, teacher_logits, training_loss
+from tokenpatch.train import DistillationLoss, FinetuneConfig, finetune, frozen_teacher, training_loss
 
 from conftest import images, make_model
 
 
-def test_teacher_is_the_unpatched_model_and_state_is_restored():
+def test_teacher_is_a_frozen_unpatched_copy_that_training_does_not_move():
     model = make_model("deit_tiny")
     x = images(model)
     reference = model(x)
-    tokenpatch.patch(model, "idle", keep_ratio=0.5).train()
-    assert torch.allclose(teacher_logits(model, x), reference, atol=1e-5)
-    assert model.training and tokenpatch.get_config(model).keep_ratio == 0.5
+    tokenpatch.patch(model, "idle", keep_ratio=0.5)
+    teacher = frozen_teacher(model)
+    assert not tokenpatch.is_patched(teacher) and tokenpatch.is_patched(model)
+    assert torch.equal(teacher(x), reference)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    finetune(model, [x], FinetuneConfig(steps=3, lr=1e-2), progress=False, teacher=teacher)
+    assert torch.equal(teacher(x), reference)
+    assert not torch.allclose(model(x), reference, atol=1e-3)
 
 
 def test_distillation_loss_is_zero_only_for_equal_distributions():
@@ -29,10 +34,11 @@ def test_distillation_loss_is_zero_only_for_equal_distributions():
 def test_finetuning_reduces_the_loss_on_a_fixed_batch(method):
     model = tokenpatch.patch(make_model("deit_tiny", drop_path_rate=0.0), method, keep_ratio=0.3)
     x = images(model, batch=8)
-    config = FinetuneConfig(steps=8, lr=1e-3, warmup_steps=1)
-    before = training_loss(model, x, None, config, DistillationLoss()).item()
-    history = finetune(model, [x], config, progress=False)
-    after = training_loss(model, x, None, config, DistillationLoss()).item()
+    config = FinetuneConfig(steps=8, lr=3e-5, warmup_steps=1)
+    teacher = frozen_teacher(model)
+    before = training_loss(model, teacher, x, None, config, DistillationLoss()).item()
+    history = finetune(model, [x], config, progress=False, teacher=teacher)
+    after = training_loss(model, teacher, x, None, config, DistillationLoss()).item()
     assert len(history) == 8
     assert after < 0.7 * before
 
@@ -43,8 +49,9 @@ def test_labels_add_cross_entropy_and_evaluation_is_logged():
     config = FinetuneConfig(steps=4, lr=1e-4, label_weight=1.0, eval_every=2)
     history = finetune(model, [(x, y)], config, evaluate=lambda m: {"score": 1.0}, progress=False)
     assert [h.get("score") for h in history] == [None, 1.0, None, 1.0]
-    distill_only = training_loss(model, x, None, config, DistillationLoss())
-    with_labels = training_loss(model, x, y, config, DistillationLoss())
+    teacher = frozen_teacher(model)
+    distill_only = training_loss(model, teacher, x, None, config, DistillationLoss())
+    with_labels = training_loss(model, teacher, x, y, config, DistillationLoss())
     assert with_labels > distill_only
 
 

@@ -1,13 +1,15 @@
-"""Short fine-tuning of a patched model by self-distillation from its own unpatched weights.
+"""Short fine-tuning of a patched model by self-distillation from its unpatched weights.
 
-The teacher is the same model at ``keep_ratio=1.0`` (which reproduces the unpatched outputs),
-run in eval mode without gradients, so no second copy of the weights is needed. The student is
-the patched model in train mode. Labels are optional: with none, the loss is the distillation
-term alone.
+The teacher is a frozen copy of the model's weights as they were before fine-tuning, run
+unpatched. It must be a copy: the same weights at ``keep_ratio=1.0`` would move with the
+student, and the two can then agree on anything (measured on the real DeiT-Tiny: top-1 fell
+from 72.0 to 11.6 % while the loss went to 0.02). The student is the patched model in train
+mode. Labels are optional: with none, the loss is the distillation term alone.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import time
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .api import get_config, set_keep_ratio
+from .api import get_config, set_keep_ratio, unpatch
 from .evaluate import logits_of
 
 
@@ -56,10 +58,10 @@ def unpatched_behaviour(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def teacher_logits(model: nn.Module, images: Tensor) -> Tensor:
-    """Logits of the unpatched weights of a patched ``model`` on (B, 3, H, W) ``images``."""
-    with unpatched_behaviour(model):
-        return logits_of(model(images))
+def frozen_teacher(model: nn.Module) -> nn.Module:
+    """A frozen, unpatched copy of a patched ``model``'s current weights, in eval mode."""
+    teacher = unpatch(copy.deepcopy(model)).eval()
+    return teacher.requires_grad_(False)
 
 
 @dataclass
@@ -111,10 +113,11 @@ def _split_batch(batch: Any) -> tuple[Tensor, Optional[Tensor]]:
     return images, labels if isinstance(labels, Tensor) and (labels >= 0).all() else None
 
 
-def training_loss(model: nn.Module, images: Tensor, labels: Optional[Tensor], config: FinetuneConfig,
-                  distill: DistillationLoss) -> Tensor:
-    """Distillation to the unpatched weights (+ weighted cross-entropy when labels are given)."""
-    target = teacher_logits(model, images)
+def training_loss(model: nn.Module, teacher: nn.Module, images: Tensor, labels: Optional[Tensor],
+                  config: FinetuneConfig, distill: DistillationLoss) -> Tensor:
+    """Distillation to the teacher (+ weighted cross-entropy when labels are given)."""
+    with torch.no_grad():
+        target = logits_of(teacher(images))
     logits = logits_of(model(images))
     loss = distill(logits, target)
     if labels is not None and config.label_weight > 0:
@@ -124,7 +127,7 @@ def training_loss(model: nn.Module, images: Tensor, labels: Optional[Tensor], co
 
 def finetune(model: nn.Module, batches: Iterable[Any], config: FinetuneConfig = FinetuneConfig(),
              evaluate: Optional[Callable[[nn.Module], dict[str, float]]] = None,
-             progress: bool = True) -> list[dict[str, float]]:
+             progress: bool = True, teacher: Optional[nn.Module] = None) -> list[dict[str, float]]:
     """Fine-tune a patched ``model`` in place by self-distillation.
 
     Args:
@@ -135,10 +138,12 @@ def finetune(model: nn.Module, batches: Iterable[Any], config: FinetuneConfig = 
         evaluate: called with the model (in eval mode) every ``config.eval_every`` steps and at
             the end; its dict is added to the history.
         progress: show a progress bar with loss and images/s.
+        teacher: the model to distil from; None takes :func:`frozen_teacher` of ``model``.
 
     Returns:
         History: one dict per logged step (``step``, ``loss``, ``lr`` and the evaluation's keys).
     """
+    teacher = teacher if teacher is not None else frozen_teacher(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(config))
@@ -149,7 +154,7 @@ def finetune(model: nn.Module, batches: Iterable[Any], config: FinetuneConfig = 
     for step, batch in enumerate(itertools.islice(_repeat(batches), config.steps), start=1):
         images, labels = _split_batch(batch)
         model.train()
-        loss = training_loss(model, images, labels, config, distill)
+        loss = training_loss(model, teacher, images, labels, config, distill)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.clip_norm is not None:
