@@ -66,6 +66,7 @@ def run(model: nn.Module, train: Subset, val: HeldOut, config: FinetuneConfig, b
     macs = count_macs(model, (1, 3, *image_size(model))).total
     with unpatched_behaviour(model):
         macs_unpatched = count_macs(model, (1, 3, *image_size(model))).total
-    return {"unpatched": val.scores(val.reference), "before": before, "after": {k: v for k, v in history[-1].items() if k in before},
+    after = {k: v for k, v in history[-1].items() if k in before}
+    return {"unpatched": val.scores(val.reference), "before": before, "after": after,
             "macs": macs, "macs_unpatched": macs_unpatched, "steps": config.steps,
             "train_images": len(train), "val_images": len(val.images), "final_loss": history[-1]["loss"]}
