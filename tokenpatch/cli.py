@@ -14,6 +14,7 @@ from torch import nn
 from .api import available_methods, patch
 from .errors import TokenPatchError
 from .flops import count_macs
+from .methods.base import check_keep_ratio
 from .models import build_model, image_size, load_checkpoint
 from .report import format_table
 from .speed import compare_throughput, paired_speedup
@@ -47,6 +48,11 @@ def audit_rows(model: nn.Module, methods: Sequence[str], keep_ratio: float, batc
     ]
 
 
+def _print_json(payload: dict[str, Any]) -> None:
+    json.dump(payload, sys.stdout, indent=2)
+    print()
+
+
 def _audit(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise TokenPatchError("--device cuda was asked for, but torch sees no CUDA device")
@@ -57,9 +63,7 @@ def _audit(args: argparse.Namespace) -> int:
     rows = audit_rows(model, methods, args.keep_ratio, args.batch_size, args.repeats, args.device)
     header = {"model": args.model, "batch_size": args.batch_size, "device": args.device}
     if args.json:
-        payload = {**header, **rows[0]} if len(rows) == 1 else {**header, "results": rows}
-        json.dump(payload, sys.stdout, indent=2)
-        print()
+        _print_json({**header, **rows[0]} if len(rows) == 1 else {**header, "results": rows})
     else:
         print(f"{args.model}: {rows[0]['params'] / 1e6:.2f} M params, batch {args.batch_size}, {args.device}, "
               f"{torch.get_num_threads()} threads")
@@ -89,8 +93,7 @@ def finetune_result(args: argparse.Namespace) -> dict[str, Any]:
 def _finetune(args: argparse.Namespace) -> int:
     result = finetune_result(args)
     if args.json:
-        json.dump(result, sys.stdout, indent=2)
-        print()
+        _print_json(result)
     else:
         rows = [{"": when, **result[when]} for when in ("unpatched", "before", "after")]
         print(f"{args.model} {args.method}@{args.keep_ratio}: {result['macs'] / 1e9:.2f} of "
@@ -102,12 +105,9 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _ratio(text: str) -> float:
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"keep ratio must be a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"keep ratio must be in (0, 1], got {value}")
-    return value
+        return check_keep_ratio(float(text))
+    except ValueError as exc:  # not a number, or outside (0, 1] (InvalidOptionError is a ValueError)
+        raise argparse.ArgumentTypeError(f"keep ratio must be a number in (0, 1], got {text!r}") from exc
 
 
 def _positive(text: str) -> int:
