@@ -14,32 +14,20 @@ from pathlib import Path
 
 import torch
 
-import tokenpatch
 from tokenpatch.data import IMAGENET_SAMPLE, LabelledImages, data_dir, eval_transform, load_deit_tiny, load_images
 from tokenpatch.report import format_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from hf_convert import hf_twin  # noqa: E402
+from hf_convert import compare_patched, hf_twin  # noqa: E402
 
 SETTINGS = [("idle", 0.5, {}), ("idle", 0.7, {"schedule": "geometric"}), ("evit", 0.7, {}), ("evit", 0.5, {"fuse": True})]
 
 
 def compare(timm_model: torch.nn.Module, hf_model: torch.nn.Module, x: torch.Tensor, method: str, ratio: float,
             options: dict) -> dict:
-    """Patch both models alike, run ``x``, and compare token choices and logits."""
-    tokenpatch.patch(timm_model, method, keep_ratio=ratio, **options)
-    tokenpatch.patch(hf_model, method, keep_ratio=ratio, **options)
-    try:
-        with torch.no_grad(), tokenpatch.trace(timm_model) as timm_trace:
-            timm_logits = timm_model(x)
-        with torch.no_grad(), tokenpatch.trace(hf_model) as hf_trace:
-            hf_logits = hf_model(x).logits
-    finally:
-        tokenpatch.unpatch(timm_model)
-        tokenpatch.unpatch(hf_model)
-    same = all(torch.equal(a.positions, b.positions) for a, b in zip(timm_trace.records, hf_trace.records))
-    return dict(method=method, keep_ratio=ratio, options=str(options or "-"), same_tokens=same,
-                max_logit_diff=(timm_logits - hf_logits).abs().max().item())
+    """One table row: both backends patched alike on ``x``."""
+    same, diff = compare_patched(timm_model, hf_model, x, method, ratio, options)
+    return dict(method=method, keep_ratio=ratio, options=str(options or "-"), same_tokens=same, max_logit_diff=diff)
 
 
 def main(argv: list[str] | None = None) -> int:

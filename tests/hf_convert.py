@@ -50,3 +50,23 @@ def hf_twin(timm_model: torch.nn.Module) -> torch.nn.Module:
     model = model_class(config)
     model.load_state_dict(timm_to_hf(timm_model.state_dict(), distilled), strict=True)
     return model.eval()
+
+
+def compare_patched(timm_model: torch.nn.Module, hf_model: torch.nn.Module, x: torch.Tensor, method: str,
+                    ratio: float, options: dict | None = None) -> tuple[bool, float]:
+    """Patch both models alike (and unpatch them after): (same tokens in every block, max |logit diff|)."""
+    import tokenpatch
+
+    for model in (timm_model, hf_model):
+        tokenpatch.patch(model, method, keep_ratio=ratio, **(options or {}))
+    try:
+        with torch.no_grad(), tokenpatch.trace(timm_model) as timm_trace:
+            timm_logits = timm_model(x)
+        with torch.no_grad(), tokenpatch.trace(hf_model) as hf_trace:
+            hf_logits = hf_model(x).logits
+    finally:
+        tokenpatch.unpatch(timm_model)
+        tokenpatch.unpatch(hf_model)
+    same = len(timm_trace.records) == len(hf_trace.records) and all(
+        torch.equal(a.positions, b.positions) for a, b in zip(timm_trace.records, hf_trace.records))
+    return same, (timm_logits - hf_logits).abs().max().item()

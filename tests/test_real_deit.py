@@ -47,20 +47,9 @@ def test_top1_falls_as_keep_ratio_falls(deit_and_images, method):
 
 @pytest.mark.parametrize("method, ratio", [("idle", 0.5), ("evit", 0.7)])
 def test_real_weights_agree_across_timm_and_transformers(deit_and_images, method, ratio):
-    from hf_convert import hf_twin
+    from hf_convert import compare_patched, hf_twin
 
     model, x, _, _ = deit_and_images
-    batch = x[:50]
-    hf_model = hf_twin(model)
-    tokenpatch.patch(model, method, keep_ratio=ratio)
-    tokenpatch.patch(hf_model, method, keep_ratio=ratio)
-    try:
-        with torch.no_grad(), tokenpatch.trace(model) as timm_trace:
-            timm_logits = model(batch)
-        with torch.no_grad(), tokenpatch.trace(hf_model) as hf_trace:
-            hf_logits = hf_model(batch).logits
-    finally:
-        tokenpatch.unpatch(model)
-    for a, b in zip(timm_trace.records, hf_trace.records):
-        assert torch.equal(a.positions, b.positions)
-    assert (timm_logits - hf_logits).abs().max() <= 1e-4
+    same_tokens, max_diff = compare_patched(model, hf_twin(model), x[:50], method, ratio)
+    assert same_tokens
+    assert max_diff <= 1e-4
