@@ -5,7 +5,7 @@
     tokenpatch.patch(model, method="idle", keep_ratio=0.5)
 """
 
-from .api import available_methods, get_config, get_method_name, patch, set_keep_ratio, unpatch
+from .api import available_methods, get_config, get_method_name, patch, set_keep_ratio, set_options, unpatch
 from .checkpoint import load, load_config, save, save_config
 from .errors import (
     AlreadyPatchedError,
@@ -16,7 +16,7 @@ from .errors import (
     UnknownMethodError,
     UnsupportedModelError,
 )
-from .methods import EViTConfig, IdleConfig
+from .methods import DynamicViTConfig, EViTConfig, IdleConfig, SaiTConfig
 from .patcher import is_patched
 from .trace import BlockRecord, Trace, trace
 
@@ -26,6 +26,7 @@ __all__ = [
     "patch",
     "unpatch",
     "set_keep_ratio",
+    "set_options",
     "available_methods",
     "get_config",
     "get_method_name",
@@ -39,6 +40,8 @@ __all__ = [
     "BlockRecord",
     "IdleConfig",
     "EViTConfig",
+    "DynamicViTConfig",
+    "SaiTConfig",
     "TokenPatchError",
     "UnknownMethodError",
     "InvalidOptionError",

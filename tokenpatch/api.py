@@ -60,8 +60,13 @@ def patch(model: ModelT, method: str = "idle", keep_ratio: Optional[float] = Non
         )
     backend = find_backend(model)
     config = _build_config(chosen, keep_ratio, options)
-    blocks = backend.blocks(model)
-    ctx = PatchContext(backend, chosen, config, backend.num_prefix_tokens(model), len(blocks))
+    depth = len(backend.blocks(model))
+    ctx = PatchContext(backend, chosen, config, backend.num_prefix_tokens(model), depth,
+                       pools_class_token=backend.pools_class_token(model))  # validates the options
+    ctx.modules = chosen.build_modules(ctx.config, depth, backend.embed_dim(model))
+    if ctx.modules is not None:
+        reference = next(model.parameters())
+        ctx.modules.to(device=reference.device, dtype=reference.dtype).train(model.training)
     install(model, ctx)
     return model
 
@@ -72,7 +77,8 @@ def unpatch(model: ModelT) -> ModelT:
     Raises:
         NotPatchedError: if the model is not patched.
     """
-    uninstall(model, context_of(model).backend)
+    ctx = context_of(model)
+    uninstall(model, ctx.backend, ctx.modules)
     return model
 
 
@@ -82,8 +88,24 @@ def set_keep_ratio(model: nn.Module, keep_ratio: float) -> None:
     Raises:
         NotPatchedError, InvalidOptionError (keep_ratio outside (0, 1]).
     """
+    set_options(model, keep_ratio=check_keep_ratio(keep_ratio))
+
+
+def set_options(model: nn.Module, **options: Any) -> None:
+    """Change a patched model's method options on the fly, e.g. ``set_options(model, mass=0.8)`` for ``sait``.
+
+    Options the method built modules from (``prune_blocks`` of ``dynamicvit``) are fixed at
+    patch time. On error the options are left as they were.
+
+    Raises:
+        NotPatchedError, InvalidOptionError (unknown, fixed or out-of-range option).
+    """
     ctx = context_of(model)
-    ctx.set_config(dataclasses.replace(ctx.config, keep_ratio=check_keep_ratio(keep_ratio)))
+    fixed = sorted(set(options) & ctx.method.structural_options)
+    if fixed:
+        raise InvalidOptionError(f"option(s) {fixed} of {ctx.method.name!r} are fixed at patch time; re-patch to change them")
+    config = _build_config(ctx.method, None, {**dataclasses.asdict(ctx.config), **options})
+    ctx.set_config(config)
 
 
 def get_config(model: nn.Module) -> MethodConfig:

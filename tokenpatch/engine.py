@@ -9,12 +9,12 @@ on ``F.scaled_dot_product_attention``; class-token scores come from
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .backends.base import BlockView
 from .ops import cls_attention, gather_tokens, prefix_positions
@@ -27,24 +27,48 @@ class PassState:
 
     Attributes:
         num_prefix: number of prefix tokens P (class token first).
+        num_tokens: tokens N entering block 0.
         positions: (B, N) original position of each current token; -1 for fused tokens.
         scores: (B, N - P) per-patch importance a method carries across blocks, or None.
         trace: where to record per-block token counts, or None.
+        modules: the method's own trained modules (e.g. DynamicViT's predictors), or None.
+        collect: names of training signals the losses asked for (e.g. ``"attention"``).
+        aux: what a training pass leaves for the losses, by name (see :mod:`tokenpatch.losses`).
+        policy: (B, N - P) soft or hard keep mask over the original patches (1 = kept) for
+            methods that mask tokens instead of removing them in training mode, or None.
+        counts: (B,) real tokens per sample when samples keep different numbers of tokens and
+            the batch is padded, or None.
     """
 
     num_prefix: int
+    num_tokens: int
     positions: Tensor
     scores: Optional[Tensor] = None
     trace: Optional[Trace] = None
+    modules: Optional[nn.Module] = None
+    collect: frozenset[str] = frozenset()
+    aux: dict[str, list] = field(default_factory=dict)
+    policy: Optional[Tensor] = None
+    counts: Optional[Tensor] = None
 
     @classmethod
-    def start(cls, x: Tensor, num_prefix: int, trace: Optional[Trace]) -> "PassState":
+    def start(cls, x: Tensor, num_prefix: int, trace: Optional[Trace], modules: Optional[nn.Module] = None,
+              collect: frozenset[str] = frozenset()) -> "PassState":
         """State for a pass whose first block receives ``x`` of shape (B, N, C)."""
         b, n, _ = x.shape
         positions = torch.arange(n, device=x.device).expand(b, n)
         if trace is not None:
             trace.records.clear()
-        return cls(num_prefix=num_prefix, positions=positions, trace=trace)
+        return cls(num_prefix=num_prefix, num_tokens=n, positions=positions, trace=trace, modules=modules, collect=collect)
+
+    @property
+    def initial_patches(self) -> int:
+        """Patch tokens of the pass's first block (before any reduction)."""
+        return self.num_tokens - self.num_prefix
+
+    def add_aux(self, name: str, value: object) -> None:
+        """Leave ``value`` under ``name`` for the training losses."""
+        self.aux.setdefault(name, []).append(value)
 
     def record(self, block: int, attention_tokens: int, output_tokens: int, computed: Optional[Tensor] = None) -> None:
         """Log one block's work if a trace is open.
@@ -54,8 +78,9 @@ class PassState:
         """
         if self.trace is not None:
             positions = self.positions if computed is None else self.positions.gather(1, computed)
+            counts = None if self.counts is None else self.counts.detach()
             self.trace.records.append(
-                BlockRecord(block, int(attention_tokens), int(positions.shape[1]), int(output_tokens), positions.detach())
+                BlockRecord(block, int(attention_tokens), int(positions.shape[1]), int(output_tokens), positions.detach(), counts)
             )
 
     def select(self, index: Tensor) -> None:
@@ -63,35 +88,87 @@ class PassState:
         self.positions = torch.gather(self.positions, 1, index)
 
 
-def attend(view: BlockView, q: Tensor, k: Tensor, v: Tensor, xn: Tensor) -> Tensor:
+def attend(view: BlockView, q: Tensor, k: Tensor, v: Tensor, xn: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
     """Multi-head attention on SDPA plus the output projection.
 
     Args:
         q: (B, H, Nq, D) queries; k, v: (B, H, Nk, D).
         xn: (B, Nq, C) normed query tokens (some blocks gate the output on them).
+        key_mask: (B, Nk) bool, False for padding keys no query may attend to; None: all keys.
 
     Returns:
         (B, Nq, C) attention-branch output, before the residual.
     """
-    o = F.scaled_dot_product_attention(q, k, v, dropout_p=view.attn_dropout, scale=view.scale)
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=view.attn_dropout, scale=view.scale)
     return view.attention_output(o, xn)
 
 
-def attention_residual(view: BlockView, x: Tensor, with_cls_attention: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+def attention_residual(view: BlockView, x: Tensor, with_cls_attention: bool = False,
+                       key_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """First half of a block on all tokens of ``x``: ``x + attn(norm1(x))``.
 
     Args:
         x: (B, N, C) tokens; the class token is at position 0.
         with_cls_attention: also return the class token's head-averaged attention.
+        key_mask: (B, N) bool, False for padding tokens (see :func:`attend`).
 
     Returns:
         (B, N, C) tokens after the attention residual, and (B, N) class-token attention over
-        all N tokens (or None).
+        all N tokens (or None; padding keys get 0).
     """
     xn = view.norm1(x)
     q, k, v = view.qkv(xn)
-    scores = cls_attention(q[:, :, :1], k, view.scale) if with_cls_attention else None
-    return view.add_attention(x, attend(view, q, k, v, xn)), scores
+    scores = None
+    if with_cls_attention:
+        scores = cls_attention(q[:, :, :1], k, view.scale, key_mask)
+    return view.add_attention(x, attend(view, q, k, v, xn, key_mask)), scores
+
+
+def policy_softmax(logits: Tensor, key_keep: Tensor, eps: float = 1e-6) -> Tensor:
+    """Attention probabilities over the kept keys only, differentiable in a soft or hard keep mask.
+
+    DynamicViT's masked attention (Rao et al., NeurIPS 2021): ``exp(logits) * keep`` normalised
+    per query, where every token always keeps itself so that no row is empty. Dropped tokens
+    still compute, but nothing attends to them. Used in training, where tokens are masked
+    rather than removed so that gradients reach the keep decisions.
+
+    Args:
+        logits: (B, H, N, N) attention logits.
+        key_keep: (B, N) keep mask in [0, 1] over all N tokens (prefix tokens 1).
+
+    Returns:
+        (B, H, N, N) probabilities, rows summing to 1.
+    """
+    n = logits.shape[-1]
+    eye = torch.eye(n, dtype=logits.dtype, device=logits.device)
+    keep = key_keep[:, None, None, :].to(logits.dtype) * (1 - eye) + eye
+    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp() * keep
+    return (weights + eps / n) / (weights.sum(dim=-1, keepdim=True) + eps)
+
+
+def masked_block(view: BlockView, x: Tensor, key_keep: Tensor) -> Tensor:
+    """A whole block on all tokens with attention restricted to kept keys (:func:`policy_softmax`).
+
+    Materialises the (B, H, N, N) map, so it is for training-mode passes only.
+
+    Args:
+        x: (B, N, C) tokens.
+        key_keep: (B, N) keep mask over all tokens.
+
+    Returns:
+        (B, N, C) tokens.
+    """
+    xn = view.norm1(x)
+    q, k, v = view.qkv(xn)
+    probs = policy_softmax((q * view.scale) @ k.transpose(-2, -1), key_keep)
+    probs = F.dropout(probs, view.attn_dropout, training=view.attn_dropout > 0)
+    return mlp_residual(view, view.add_attention(x, view.attention_output(probs @ v, xn)))
+
+
+def mean_attention_logits(view: BlockView, xn: Tensor) -> Tensor:
+    """(B, N, N) head-averaged attention logits of normed tokens ``xn`` (B, N, C), for training losses."""
+    return ((view.query(xn) * view.scale) @ view.key(xn).transpose(-2, -1)).mean(dim=1)
 
 
 def mlp_residual(view: BlockView, x: Tensor) -> Tensor:

@@ -6,6 +6,8 @@ All functions are batched over the leading dimension and use only ``gather``/``s
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -100,7 +102,7 @@ def prefix_positions(batch: int, num_prefix: int, device: torch.device) -> Tenso
     return torch.arange(num_prefix, device=device).expand(batch, num_prefix)
 
 
-def cls_attention(q_cls: Tensor, k: Tensor, scale: float) -> Tensor:
+def cls_attention(q_cls: Tensor, k: Tensor, scale: float, key_mask: Optional[Tensor] = None) -> Tensor:
     """Head-averaged attention of the class token over all keys, without the N x N matrix.
 
     Costs ``H * N * D`` multiply-adds, against ``H * N * N * D`` for the full attention map.
@@ -109,10 +111,13 @@ def cls_attention(q_cls: Tensor, k: Tensor, scale: float) -> Tensor:
         q_cls: (B, H, 1, D) query of the class token.
         k: (B, H, N, D) keys of every token.
         scale: the attention's logit scale (``D ** -0.5`` for standard ViTs).
+        key_mask: (B, N) bool, False for padding keys (they get probability 0); None: all keys.
 
     Returns:
         (B, N) attention probabilities of the class token, softmax over all N keys per head,
         then averaged over heads (EViT's definition).
     """
     logits = (q_cls * scale) @ k.transpose(-2, -1)
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     return logits.softmax(dim=-1).mean(dim=1).squeeze(1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Optional
 
 from torch import Tensor, nn
 
@@ -28,6 +28,9 @@ class BlockRecord:
         output_tokens: sequence length the block returned (idle tokens included).
         positions: (B, mlp_tokens) original positions of the tokens the MLP ran on; prefix
             tokens are ``0..P-1``, patches ``P..``, and a fused (EViT) token is ``-1``.
+        counts: (B,) tokens each sample really kept when the method keeps a different number
+            per image (``sait`` with ``mass``); the batch is then padded to ``mlp_tokens`` and
+            ``positions[b, counts[b]:]`` are padding. None when every sample keeps ``mlp_tokens``.
     """
 
     block: int
@@ -35,6 +38,7 @@ class BlockRecord:
     mlp_tokens: int
     output_tokens: int
     positions: Tensor
+    counts: Optional[Tensor] = None
 
 
 @dataclass

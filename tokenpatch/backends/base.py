@@ -86,6 +86,14 @@ class Backend(ABC):
         """Tokens before the patches (class, distillation, registers); the first is the class token."""
 
     @abstractmethod
+    def embed_dim(self, model: nn.Module) -> int:
+        """Token width C of the residual stream."""
+
+    @abstractmethod
+    def pools_class_token(self, model: nn.Module) -> bool:
+        """True when the model's outputs read only prefix tokens (so padding tokens can't leak in)."""
+
+    @abstractmethod
     def view(self, block: nn.Module) -> BlockView:
         """The block as a :class:`BlockView`."""
 

@@ -119,6 +119,14 @@ class HFBackend(Backend):
         embeddings = _base_model(model).embeddings
         return 1 + int(getattr(embeddings, "distillation_token", None) is not None)
 
+    def embed_dim(self, model: nn.Module) -> int:
+        return int(model.config.hidden_size)
+
+    def pools_class_token(self, model: nn.Module) -> bool:
+        # The classifiers read the class (and distillation) token; the base models' pooler reads the
+        # class token, but their last_hidden_state shows every token, padding included.
+        return True
+
     def view(self, block: nn.Module) -> BlockView:
         return HFBlockView(block)
 

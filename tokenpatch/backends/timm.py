@@ -112,6 +112,12 @@ class TimmBackend(Backend):
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return int(model.num_prefix_tokens)
 
+    def embed_dim(self, model: nn.Module) -> int:
+        return int(model.embed_dim)
+
+    def pools_class_token(self, model: nn.Module) -> bool:
+        return model.global_pool == "token"
+
     def view(self, block: nn.Module) -> BlockView:
         return TimmBlockView(block)
 

@@ -6,7 +6,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Optional, Sequence
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..backends.base import BlockView
 from ..engine import PassState
@@ -70,6 +70,23 @@ class Method(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
+    #: options fixed at patch time because the method's modules are built from them
+    structural_options: ClassVar[frozenset[str]] = frozenset()
+
+    def build_modules(self, config: MethodConfig, depth: int, width: int) -> Optional[nn.Module]:
+        """Trainable modules the method adds to the model (saved with its weights), or None.
+
+        Args:
+            width: the model's token width C.
+        """
+        return None
+
+    def check_compatible(self, config: MethodConfig, pools_class_token: bool) -> None:
+        """Raise :class:`InvalidOptionError` if ``config`` can't work on a model with this pooling."""
+
+    def training_overrides(self, config: MethodConfig, step: int) -> dict[str, Any]:
+        """Options to use for fine-tuning step ``step`` (1-based) instead of ``config``'s; {} for none."""
+        return {}
 
     @abstractmethod
     def schedule(self, config: MethodConfig, depth: int) -> list[Optional[float]]:
