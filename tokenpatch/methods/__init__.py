@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from ..errors import UnknownMethodError
 from .base import Method, MethodConfig
+from .dynamicvit import DynamicViT, DynamicViTConfig
 from .evit import EViT, EViTConfig
 from .idle import Idle, IdleConfig
+from .sait import SaiT, SaiTConfig
 
-METHODS: dict[str, Method] = {m.name: m for m in (Idle(), EViT())}
+METHODS: dict[str, Method] = {m.name: m for m in (Idle(), EViT(), DynamicViT(), SaiT())}
 
 
 def get_method(name: str) -> Method:
@@ -18,4 +20,4 @@ def get_method(name: str) -> Method:
         raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}") from None
 
 
-__all__ = ["METHODS", "Method", "MethodConfig", "get_method", "EViTConfig", "IdleConfig"]
+__all__ = ["METHODS", "Method", "MethodConfig", "get_method", "DynamicViTConfig", "EViTConfig", "IdleConfig", "SaiTConfig"]

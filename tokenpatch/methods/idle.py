@@ -32,7 +32,7 @@ from typing import Optional
 from torch import Tensor
 
 from ..backends.base import BlockView
-from ..engine import PassState, attend, keep_tokens, mlp_residual
+from ..engine import PassState, attend, keep_tokens, mean_attention_logits, mlp_residual
 from ..errors import InvalidOptionError
 from ..ops import cls_attention, gather_heads, gather_tokens, scatter_tokens, top_k_positions
 from .base import Method, MethodConfig, check_choice
@@ -117,9 +117,17 @@ class Idle(Method):
             state.scores = _updated_scores(config.score, scores, keep_positions, new_attention).detach()
         elif config.score == "fixed":
             state.scores = scores.detach()
+        if "attention" in state.collect:
+            _leave_token_cut_inputs(view, x, state, index)
         selected = mlp_residual(view, view.add_attention(selected, attend(view, q, k, v, xn_sel)))
         state.record(block, index.shape[1], x.shape[1], computed=index)
         return scatter_tokens(x, index, selected)
+
+
+def _leave_token_cut_inputs(view: BlockView, x: Tensor, state: PassState, index: Tensor) -> None:
+    """For :class:`~tokenpatch.losses.TokenCutLoss`: all-token attention logits and the (B, N) selected mask."""
+    selected = x.new_zeros(x.shape[:2]).scatter(1, index, 1.0)
+    state.add_aux("token_cut", (mean_attention_logits(view, view.norm1(x)), selected))
 
 
 def _updated_scores(rule: str, scores: Tensor, keep_positions: Tensor, new_selected: Tensor) -> Tensor:

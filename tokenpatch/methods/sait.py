@@ -1,0 +1,166 @@
+"""SaiT: one set of weights for many token densities, with per-image (adaptive) token counts.
+
+Li, Thorsley and Hassoun, "SaiT: Sparse Vision Transformers through Adaptive Token Pruning",
+arXiv:2210.05832 (2022). Two ideas, both here:
+
+- Dense/sparse training: fine-tuning alternates full-token steps and pruned steps
+  (``dense_every``), so the same weights serve every ``keep_ratio`` chosen at run time with
+  :func:`tokenpatch.set_keep_ratio`, and ``keep_ratio=1.0`` is the dense model, exactly.
+- Adaptive token pruning: with ``mass`` set, each image keeps its most important patches until
+  their share of the total importance reaches ``mass`` (a confident, object-centred image keeps
+  few; a cluttered one keeps many), at most ``keep_ratio`` of them.
+
+This implementation prunes once, at ``prune_block`` (a quarter of the depth), after that
+block's attention and before its MLP, and ranks patches by the block's head-averaged
+class-token attention (the score ``evit`` uses). The paper's full text was not available to us
+offline, so its exact score and location may differ; both are options here.
+
+Batching with per-image counts: the batch keeps as many tokens as its largest count; each
+image's extra tokens are padding that no query attends to (a key mask on SDPA in every later
+block), so an image's output equals its output in a batch of one. The padded tokens still cost
+compute, which the MAC counter reports; ``tokenpatch.trace`` gives the real per-image counts.
+Padding requires a model whose output reads only the class token (``global_pool="token"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from ..backends.base import BlockView
+from ..engine import PassState, attention_residual, full_block, mlp_residual
+from ..errors import InvalidOptionError
+from ..ops import gather_tokens, prefix_positions
+from .base import Method, MethodConfig
+
+MASS_ERROR = "mass must be None (fixed counts) or a number in (0, 1]"
+
+
+@dataclasses.dataclass
+class SaiTConfig(MethodConfig):
+    """Options of ``sait``.
+
+    Attributes:
+        keep_ratio: fraction of the patches kept at ``prune_block`` (with ``mass``: at most this
+            fraction); 1.0 skips pruning and is the dense model, whatever ``mass`` says.
+        prune_block: the block whose attention ranks the patches; None means a quarter of the
+            depth (3 of 12).
+        mass: None keeps ``ceil(keep_ratio * patches)`` per image; a number in (0, 1] keeps, per
+            image, the fewest top patches whose scores sum to that share of the total.
+        dense_every: during fine-tuning, every ``dense_every``-th step runs dense (2: alternate
+            dense and sparse steps; 0: sparse steps only).
+    """
+
+    keep_ratio: float = 0.6
+    prune_block: Optional[int] = None
+    mass: Optional[float] = None
+    dense_every: int = 2
+
+    def validate(self, depth: int) -> None:
+        super().validate(depth)
+        if self.prune_block is not None and (not isinstance(self.prune_block, int) or not 0 <= self.prune_block < depth):
+            raise InvalidOptionError(f"prune_block must be in [0, {depth}), got {self.prune_block!r}")
+        if self.mass is not None and (isinstance(self.mass, bool) or not isinstance(self.mass, (int, float))
+                                      or not 0 < self.mass <= 1):
+            raise InvalidOptionError(f"{MASS_ERROR}, got {self.mass!r}")
+        if isinstance(self.dense_every, bool) or not isinstance(self.dense_every, int) or self.dense_every < 0:
+            raise InvalidOptionError(f"dense_every must be an integer >= 0, got {self.dense_every!r}")
+
+    def block(self, depth: int) -> int:
+        """The prune block, default resolved."""
+        return self.prune_block if self.prune_block is not None else max(1, depth // 4)
+
+
+def mass_counts(scores: Tensor, mass: float) -> Tensor:
+    """Per row, how many of the highest scores it takes to reach ``mass`` of the row's total.
+
+    Args:
+        scores: (B, M) non-negative scores.
+
+    Returns:
+        (B,) int64 counts in [1, M].
+    """
+    ranked = scores.sort(dim=1, descending=True).values
+    shares = ranked.cumsum(dim=1) / ranked.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return ((shares < mass).sum(dim=1) + 1).clamp(max=scores.shape[1])
+
+
+def padded_top_positions(scores: Tensor, counts: Tensor) -> Tensor:
+    """Top ``counts[b]`` positions of each row in ascending order, padded with the next-best ones.
+
+    Args:
+        scores: (B, M) scores.
+        counts: (B,) tokens each row really keeps.
+
+    Returns:
+        (B, max(counts)) positions: row b's first ``counts[b]`` are its kept patches (ascending),
+        the rest padding.
+    """
+    width = int(counts.max())
+    best = scores.topk(width, dim=1).indices  # by descending score
+    padding = torch.arange(width, device=scores.device) >= counts.unsqueeze(1)
+    order = (best + padding * scores.shape[1]).sort(dim=1).indices  # real ones first, each part ascending
+    return best.gather(1, order)
+
+
+class SaiT(Method):
+    name = "sait"
+    summary = "SaiT: prune once by importance, fixed or per-image counts; dense/sparse fine-tuning"
+    config_class = SaiTConfig
+
+    def schedule(self, config: MethodConfig, depth: int) -> list[Optional[float]]:
+        assert isinstance(config, SaiTConfig)
+        start = config.block(depth)
+        return [config.keep_ratio if i >= start else None for i in range(depth)]
+
+    def check_compatible(self, config: MethodConfig, pools_class_token: bool) -> None:
+        assert isinstance(config, SaiTConfig)
+        if config.mass is not None and not pools_class_token:
+            raise InvalidOptionError(
+                "sait with mass= pads each batch to its largest token count, and this model pools over all "
+                "tokens (e.g. timm global_pool='avg'), so padding would change its output; use fixed counts (mass=None)"
+            )
+
+    def training_overrides(self, config: MethodConfig, step: int) -> dict[str, Any]:
+        assert isinstance(config, SaiTConfig)
+        return {"keep_ratio": 1.0} if config.dense_every and step % config.dense_every == 0 else {}
+
+    def reduce_block(
+        self, view: BlockView, x: Tensor, state: PassState, block: int, ratio: float, config: MethodConfig
+    ) -> Tensor:
+        assert isinstance(config, SaiTConfig)
+        if state.scores is not None:  # the first reducing block pruned and left its scores
+            return self._after_prune(view, x, state, block)
+        attention_tokens = x.shape[1]
+        x, cls_attn = attention_residual(view, x, with_cls_attention=True)
+        assert cls_attn is not None
+        state.scores = cls_attn[:, state.num_prefix:].detach()
+        x = self._prune(x, state, state.scores, ratio, config.mass)
+        state.record(block, attention_tokens, x.shape[1])
+        return mlp_residual(view, x)
+
+    @staticmethod
+    def _prune(x: Tensor, state: PassState, scores: Tensor, ratio: float, mass: Optional[float]) -> Tensor:
+        p, patches = state.num_prefix, scores.shape[1]
+        cap = math.ceil(ratio * patches)
+        counts = torch.full((x.shape[0],), cap, device=x.device)
+        if mass is not None:
+            counts = mass_counts(scores, mass).clamp(max=cap)
+            state.counts = counts + p
+        keep = padded_top_positions(scores, counts)
+        index = torch.cat([prefix_positions(x.shape[0], p, x.device), keep + p], dim=1)
+        state.select(index)
+        return gather_tokens(x, index)
+
+    @staticmethod
+    def _after_prune(view: BlockView, x: Tensor, state: PassState, block: int) -> Tensor:
+        """A block after the prune: all tokens, padding masked out of the attention."""
+        state.record(block, x.shape[1], x.shape[1])
+        if state.counts is None:
+            return full_block(view, x)
+        key_mask = torch.arange(x.shape[1], device=x.device) < state.counts.unsqueeze(1)
+        return mlp_residual(view, attention_residual(view, x, key_mask=key_mask)[0])
