@@ -15,7 +15,7 @@ from typing import Any, TypeVar, Union
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from .api import patch
+from .api import patch, unpatch
 from .errors import TokenPatchError
 from .methods import get_method
 from .patcher import context_of, is_patched
@@ -60,11 +60,15 @@ def save(model: nn.Module, path: PathLike) -> None:
 def load(model: ModelT, path: PathLike) -> ModelT:
     """Load a :func:`save` file into an unpatched ``model`` of the same architecture and patch it.
 
+    The model is patched first, so that modules the method adds (e.g. DynamicViT's
+    predictors, saved under ``tokenpatch.``) exist and receive their saved weights.
+
     Returns:
         ``model``, with the saved weights, patched with the saved method and options.
 
     Raises:
-        TokenPatchError: if the model is already patched or the file has no tokenpatch metadata.
+        TokenPatchError: if the model is already patched, the file has no tokenpatch metadata, or
+            its tensors do not match the model's (the model is then left unpatched and unchanged).
     """
     if is_patched(model):
         raise TokenPatchError("load() expects an unpatched model; call tokenpatch.unpatch(model) first")
@@ -72,5 +76,23 @@ def load(model: ModelT, path: PathLike) -> ModelT:
         metadata = f.metadata() or {}
     if METADATA_KEY not in metadata:
         raise TokenPatchError(f"{path} is not a tokenpatch checkpoint (no {METADATA_KEY!r} metadata)")
-    model.load_state_dict(load_file(str(path)), strict=True)
-    return patch_from_config(model, json.loads(metadata[METADATA_KEY]))
+    state = load_file(str(path))
+    patch_from_config(model, json.loads(metadata[METADATA_KEY]))
+    try:
+        _check_keys(model, state, path)
+        model.load_state_dict(state, strict=True)
+    except Exception:
+        unpatch(model)
+        raise
+    return model
+
+
+def _check_keys(model: nn.Module, state: dict[str, Any], path: PathLike) -> None:
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise TokenPatchError(
+            f"{path} does not fit this {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatch {wrong[:5]} (first 5 of each)"
+        )

@@ -1,4 +1,5 @@
-"""Command line: ``tokenpatch audit MODEL`` measures what a patch buys (MACs and throughput)."""
+"""Command line: ``tokenpatch audit MODEL`` measures what a patch buys (MACs and throughput);
+``tokenpatch finetune MODEL --data DIR`` self-distils a patched model (also under ``torchrun``)."""
 
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ AUDIT_COLUMNS = ["method", "keep_ratio", "gmacs_unpatched", "gmacs", "reduction_
 
 
 def audit_rows(model: nn.Module, methods: Sequence[str], keep_ratio: float, batch_size: int,
-               repeats: int, device: str) -> list[dict[str, Any]]:
+               repeats: int, device: str, options: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
     """One row per method: MACs and measured throughput against the unpatched ``model``."""
     size = image_size(model)
     shape = (1, 3, *size)
     base_macs = count_macs(model, shape).total
-    patched = {m: patch(copy.deepcopy(model), m, keep_ratio=keep_ratio) for m in methods}
+    patched = {m: patch(copy.deepcopy(model), m, keep_ratio=keep_ratio, **(options or {})) for m in methods}
     macs = {m: count_macs(p, shape).total for m, p in patched.items()}
     timings = compare_throughput({"unpatched": model, **patched}, batch_size, size, repeats=repeats, device=device)
     params = sum(p.numel() for p in model.parameters())
@@ -60,7 +61,7 @@ def _audit(args: argparse.Namespace) -> int:
     model = build_model(args.model, args.img_size)
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint)
-    rows = audit_rows(model, methods, args.keep_ratio, args.batch_size, args.repeats, args.device)
+    rows = audit_rows(model, methods, args.keep_ratio, args.batch_size, args.repeats, args.device, dict(args.option))
     header = {"model": args.model, "batch_size": args.batch_size, "device": args.device}
     if args.json:
         _print_json({**header, **rows[0]} if len(rows) == 1 else {**header, "results": rows})
@@ -77,21 +78,30 @@ def finetune_result(args: argparse.Namespace) -> dict[str, Any]:
     from .checkpoint import save
     from .train import FinetuneConfig
 
+    finetune_job.init_distributed()
     torch.manual_seed(args.seed)
     model = build_model(args.model)
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint)
-    patch(model, args.method, keep_ratio=args.keep_ratio)
-    train, val = finetune_job.split_dataset(args.model, args.data, args.labels, args.val_fraction, args.seed)
-    config = FinetuneConfig(steps=args.steps, lr=args.lr, label_weight=args.label_weight, eval_every=args.eval_every)
+    options = dict(args.option)
+    patch(model, args.method, keep_ratio=args.keep_ratio, **options)
+    train, val = finetune_job.split_dataset(args.model, args.data, args.labels, args.val_fraction, args.seed, args.augment)
+    config = FinetuneConfig(steps=args.steps, lr=args.lr, label_weight=args.label_weight, eval_every=args.eval_every,
+                            module_lr=args.module_lr, ratio_weight=args.ratio_weight, cut_weight=args.cut_weight)
     result = finetune_job.run(model, train, finetune_job.held_out(model, val), config, args.batch_size, args.seed)
-    if args.out:
+    if args.out and finetune_job.is_main_process():
         save(model, args.out)
-    return {"model": args.model, "method": args.method, "keep_ratio": args.keep_ratio, **result, "out": args.out}
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return {"model": args.model, "method": args.method, "keep_ratio": args.keep_ratio, "options": options,
+            "world_size": world_size, "augment": args.augment, **result, "out": args.out}
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    from .finetune_job import is_main_process
+
     result = finetune_result(args)
+    if not is_main_process():
+        return 0
     if args.json:
         _print_json(result)
     else:
@@ -110,6 +120,25 @@ def _ratio(text: str) -> float:
         raise argparse.ArgumentTypeError(f"keep ratio must be a number in (0, 1], got {text!r}") from exc
 
 
+def _option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as JSON when it parses (numbers, true/false, null, lists), else text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. mass=0.9, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key, tuple(parsed) if isinstance(parsed, list) else parsed
+
+
+def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default="idle", choices=sorted(available_methods()))
+    parser.add_argument("--keep-ratio", type=_ratio, default=0.5)
+    parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="a method option, e.g. --option mass=0.9 (sait) or --option schedule=geometric (idle); repeatable")
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -122,9 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="MACs and throughput of a patched timm model vs the unpatched one")
     audit.add_argument("model", help="timm model name, e.g. deit_small_patch16_224, or hf:NAME for its transformers "
                        "ViT/DeiT twin (random weights)")
-    audit.add_argument("--method", default="idle", choices=sorted(available_methods()))
+    _add_method_arguments(audit)
     audit.add_argument("--methods", choices=["all"], help="one row per available method")
-    audit.add_argument("--keep-ratio", type=_ratio, default=0.5)
     audit.add_argument("--batch-size", type=_positive, default=32)
     audit.add_argument("--img-size", type=_positive, help="input size (default: the model's)")
     audit.add_argument("--checkpoint", help="state_dict file (.safetensors or torch) to load")
@@ -135,8 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = commands.add_parser("finetune", help="self-distil a patched model from its unpatched weights on an image folder")
     tune.add_argument("model", help="timm model name or hf:NAME (weights from --checkpoint)")
-    tune.add_argument("--method", default="idle", choices=sorted(available_methods()))
-    tune.add_argument("--keep-ratio", type=_ratio, default=0.5)
+    _add_method_arguments(tune)
     tune.add_argument("--data", required=True, help="image folder: flat, class sub-folders, or flat with labels.csv")
     tune.add_argument("--labels", help="file,class_index CSV (default: DATA/labels.csv when present)")
     tune.add_argument("--checkpoint", help="weights of the unpatched model (.safetensors or torch state dict)")
@@ -144,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--batch-size", type=_positive, default=16)
     tune.add_argument("--lr", type=float, default=2e-5)
     tune.add_argument("--label-weight", type=float, default=0.0, help="cross-entropy weight when labels exist")
+    tune.add_argument("--module-lr", type=float, default=1e-3, help="learning rate of a method's new modules (dynamicvit)")
+    tune.add_argument("--ratio-weight", type=float, default=2.0, help="DynamicViT ratio-loss weight (dynamicvit)")
+    tune.add_argument("--cut-weight", type=float, default=0.0, help="IdleViT token-cut loss weight (idle; 0: off)")
+    tune.add_argument("--augment", action="store_true", help="random resized crops and flips for the training images")
     tune.add_argument("--val-fraction", type=float, default=0.2, help="share of images held out for evaluation")
     tune.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
     tune.add_argument("--seed", type=int, default=0)

@@ -101,6 +101,18 @@ def eval_transform(model: nn.Module) -> Callable:
     return create_transform(**resolve_data_config(model=model))
 
 
+def train_transform(model: nn.Module) -> Callable:
+    """Light training augmentation for ``model``'s input config: random resized crop (scale 0.35-1)
+    and horizontal flip, no colour or erasing. With self-distillation the teacher sees the same
+    augmented image, so no labels are needed and the student does not memorise a small folder."""
+    from timm.data import create_transform, resolve_data_config
+
+    config = resolve_data_config(model=model)
+    return create_transform(input_size=config["input_size"], is_training=True, scale=(0.35, 1.0), hflip=0.5,
+                            color_jitter=0.0, auto_augment=None, re_prob=0.0, interpolation=config["interpolation"],
+                            mean=config["mean"], std=config["std"])
+
+
 def load_deit_tiny(root: PathLike) -> nn.Module:
     """The real DeiT-Tiny from the shared data directory, in eval mode (no download)."""
     import timm

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from .data import eval_transform, image_dataset, load_images
+from .data import eval_transform, image_dataset, load_images, train_transform
 from .evaluate import accuracy, predict
 from .flops import count_macs
 from .models import HF_PREFIX, build_timm_model, image_size
-from .train import FinetuneConfig, finetune, unpatched_behaviour
+from .train import FinetuneConfig, finetune, is_main_process, unpatched_behaviour
 
 
 @dataclass
@@ -38,15 +40,19 @@ class HeldOut:
         return scores
 
 
-def split_dataset(model_spec: str, data: str, labels: Optional[str], val_fraction: float, seed: int):
-    """(train subset, validation subset) of the folder, with the model's evaluation transform."""
+def split_dataset(model_spec: str, data: str, labels: Optional[str], val_fraction: float, seed: int,
+                  augment: bool = False) -> tuple[Subset, Subset]:
+    """(train subset, validation subset) of the folder; validation uses the model's evaluation
+    transform, training too unless ``augment`` (then :func:`~tokenpatch.data.train_transform`)."""
     name = model_spec[len(HF_PREFIX):] if model_spec.startswith(HF_PREFIX) else model_spec
-    dataset = image_dataset(data, labels, eval_transform(build_timm_model(name)))
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    reference = build_timm_model(name)
+    evaluated = image_dataset(data, labels, eval_transform(reference))
+    trained = image_dataset(data, labels, train_transform(reference)) if augment else evaluated
+    order = torch.randperm(len(evaluated), generator=torch.Generator().manual_seed(seed)).tolist()
     cut = int(round(len(order) * (1 - val_fraction)))
     if cut == 0 or cut == len(order):
         raise ValueError(f"--val-fraction {val_fraction} leaves an empty split of {len(order)} images")
-    return Subset(dataset, order[:cut]), Subset(dataset, order[cut:])
+    return Subset(trained, order[:cut]), Subset(evaluated, order[cut:])
 
 
 def held_out(model: nn.Module, subset: Subset) -> HeldOut:
@@ -57,16 +63,32 @@ def held_out(model: nn.Module, subset: Subset) -> HeldOut:
     return HeldOut(images, labels if (labels >= 0).all() else None, reference)
 
 
+def init_distributed() -> None:
+    """Join the process group when started by ``torchrun`` with more than one process (gloo on CPU, nccl on GPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _loader(train: Subset, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled batches; under torchrun each process gets its own shard (``batch_size`` per process)."""
+    if dist.is_initialized():
+        sampler = DistributedSampler(train, shuffle=True, seed=seed)
+        return DataLoader(train, batch_size=batch_size, sampler=sampler)
+    return DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
 def run(model: nn.Module, train: Subset, val: HeldOut, config: FinetuneConfig, batch_size: int,
         seed: int) -> dict[str, Any]:
     """Fine-tune ``model`` on ``train`` and report before/after scores on ``val`` and the MACs."""
     before = val.evaluate(model.eval())
-    loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    loader = _loader(train, batch_size, seed)
     history = finetune(model, loader, config, evaluate=val.evaluate)
     macs = count_macs(model, (1, 3, *image_size(model))).total
     with unpatched_behaviour(model):
         macs_unpatched = count_macs(model, (1, 3, *image_size(model))).total
-    after = {k: v for k, v in history[-1].items() if k in before}
-    return {"unpatched": val.scores(val.reference), "before": before, "after": after,
+    after = {k: v for k, v in history[-1].items() if k in before}  # empty off rank 0, which alone evaluates
+    with unpatched_behaviour(model):
+        after_dense = val.evaluate(model) if is_main_process() else {}
+    return {"unpatched": val.scores(val.reference), "before": before, "after": after, "after_dense": after_dense,
             "macs": macs, "macs_unpatched": macs_unpatched, "steps": config.steps,
             "train_images": len(train), "val_images": len(val.images), "final_loss": history[-1]["loss"]}

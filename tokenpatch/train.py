@@ -4,7 +4,13 @@ The teacher is a frozen copy of the model's weights as they were before fine-tun
 unpatched. It must be a copy: the same weights at ``keep_ratio=1.0`` would move with the
 student, and the two can then agree on anything (measured on the real DeiT-Tiny: top-1 fell
 from 72.0 to 11.6 % while the loss went to 0.02; see the README). The student is the patched model in train
-mode. Labels are optional: with none, the loss is the distillation term alone.
+mode. Labels are optional: with none, the loss is the distillation term alone. Method losses
+join in when their weight is set: DynamicViT's ratio loss (``ratio_weight``, on by default; it
+only applies to ``dynamicvit``) and IdleViT's token-cut loss (``cut_weight``, for ``idle``).
+Options a method asks to change per step (SaiT's dense steps) are applied for that step only.
+
+Under ``torchrun`` (``torch.distributed`` initialised), the model is wrapped in
+``DistributedDataParallel`` for the steps; give each process its own shard of the data.
 """
 
 from __future__ import annotations
@@ -22,26 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .api import get_config, set_keep_ratio, unpatch
+from .api import get_config, set_keep_ratio, set_options, unpatch
 from .evaluate import logits_of
-
-
-class DistillationLoss(nn.Module):
-    """KL divergence from the teacher's to the student's softened class distribution.
-
-    ``T**2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch
-    (Hinton et al., 2015), as in DeiT's and the token-reduction papers' soft distillation.
-    """
-
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        self.temperature = temperature
-
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-        """(B, classes) logits of both -> scalar loss."""
-        t = self.temperature
-        return F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
-                        reduction="batchmean", log_target=True) * t * t
+from .losses import DistillationLoss, RatioLoss, TokenCutLoss
+from .patcher import context_of
 
 
 @contextmanager
@@ -77,6 +67,10 @@ class FinetuneConfig:
         temperature: distillation temperature.
         label_weight: weight of cross-entropy on labels when a batch has them (0: distillation only).
         eval_every: run the evaluation callback every this many steps (0: only at the end).
+        module_lr: learning rate of the method's own new modules (DynamicViT's predictors),
+            which start from scratch and need a larger one than the pretrained weights.
+        ratio_weight: weight of :class:`~tokenpatch.losses.RatioLoss` (``dynamicvit`` only).
+        cut_weight: weight of :class:`~tokenpatch.losses.TokenCutLoss` (``idle`` only; 0: off).
     """
 
     steps: int = 100
@@ -88,6 +82,9 @@ class FinetuneConfig:
     temperature: float = 1.0
     label_weight: float = 0.0
     eval_every: int = 0
+    module_lr: float = 1e-3
+    ratio_weight: float = 2.0
+    cut_weight: float = 0.0
 
 
 def _cosine_with_warmup(config: FinetuneConfig) -> Callable[[int], float]:
@@ -114,15 +111,76 @@ def _split_batch(batch: Any) -> tuple[Tensor, Optional[Tensor]]:
 
 
 def training_loss(model: nn.Module, teacher: nn.Module, images: Tensor, labels: Optional[Tensor],
-                  config: FinetuneConfig, distill: DistillationLoss) -> Tensor:
-    """Distillation to the teacher (+ weighted cross-entropy when labels are given)."""
+                  config: FinetuneConfig, distill: DistillationLoss, network: Optional[nn.Module] = None) -> Tensor:
+    """Distillation to the teacher, plus weighted cross-entropy on labels and the method losses.
+
+    Args:
+        network: what to run the forward through (a ``DistributedDataParallel`` wrapper of
+            ``model``); None runs ``model``.
+    """
     with torch.no_grad():
         target = logits_of(teacher(images))
-    logits = logits_of(model(images))
+    logits = logits_of((network or model)(images))
     loss = distill(logits, target)
     if labels is not None and config.label_weight > 0:
         loss = loss + config.label_weight * F.cross_entropy(logits, labels)
+    aux = context_of(model).aux
+    if config.ratio_weight > 0 and "keep_fraction" in aux:
+        loss = loss + config.ratio_weight * RatioLoss()(model)
+    if config.cut_weight > 0 and "token_cut" in aux:
+        loss = loss + config.cut_weight * TokenCutLoss()(model)
     return loss
+
+
+@contextmanager
+def step_options(model: nn.Module, step: int) -> Iterator[None]:
+    """Apply the method's per-step option overrides (e.g. SaiT's dense steps) for one step."""
+    ctx = context_of(model)
+    overrides = ctx.method.training_overrides(ctx.config, step)
+    if not overrides:
+        yield
+        return
+    saved = {name: getattr(ctx.config, name) for name in overrides}
+    set_options(model, **overrides)
+    try:
+        yield
+    finally:
+        set_options(model, **saved)
+
+
+@contextmanager
+def collecting(model: nn.Module, signals: Iterable[str]) -> Iterator[None]:
+    """Ask the patched model's method to produce extra training signals while the context is open."""
+    ctx = context_of(model)
+    previous, ctx.collect = ctx.collect, ctx.collect | frozenset(signals)
+    try:
+        yield
+    finally:
+        ctx.collect = previous
+
+
+def _parameter_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, Any]]:
+    """Pretrained weights at ``lr``; the method's new modules at ``module_lr``."""
+    modules = context_of(model).modules
+    new = {id(p) for p in modules.parameters()} if modules is not None else set()
+    groups = [
+        {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in new], "lr": config.lr},
+        {"params": [p for p in model.parameters() if p.requires_grad and id(p) in new], "lr": config.module_lr},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _distributed(model: nn.Module) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel when running under torchrun, else ``model``."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return model
+    device = next(model.parameters()).device
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def is_main_process() -> bool:
+    """True outside ``torchrun`` and on its rank 0."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
 
 
 def finetune(model: nn.Module, batches: Iterable[Any], config: FinetuneConfig = FinetuneConfig(),
@@ -144,31 +202,35 @@ def finetune(model: nn.Module, batches: Iterable[Any], config: FinetuneConfig = 
         History: one dict per logged step (``step``, ``loss``, ``lr`` and the evaluation's keys).
     """
     teacher = teacher if teacher is not None else frozen_teacher(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    groups = _parameter_groups(model, config)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(config))
-    distill = DistillationLoss(config.temperature)
+    distill, network = DistillationLoss(config.temperature), _distributed(model)
     history: list[dict[str, float]] = []
-    bar = tqdm(total=config.steps, desc="finetune", disable=not progress)
+    bar = tqdm(total=config.steps, desc="finetune", disable=not (progress and is_main_process()))
     started, seen = time.perf_counter(), 0
-    for step, batch in enumerate(itertools.islice(_repeat(batches), config.steps), start=1):
-        images, labels = _split_batch(batch)
-        model.train()
-        loss = training_loss(model, teacher, images, labels, config, distill)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
-        optimizer.step()
-        schedule.step()
-        seen += images.shape[0]
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
-        record = {"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0]}
-        if evaluate is not None and (step == config.steps or (config.eval_every and step % config.eval_every == 0)):
-            model.eval()
-            record.update(evaluate(model))
-        history.append(record)
+    with collecting(model, ["attention"] if config.cut_weight > 0 else []):
+        for step, batch in enumerate(itertools.islice(_repeat(batches), config.steps), start=1):
+            images, labels = _split_batch(batch)
+            model.train()
+            with step_options(model, step):
+                loss = training_loss(model, teacher, images, labels, config, distill, network)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
+            optimizer.step()
+            schedule.step()
+            seen += images.shape[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
+            record = {"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0]}
+            due = step == config.steps or (config.eval_every and step % config.eval_every == 0)
+            if evaluate is not None and due and is_main_process():
+                model.eval()
+                record.update(evaluate(model))
+            history.append(record)
     bar.close()
     model.eval()
     return history
