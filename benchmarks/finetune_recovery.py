@@ -6,7 +6,11 @@
 Half of the 500 shared images (seeded split) are used for self-distillation from the unpatched
 weights (labels are never read for training); the other half is evaluated before and after:
 top-1, agreement with the unpatched model, and MACs. ``recovered`` is the share of the
-training-free top-1 drop that fine-tuning won back.
+training-free top-1 drop that fine-tuning won back. ``after_dense`` runs the fine-tuned weights
+at keep ratio 1.0 (no reduction): how much the fine-tuning cost the dense model.
+
+Method options and loss weights pass through to ``tokenpatch finetune``, e.g.
+``--option mass=0.9``, ``--cut-weight 1.0``, ``--module-lr 1e-3``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", default="32")
     parser.add_argument("--lr", default="2e-5")
     parser.add_argument("--json", help="also write the result to this JSON file")
-    args = parser.parse_args(argv)
+    args, passthrough = parser.parse_known_args(argv)
     root = data_dir(args.data)
     if root is None:
         parser.error("give --data or set TOKENPATCH_DATA")
@@ -37,12 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     result = finetune_result(build_parser().parse_args([
         "finetune", "deit_tiny_patch16_224", "--checkpoint", str(root / DEIT_TINY_WEIGHTS),
         "--data", str(root / IMAGENET_SAMPLE), "--method", args.method, "--keep-ratio", args.keep_ratio,
-        "--steps", args.steps, "--batch-size", args.batch_size, "--lr", args.lr, "--val-fraction", "0.5"]))
+        "--steps", args.steps, "--batch-size", args.batch_size, "--lr", args.lr, "--val-fraction", "0.5", *passthrough]))
     drop_before = result["unpatched"]["top1"] - result["before"]["top1"]
     drop_after = result["unpatched"]["top1"] - result["after"]["top1"]
     rows = [{"": k, "macs_ratio": (1.0 if k == "unpatched" else result["macs"] / result["macs_unpatched"]),
-             **result[k]} for k in ("unpatched", "before", "after")]
-    print(f"{args.method}@{args.keep_ratio}, {args.steps} steps x {args.batch_size} on {result['train_images']} images, "
+             **result[k]} for k in ("unpatched", "before", "after", "after_dense")]
+    rows[-1]["macs_ratio"] = 1.0
+    print(f"{args.method}@{args.keep_ratio} {' '.join(passthrough)}, {args.steps} steps x {args.batch_size} on {result['train_images']} images, "
           f"{time.time() - started:.0f} s; validated on {result['val_images']} images")
     print(format_table(rows, digits=3))
     recovered = (drop_before - drop_after) / drop_before if drop_before > 0 else float("nan")

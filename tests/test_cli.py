@@ -1,6 +1,10 @@
 """The tokenpatch command line, end to end on a small model."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -76,9 +80,12 @@ def test_checkpoint_of_the_wrong_model_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith("tokenpatch: error:") and "\n" not in err
 
 
-def test_finetune_runs_end_to_end_and_saves_a_loadable_model(tmp_path, capsys):
+@pytest.fixture
+def tuning_inputs(tmp_path):
+    """A flat folder of 10 unlabelled images and random DeiT-Tiny weights: (data dir, weights file)."""
     from PIL import Image
     import torch
+    from safetensors.torch import save_file
 
     data = tmp_path / "images"
     data.mkdir()
@@ -86,21 +93,53 @@ def test_finetune_runs_end_to_end_and_saves_a_loadable_model(tmp_path, capsys):
     for i in range(10):
         pixels = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(data / f"{i}.png")
-    tiny = build_timm_model("deit_tiny_patch16_224")
-    from safetensors.torch import save_file
-    save_file(tiny.state_dict(), str(tmp_path / "weights.safetensors"))
+    weights = tmp_path / "weights.safetensors"
+    save_file(build_timm_model("deit_tiny_patch16_224").state_dict(), str(weights))
+    return data, weights
+
+
+def test_finetune_runs_end_to_end_and_saves_a_loadable_model(tuning_inputs, tmp_path, capsys):
+    data, weights = tuning_inputs
     out = tmp_path / "tuned.safetensors"
-    argv = ["finetune", "deit_tiny_patch16_224", "--data", str(data), "--checkpoint", str(tmp_path / "weights.safetensors"),
+    argv = ["finetune", "deit_tiny_patch16_224", "--data", str(data), "--checkpoint", str(weights),
             "--steps", "2", "--batch-size", "4", "--keep-ratio", "0.5", "--out", str(out), "--json"]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["train_images"] == 8 and result["val_images"] == 2
+    assert result["train_images"] == 8 and result["val_images"] == 2 and result["world_size"] == 1
     assert set(result["before"]) == {"agreement"}  # no labels: agreement only
     assert result["macs"] < result["macs_unpatched"]
     restored = tokenpatch.load(build_timm_model("deit_tiny_patch16_224"), out)
     assert tokenpatch.get_config(restored).keep_ratio == 0.5
 
 
+def test_finetune_runs_unchanged_under_torchrun(tuning_inputs, tmp_path):
+    data, weights = tuning_inputs
+    out = tmp_path / "ddp.safetensors"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "tokenpatch.cli", "finetune", "deit_tiny_patch16_224", "--data", str(data),
+               "--checkpoint", str(weights), "--method", "dynamicvit", "--keep-ratio", "0.7",
+               "--steps", "2", "--batch-size", "2", "--out", str(out), "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)  # rank 0 alone prints
+    assert result["world_size"] == 2 and result["train_images"] == 8
+    restored = tokenpatch.load(build_timm_model("deit_tiny_patch16_224"), out)
+    assert tokenpatch.get_method_name(restored) == "dynamicvit"
+
+
 def test_finetune_reports_a_missing_folder_in_one_line(capsys):
     assert main(["finetune", "deit_tiny_patch16_224", "--data", "/nonexistent", "--steps", "1"]) == 2
     assert "no image folder at /nonexistent" in capsys.readouterr().err
+
+
+def test_the_finetune_example_runs_and_saves_a_loadable_model(tuning_inputs, tmp_path):
+    data, weights = tuning_inputs
+    out = tmp_path / "example.safetensors"
+    example = Path(__file__).resolve().parents[1] / "examples" / "finetune.py"
+    done = subprocess.run([sys.executable, str(example), "--data", str(data), "--checkpoint", str(weights),
+                           "--steps", "2", "--batch-size", "4", "--method", "sait", "--keep-ratio", "0.5", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "saved sait@0.5" in done.stdout
+    assert tokenpatch.get_method_name(tokenpatch.load(build_timm_model("deit_tiny_patch16_224"), out)) == "sait"

@@ -72,3 +72,21 @@ def test_image_dataset_reads_every_folder_layout(tmp_path):
     assert sorted(image_dataset(nested)[i][1] for i in range(3)) == [0, 0, 1]
     with pytest.raises(FileNotFoundError, match="no image folder"):
         image_dataset(tmp_path / "missing")
+
+
+def test_augmented_training_split_is_random_and_validation_is_not(tmp_path):
+    from PIL import Image
+
+    from tokenpatch.finetune_job import split_dataset
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        pixels = (torch.rand(48, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / f"{i}.png")
+    train, val = split_dataset("deit_tiny_patch16_224", str(tmp_path), None, 0.5, seed=0, augment=True)
+    assert set(train.indices).isdisjoint(val.indices) and len(train) == len(val) == 2
+    torch.manual_seed(1)
+    assert not torch.equal(train[0][0], train[0][0])  # a new crop each read
+    assert torch.equal(val[0][0], val[0][0]) and val[0][0].shape == (3, 224, 224)
+    plain, _ = split_dataset("deit_tiny_patch16_224", str(tmp_path), None, 0.5, seed=0)
+    assert torch.equal(plain[0][0], plain[0][0])
