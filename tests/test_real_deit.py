@@ -16,7 +16,7 @@ def deit_and_images(shared_data):
     return model, x, y, predict(model, x)
 
 
-@pytest.mark.parametrize("method", ["idle", "evit"])
+@pytest.mark.parametrize("method", ["idle", "evit", "dynamicvit", "sait"])
 def test_keep_ratio_one_reproduces_unpatched_top1(deit_and_images, method):
     model, x, y, reference = deit_and_images
     tokenpatch.patch(model, method, keep_ratio=1.0)
@@ -53,3 +53,19 @@ def test_real_weights_agree_across_timm_and_transformers(deit_and_images, method
     same_tokens, max_diff = compare_patched(model, hf_twin(model), x[:50], method, ratio)
     assert same_tokens
     assert max_diff <= 1e-4
+
+
+def test_sait_counts_follow_real_images_and_a_batch_equals_its_images_alone(deit_and_images):
+    model, x, y, reference = deit_and_images
+    tokenpatch.patch(model, "sait", keep_ratio=0.9, mass=0.7)
+    try:
+        with tokenpatch.trace(model) as t:
+            together = model(x[:16])
+        counts = t.records[-1].counts
+        alone = torch.cat([model(x[i : i + 1]) for i in range(16)])
+        adaptive = accuracy(predict(model, x), y, reference)
+    finally:
+        tokenpatch.unpatch(model)
+    assert int(counts.max()) - int(counts.min()) >= 10  # per-image counts spread widely
+    assert (alone - together).abs().max() <= 1e-4
+    assert adaptive.agreement > 80.0  # the kept mass holds most of the prediction
