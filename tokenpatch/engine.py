@@ -2,9 +2,11 @@
 
 A method's block forward is a short composition of these functions: score, select
 (``ops.top_k_positions``), compute on the selected tokens (:func:`attention_residual`,
-:func:`mlp_residual`), then write back, drop, fuse or merge. The attention itself always runs
-on ``F.scaled_dot_product_attention``; class-token scores come from
-:func:`~tokenpatch.ops.cls_attention`, never from a materialised N x N map.
+:func:`mlp_residual`), then write back, drop, fuse or merge. At inference the attention always
+runs on ``F.scaled_dot_product_attention``; class-token scores come from
+:func:`~tokenpatch.ops.cls_attention`, never from a materialised N x N map. Only the
+training-mode pieces (:func:`masked_block`, :func:`mean_attention_logits`) build that map,
+because their losses or differentiable masks need it.
 """
 
 from __future__ import annotations
