@@ -2,7 +2,6 @@
 
 import pytest
 import timm
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
