@@ -10,7 +10,6 @@ from torch import nn
 from .backends import find_backend
 from .errors import AlreadyPatchedError, InvalidOptionError
 from .methods import METHODS, Method, MethodConfig, get_method
-from .methods.base import check_keep_ratio
 from .patcher import PatchContext, context_of, install, is_patched, uninstall
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -28,7 +27,7 @@ def _build_config(method: Method, keep_ratio: Optional[float], options: dict[str
         valid = ", ".join(sorted(fields - {"keep_ratio"})) or "none"
         raise InvalidOptionError(f"unknown option(s) {unknown} for method {method.name!r}; valid options: {valid}")
     if keep_ratio is not None:
-        options = {**options, "keep_ratio": check_keep_ratio(keep_ratio)}
+        options = {**options, "keep_ratio": keep_ratio}  # range-checked by the config's validate
     return method.config_class(**options)
 
 
@@ -88,7 +87,7 @@ def set_keep_ratio(model: nn.Module, keep_ratio: float) -> None:
     Raises:
         NotPatchedError, InvalidOptionError (keep_ratio outside (0, 1]).
     """
-    set_options(model, keep_ratio=check_keep_ratio(keep_ratio))
+    set_options(model, keep_ratio=keep_ratio)  # the config's validation checks the range
 
 
 def set_options(model: nn.Module, **options: Any) -> None:

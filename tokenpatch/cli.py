@@ -76,7 +76,7 @@ def finetune_result(args: argparse.Namespace) -> dict[str, Any]:
     """Run the ``finetune`` command's job and return its result (scores before/after, MACs, sizes)."""
     from . import finetune_job
     from .checkpoint import save
-    from .train import FinetuneConfig
+    from .train import FinetuneConfig, world_size
 
     finetune_job.init_distributed()
     torch.manual_seed(args.seed)
@@ -91,13 +91,12 @@ def finetune_result(args: argparse.Namespace) -> dict[str, Any]:
     result = finetune_job.run(model, train, finetune_job.held_out(model, val), config, args.batch_size, args.seed)
     if args.out and finetune_job.is_main_process():
         save(model, args.out)
-    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     return {"model": args.model, "method": args.method, "keep_ratio": args.keep_ratio, "options": options,
-            "world_size": world_size, "augment": args.augment, **result, "out": args.out}
+            "world_size": world_size(), "augment": args.augment, **result, "out": args.out}
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from .finetune_job import is_main_process
+    from .train import is_main_process
 
     result = finetune_result(args)
     if not is_main_process():

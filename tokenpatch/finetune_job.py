@@ -15,7 +15,7 @@ from .data import eval_transform, image_dataset, load_images, train_transform
 from .evaluate import accuracy, predict
 from .flops import count_macs
 from .models import HF_PREFIX, build_timm_model, image_size
-from .train import FinetuneConfig, finetune, is_main_process, unpatched_behaviour
+from .train import FinetuneConfig, finetune, in_process_group, is_main_process, unpatched_behaviour
 
 
 @dataclass
@@ -65,13 +65,13 @@ def held_out(model: nn.Module, subset: Subset) -> HeldOut:
 
 def init_distributed() -> None:
     """Join the process group when started by ``torchrun`` with more than one process (gloo on CPU, nccl on GPU)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not in_process_group():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def _loader(train: Subset, batch_size: int, seed: int) -> DataLoader:
     """Shuffled batches; under torchrun each process gets its own shard (``batch_size`` per process)."""
-    if dist.is_initialized():
+    if in_process_group():
         sampler = DistributedSampler(train, shuffle=True, seed=seed)
         return DataLoader(train, batch_size=batch_size, sampler=sampler)
     return DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))

@@ -170,17 +170,27 @@ def _parameter_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str
     return [g for g in groups if g["params"]]
 
 
-def _distributed(model: nn.Module) -> nn.Module:
-    """``model`` wrapped in DistributedDataParallel when running under torchrun, else ``model``."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return model
-    device = next(model.parameters()).device
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+def in_process_group() -> bool:
+    """True when ``torch.distributed`` is initialised (e.g. under ``torchrun``)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size() -> int:
+    """Processes taking part in training: 1 outside ``torchrun``."""
+    return torch.distributed.get_world_size() if in_process_group() else 1
 
 
 def is_main_process() -> bool:
     """True outside ``torchrun`` and on its rank 0."""
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+    return not in_process_group() or torch.distributed.get_rank() == 0
+
+
+def _distributed(model: nn.Module) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel when running under torchrun, else ``model``."""
+    if not in_process_group():
+        return model
+    device = next(model.parameters()).device
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def finetune(model: nn.Module, batches: Iterable[Any], config: FinetuneConfig = FinetuneConfig(),
