@@ -1,7 +1,7 @@
 """Training-free vs briefly fine-tuned accuracy of a patched real DeiT-Tiny (CPU, no labels used).
 
     python benchmarks/finetune_recovery.py --data ../shared/data --method idle --keep-ratio 0.55 \\
-        --steps 300 --json benchmarks/results/finetune_idle.json
+        --steps 300 --mixup 1.0 --json benchmarks/results/finetune_idle_mixup.json
 
 Half of the 500 shared images (seeded split) are used for self-distillation from the unpatched
 weights (labels are never read for training); the other half is evaluated before and after:
@@ -10,7 +10,8 @@ training-free top-1 drop that fine-tuning won back. ``after_dense`` runs the fin
 at keep ratio 1.0 (no reduction): how much the fine-tuning cost the dense model.
 
 Method options and loss weights pass through to ``tokenpatch finetune``, e.g.
-``--option mass=0.9``, ``--cut-weight 1.0``, ``--module-lr 1e-3``.
+``--option mass=0.9``, ``--cut-weight 1.0``, ``--module-lr 1e-3``, ``--mixup 1.0``,
+``--feature-weight 0.5``.
 """
 
 from __future__ import annotations

@@ -18,13 +18,13 @@ def _seeded_loss(model, teacher, x, config):
     return training_loss(model, teacher, x, None, config, DistillationLoss()).item()
 
 
-@pytest.mark.parametrize("method, options", [("idle", {}), ("idle", {"cut": 1.0}), ("evit", {}),
-                                             ("dynamicvit", {}), ("sait", {}), ("sait", {"mass": 0.8})])
+@pytest.mark.parametrize("method, options", [("idle", {}), ("idle", {"cut": 1.0}), ("idle", {"feature": 1.0}),
+                                             ("evit", {}), ("dynamicvit", {}), ("sait", {}), ("sait", {"mass": 0.8})])
 def test_one_optimisation_step_reduces_the_loss_on_a_fixed_batch(method, options):
-    cut = options.pop("cut", 0.0)
+    cut, feature = options.pop("cut", 0.0), options.pop("feature", 0.0)
     model = tokenpatch.patch(make_model("deit_tiny", drop_path_rate=0.0), method, keep_ratio=0.4, **options)
     x = images(model, batch=8)
-    config = FinetuneConfig(steps=1, lr=1e-5, warmup_steps=1, module_lr=1e-4, cut_weight=cut)
+    config = FinetuneConfig(steps=1, lr=1e-5, warmup_steps=1, module_lr=1e-4, cut_weight=cut, feature_weight=feature)
     teacher = frozen_teacher(model)
     with collecting(model, ["attention"] if cut else []):
         before = _seeded_loss(model, teacher, x, config)
@@ -205,15 +205,16 @@ def test_bad_options_are_named_and_leave_the_config_alone(method, options, bad):
     assert tokenpatch.get_config(model) == before
 
 
-def test_dynamicvit_save_load_reproduces_outputs_with_trained_predictors(tmp_path):
-    model = tokenpatch.patch(make_model("deit_tiny"), "dynamicvit", keep_ratio=0.6)
+@pytest.mark.parametrize("method", ["dynamicvit", "iared2"])
+def test_save_load_reproduces_outputs_with_trained_method_modules(tmp_path, method):
+    model = tokenpatch.patch(make_model("deit_tiny"), method, keep_ratio=0.6)
     x = images(model, batch=4)
     finetune(model, [x], FinetuneConfig(steps=3, lr=1e-3, module_lr=1e-2), progress=False)
     expected = model.eval()(x)
     tokenpatch.save(model, tmp_path / "dyn.safetensors")
     fresh = make_model("deit_tiny")
     loaded = tokenpatch.load(fresh, tmp_path / "dyn.safetensors")
-    assert tokenpatch.get_method_name(loaded) == "dynamicvit"
+    assert tokenpatch.get_method_name(loaded) == method
     assert torch.equal(loaded(x), expected)
     wrong = make_model("deit_small")
     with pytest.raises(TokenPatchError, match="does not fit"):

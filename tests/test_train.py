@@ -4,7 +4,10 @@ import pytest
 import torch
 
 import tokenpatch
-from tokenpatch.train import DistillationLoss, FinetuneConfig, finetune, frozen_teacher, training_loss
+from tokenpatch.losses import FeatureDistillationLoss
+from tokenpatch.errors import TokenPatchError
+from tokenpatch.train import (DistillationLoss, FinetuneConfig, finetune, frozen_teacher, head_features, mixed,
+                              training_loss)
 
 from conftest import images, make_model
 
@@ -28,6 +31,37 @@ def test_distillation_loss_is_zero_only_for_equal_distributions():
     loss = DistillationLoss(temperature=2.0)
     assert loss(logits, logits).item() == pytest.approx(0.0, abs=1e-6)
     assert loss(logits, torch.randn(4, 10)).item() > 0
+
+
+def test_feature_distillation_loss_is_the_mean_squared_feature_difference():
+    teacher = torch.zeros(2, 4)
+    student = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]])
+    assert FeatureDistillationLoss()(student, teacher).item() == pytest.approx(5 / 8)
+    assert FeatureDistillationLoss()(teacher, teacher).item() == 0.0
+
+
+@pytest.mark.parametrize("key", ["deit_tiny", "avg_pool"])
+def test_head_features_are_what_the_classifier_reads_patched_or_not(key):
+    model = make_model(key)
+    x = images(model, batch=2)
+    for patched in (False, True):
+        if patched:
+            tokenpatch.patch(model, "evit", keep_ratio=0.5)
+        with head_features(model) as seen:
+            logits = model(x)
+        assert len(seen) == 1 and seen[0].shape == (2, model.embed_dim)
+        assert torch.allclose(model.head(seen[0]), logits)
+    assert model.head._forward_pre_hooks == {}  # the hook is gone after the context
+
+
+def test_mixup_blends_the_batch_with_itself_and_refuses_labels():
+    batch = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 2, 2)
+    out = mixed(batch, alpha=1.0)
+    assert torch.allclose(out.sum(dim=0), batch.sum(dim=0))  # a permutation's blend keeps the batch sum
+    assert out.min() >= 0 and out.max() <= 3 and not torch.equal(out, batch)
+    model = tokenpatch.patch(make_model("deit_tiny"), "idle", keep_ratio=0.5)
+    with pytest.raises(TokenPatchError, match="mixup"):
+        finetune(model, [images(model)], FinetuneConfig(steps=1, mixup=0.5, label_weight=1.0), progress=False)
 
 
 @pytest.mark.parametrize("method", ["idle", "evit"])

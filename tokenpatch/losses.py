@@ -7,6 +7,9 @@ are called with the model after its forward::
     logits = model(images)
     loss = distill(logits, teacher_logits) + 2.0 * RatioLoss()(model)
 
+:class:`FeatureDistillationLoss` compares the features the classifier reads (see
+:func:`tokenpatch.train.head_features`).
+
 A method loss the model's method does not produce inputs for raises a clear error.
 """
 
@@ -33,9 +36,27 @@ class DistillationLoss(nn.Module):
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         """(B, classes) logits of both -> scalar loss."""
+        return self.per_sample(student_logits, teacher_logits).mean()
+
+    def per_sample(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        """(B, classes) logits of both -> (B,) loss of each sample."""
         t = self.temperature
         return F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
-                        reduction="batchmean", log_target=True) * t * t
+                        reduction="none", log_target=True).sum(dim=-1) * t * t
+
+
+class FeatureDistillationLoss(nn.Module):
+    """Mean squared error between the student's and the teacher's pooled features.
+
+    The features are what the classifier reads (the final class token after the last norm, or
+    the pooled tokens), (B, C) each; :func:`tokenpatch.train.head_features` captures them. A
+    denser signal than the logits' KL alone, in the spirit of DynamicViT's and EViT's token
+    distillation, applied to the one token every method keeps.
+    """
+
+    def forward(self, student_features: Tensor, teacher_features: Tensor) -> Tensor:
+        """(B, C) features of both -> scalar loss."""
+        return F.mse_loss(student_features, teacher_features)
 
 
 def _aux(model: nn.Module, name: str, loss: str) -> list:
@@ -60,6 +81,34 @@ class RatioLoss(nn.Module):
         """Scalar loss from the model's last training-mode pass (``dynamicvit``)."""
         terms = [(fraction - target).pow(2).mean() for fraction, target in _aux(model, "keep_fraction", "RatioLoss")]
         return torch.stack(terms).mean()
+
+
+class PolicyGradientLoss(nn.Module):
+    """REINFORCE for ``iared2``'s interpreters (Williams, 1992; as IA-RED² trains its policy).
+
+    Each image's reward is ``-task_loss - penalty * kept_fraction``, where ``kept_fraction`` is
+    the share of the original patches its sampled decisions kept, averaged over the groups. The
+    loss is ``-mean((reward - baseline) * log_prob)`` with ``log_prob`` the log-probability of
+    all the image's sampled keep decisions and the batch's mean reward as the baseline (it
+    lowers the variance without biasing the gradient). Only the interpreters get gradients
+    from it: rewards are constants.
+
+    Args:
+        penalty: lambda, the reward given up per unit of kept fraction; 0 rewards accuracy only
+            (the policy learns to keep tokens), large values reward dropping.
+    """
+
+    def __init__(self, penalty: float) -> None:
+        super().__init__()
+        self.penalty = penalty
+
+    def forward(self, model: nn.Module, task_loss: Tensor) -> Tensor:
+        """Scalar loss from the model's last training-mode pass (``iared2``) and its (B,) per-image task loss."""
+        groups = _aux(model, "policy", "PolicyGradientLoss")
+        log_prob = torch.stack([lp for lp, _ in groups]).sum(dim=0)
+        kept = torch.stack([fraction for _, fraction in groups]).mean(dim=0)
+        reward = -task_loss.detach() - self.penalty * kept
+        return -((reward - reward.mean()) * log_prob).mean()
 
 
 class TokenCutLoss(nn.Module):

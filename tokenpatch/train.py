@@ -29,8 +29,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .api import get_config, set_keep_ratio, set_options, unpatch
+from .backends import find_backend
+from .errors import TokenPatchError
 from .evaluate import logits_of
-from .losses import DistillationLoss, RatioLoss, TokenCutLoss
+from .losses import DistillationLoss, FeatureDistillationLoss, PolicyGradientLoss, RatioLoss, TokenCutLoss
 from .patcher import context_of
 
 
@@ -71,6 +73,16 @@ class FinetuneConfig:
             which start from scratch and need a larger one than the pretrained weights.
         ratio_weight: weight of :class:`~tokenpatch.losses.RatioLoss` (``dynamicvit`` only).
         cut_weight: weight of :class:`~tokenpatch.losses.TokenCutLoss` (``idle`` only; 0: off).
+        feature_weight: weight of :class:`~tokenpatch.losses.FeatureDistillationLoss` on the
+            features the classifier reads (any method; 0: off).
+        kept_penalty: lambda of :class:`~tokenpatch.losses.PolicyGradientLoss` (``iared2``): reward
+            given up per unit of kept token fraction.
+        train_backbone: False trains only the method's own modules (e.g. ``iared2``'s
+            interpreters) and leaves the pretrained weights as they are.
+        mixup: alpha of mixup on the training images (0: off). Each batch is blended with a
+            shuffled copy of itself by a Beta(alpha, alpha) weight, and teacher and student see
+            the same blend, so a small folder yields new inputs every step (Beyer et al.,
+            CVPR 2022: "a good teacher is patient and consistent"). Distillation only: no labels.
     """
 
     steps: int = 100
@@ -85,6 +97,10 @@ class FinetuneConfig:
     module_lr: float = 1e-3
     ratio_weight: float = 2.0
     cut_weight: float = 0.0
+    feature_weight: float = 0.0
+    kept_penalty: float = 0.5
+    train_backbone: bool = True
+    mixup: float = 0.0
 
 
 def _cosine_with_warmup(config: FinetuneConfig) -> Callable[[int], float]:
@@ -103,11 +119,41 @@ def _repeat(batches: Iterable[Any]) -> Iterator[Any]:
         yield from batches
 
 
+def mixed(images: Tensor, alpha: float) -> Tensor:
+    """(B, 3, H, W) images blended with a shuffled copy of the batch by one Beta(alpha, alpha) weight."""
+    weight = float(torch.distributions.Beta(alpha, alpha).sample())
+    return weight * images + (1 - weight) * images[torch.randperm(images.shape[0], device=images.device)]
+
+
 def _split_batch(batch: Any) -> tuple[Tensor, Optional[Tensor]]:
     if isinstance(batch, Tensor):
         return batch, None
     images, labels = batch[0], batch[1] if len(batch) > 1 else None
     return images, labels if isinstance(labels, Tensor) and (labels >= 0).all() else None
+
+
+@contextmanager
+def head_features(model: nn.Module) -> Iterator[list[Tensor]]:
+    """Collect the (B, C) features ``model``'s classifier reads: one tensor per forward pass in the context.
+
+    Works on patched and unpatched timm and transformers classifiers (a forward pre-hook on the
+    backend's ``head``).
+    """
+    captured: list[Tensor] = []
+    handle = find_backend(model).head(model).register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def _logits_and_features(model: nn.Module, images: Tensor, features: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """``model``'s logits on ``images`` and, when asked, the pooled features its head read."""
+    if not features:
+        return logits_of(model(images)), None
+    with head_features(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model) as seen:
+        logits = logits_of(model(images))
+    return logits, seen[0]
 
 
 def training_loss(model: nn.Module, teacher: nn.Module, images: Tensor, labels: Optional[Tensor],
@@ -118,13 +164,19 @@ def training_loss(model: nn.Module, teacher: nn.Module, images: Tensor, labels: 
         network: what to run the forward through (a ``DistributedDataParallel`` wrapper of
             ``model``); None runs ``model``.
     """
+    features = config.feature_weight > 0
     with torch.no_grad():
-        target = logits_of(teacher(images))
-    logits = logits_of((network or model)(images))
-    loss = distill(logits, target)
+        target, target_features = _logits_and_features(teacher, images, features)
+    logits, student_features = _logits_and_features(network or model, images, features)
+    task_loss = distill.per_sample(logits, target)
     if labels is not None and config.label_weight > 0:
-        loss = loss + config.label_weight * F.cross_entropy(logits, labels)
+        task_loss = task_loss + config.label_weight * F.cross_entropy(logits, labels, reduction="none")
+    loss = task_loss.mean()
+    if features:
+        loss = loss + config.feature_weight * FeatureDistillationLoss()(student_features, target_features)
     aux = context_of(model).aux
+    if "policy" in aux:
+        loss = loss + PolicyGradientLoss(config.kept_penalty)(model, task_loss)
     if config.ratio_weight > 0 and "keep_fraction" in aux:
         loss = loss + config.ratio_weight * RatioLoss()(model)
     if config.cut_weight > 0 and "token_cut" in aux:
@@ -160,14 +212,33 @@ def collecting(model: nn.Module, signals: Iterable[str]) -> Iterator[None]:
 
 
 def _parameter_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, Any]]:
-    """Pretrained weights at ``lr``; the method's new modules at ``module_lr``."""
+    """Pretrained weights at ``lr`` (unless frozen); the method's new modules at ``module_lr``."""
     modules = context_of(model).modules
     new = {id(p) for p in modules.parameters()} if modules is not None else set()
     groups = [
-        {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in new], "lr": config.lr},
+        {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in new and config.train_backbone],
+         "lr": config.lr},
         {"params": [p for p in model.parameters() if p.requires_grad and id(p) in new], "lr": config.module_lr},
     ]
-    return [g for g in groups if g["params"]]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise TokenPatchError("nothing to train: train_backbone=False and the method has no modules of its own")
+    return groups
+
+
+@contextmanager
+def frozen_backbone(model: nn.Module, frozen: bool) -> Iterator[None]:
+    """When ``frozen``, stop gradients to the pretrained weights (not the method's modules) while open."""
+    modules = context_of(model).modules
+    own = {id(p) for p in modules.parameters()} if modules is not None else set()
+    stopped = [p for p in model.parameters() if frozen and p.requires_grad and id(p) not in own]
+    for p in stopped:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in stopped:
+            p.requires_grad_(True)
 
 
 def in_process_group() -> bool:
@@ -211,36 +282,49 @@ def finetune(model: nn.Module, batches: Iterable[Any], config: FinetuneConfig = 
     Returns:
         History: one dict per logged step (``step``, ``loss``, ``lr`` and the evaluation's keys).
     """
+    if config.mixup > 0 and config.label_weight > 0:
+        raise TokenPatchError("mixup blends images, so their labels no longer apply; use label_weight=0 with mixup")
     teacher = teacher if teacher is not None else frozen_teacher(model)
     groups = _parameter_groups(model, config)
-    params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    with collecting(model, ["attention"] if config.cut_weight > 0 else []), frozen_backbone(model, not config.train_backbone):
+        network = _distributed(model)  # after freezing: DDP syncs the parameters that require grad
+        history = _steps(model, network, teacher, batches, config, optimizer, evaluate, progress)
+    model.eval()
+    return history
+
+
+def _steps(model: nn.Module, network: nn.Module, teacher: nn.Module, batches: Iterable[Any], config: FinetuneConfig,
+           optimizer: torch.optim.Optimizer, evaluate: Optional[Callable[[nn.Module], dict[str, float]]],
+           progress: bool) -> list[dict[str, float]]:
+    """The optimisation loop of :func:`finetune`; returns its history."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(config))
-    distill, network = DistillationLoss(config.temperature), _distributed(model)
+    distill = DistillationLoss(config.temperature)
     history: list[dict[str, float]] = []
     bar = tqdm(total=config.steps, desc="finetune", disable=not (progress and is_main_process()))
     started, seen = time.perf_counter(), 0
-    with collecting(model, ["attention"] if config.cut_weight > 0 else []):
-        for step, batch in enumerate(itertools.islice(_repeat(batches), config.steps), start=1):
-            images, labels = _split_batch(batch)
-            model.train()
-            with step_options(model, step):
-                loss = training_loss(model, teacher, images, labels, config, distill, network)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
-            optimizer.step()
-            schedule.step()
-            seen += images.shape[0]
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
-            record = {"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0]}
-            due = step == config.steps or (config.eval_every and step % config.eval_every == 0)
-            if evaluate is not None and due and is_main_process():
-                model.eval()
-                record.update(evaluate(model))
-            history.append(record)
+    for step, batch in enumerate(itertools.islice(_repeat(batches), config.steps), start=1):
+        images, labels = _split_batch(batch)
+        if config.mixup > 0:
+            images, labels = mixed(images, config.mixup), None
+        model.train()
+        with step_options(model, step):
+            loss = training_loss(model, teacher, images, labels, config, distill, network)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
+        optimizer.step()
+        schedule.step()
+        seen += images.shape[0]
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
+        record = {"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0]}
+        due = step == config.steps or (config.eval_every and step % config.eval_every == 0)
+        if evaluate is not None and due and is_main_process():
+            model.eval()
+            record.update(evaluate(model))
+        history.append(record)
     bar.close()
-    model.eval()
     return history

@@ -94,6 +94,10 @@ class Backend(ABC):
         """True when the model's outputs read only prefix tokens (so padding tokens can't leak in)."""
 
     @abstractmethod
+    def head(self, model: nn.Module) -> nn.Module:
+        """The classifier; its input is the pooled (B, C) feature the logits are computed from."""
+
+    @abstractmethod
     def view(self, block: nn.Module) -> BlockView:
         """The block as a :class:`BlockView`."""
 

@@ -127,6 +127,14 @@ class HFBackend(Backend):
         # class token, but their last_hidden_state shows every token, padding included.
         return True
 
+    def head(self, model: nn.Module) -> nn.Module:
+        for name in ("classifier", "cls_classifier"):  # DeiT with teacher: the class-token head
+            if isinstance(getattr(model, name, None), nn.Module):
+                return getattr(model, name)
+        raise TokenPatchError(
+            f"{type(model).__name__} has no classification head (classifier); use a *ForImageClassification model"
+        )
+
     def view(self, block: nn.Module) -> BlockView:
         return HFBlockView(block)
 

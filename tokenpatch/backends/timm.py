@@ -118,6 +118,9 @@ class TimmBackend(Backend):
     def pools_class_token(self, model: nn.Module) -> bool:
         return model.global_pool == "token"
 
+    def head(self, model: nn.Module) -> nn.Module:
+        return model.head
+
     def view(self, block: nn.Module) -> BlockView:
         return TimmBlockView(block)
 
