@@ -45,17 +45,17 @@ def test_macs_fall_monotonically_with_keep_ratio(method, ratios, key):
     assert count_macs(model, (1, 3, 96, 96)).total >= macs[-1]
 
 
-@pytest.mark.parametrize("method", ["dynamicvit", "sait"])
-def test_learned_and_adaptive_methods_count_fewer_macs_at_lower_keep_ratios(method):
+@pytest.mark.parametrize("method, options", [("dynamicvit", {}), ("sait", {}), ("iared2", {"threshold": None})])
+def test_learned_and_adaptive_methods_count_fewer_macs_at_lower_keep_ratios(method, options):
     model = make_model("deit_tiny", depth=4, img_size=96)
     unpatched = count_macs(model, (1, 3, 96, 96)).total
-    tokenpatch.patch(model, method, keep_ratio=0.3)
+    tokenpatch.patch(model, method, keep_ratio=0.3, **options)
     macs = []
     for r in (0.3, 0.5, 0.7, 0.9):
         tokenpatch.set_keep_ratio(model, r)
         macs.append(count_macs(model, (1, 3, 96, 96)).total)
     assert macs == sorted(macs) and len(set(macs)) == 4
-    assert macs[1] < unpatched  # dynamicvit's predictors are counted too
+    assert macs[1] < unpatched  # dynamicvit's predictors and iared2's interpreters are counted too
 
 
 def test_report_lists_token_ops_counted_as_zero():

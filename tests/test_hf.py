@@ -6,6 +6,7 @@ import transformers
 
 import tokenpatch
 from tokenpatch import TokenPatchError, UnsupportedModelError
+from tokenpatch.train import head_features
 
 from conftest import images, make_model
 from hf_convert import compare_patched, hf_twin
@@ -20,8 +21,8 @@ HF_MODELS = {
     "DeiTForImageClassificationWithTeacher": (transformers.DeiTForImageClassificationWithTeacher, transformers.DeiTConfig),
 }
 VARIANTS = [("idle", {}), ("idle", {"schedule": "geometric"}), ("evit", {}), ("evit", {"fuse": True}), ("sait", {"mass": 0.9})]
-# dynamicvit's predictors are random per model, so it can't be compared across backends
-ALL_VARIANTS = VARIANTS + [("dynamicvit", {})]
+# dynamicvit's predictors and iared2's interpreters are random per model, so it can't be compared across backends
+ALL_VARIANTS = VARIANTS + [("dynamicvit", {}), ("iared2", {})]
 
 
 def build(name, **config):
@@ -115,3 +116,17 @@ def test_train_mode_gradients_reach_every_parameter(method):
     out = model(torch.randn(4, 3, 64, 64), labels=torch.tensor([0, 1, 2, 3]))
     out.loss.backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.parametrize("name", [n for n in HF_MODELS if n != "DeiTForImageClassificationWithTeacher"])
+def test_head_features_feed_the_classifier_or_name_the_missing_head(name):
+    model = tokenpatch.patch(build(name), "idle", keep_ratio=0.5)
+    x = torch.randn(2, 3, 64, 64)
+    if not hasattr(model, "classifier"):
+        with pytest.raises(TokenPatchError, match="no classification head"):
+            with head_features(model):
+                pass
+        return
+    with head_features(model) as seen:
+        logits = model(x).logits
+    assert torch.allclose(model.classifier(seen[0]), logits)

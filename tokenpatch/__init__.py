@@ -16,9 +16,10 @@ from .errors import (
     UnknownMethodError,
     UnsupportedModelError,
 )
-from .methods import DynamicViTConfig, EViTConfig, IdleConfig, SaiTConfig
+from .explanation import Explanation, explain
+from .methods import DynamicViTConfig, EViTConfig, IARed2Config, IdleConfig, SaiTConfig
 from .patcher import is_patched
-from .trace import BlockRecord, Trace, trace
+from .trace import BlockRecord, ScoreRecord, Trace, trace
 
 __version__ = "0.1.0"
 
@@ -32,16 +33,20 @@ __all__ = [
     "get_method_name",
     "is_patched",
     "trace",
+    "explain",
+    "Explanation",
     "save",
     "load",
     "save_config",
     "load_config",
     "Trace",
     "BlockRecord",
+    "ScoreRecord",
     "IdleConfig",
     "EViTConfig",
     "DynamicViTConfig",
     "SaiTConfig",
+    "IARed2Config",
     "TokenPatchError",
     "UnknownMethodError",
     "InvalidOptionError",

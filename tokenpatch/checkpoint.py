@@ -57,6 +57,15 @@ def save(model: nn.Module, path: PathLike) -> None:
     save_file(state, str(path), metadata={METADATA_KEY: json.dumps(config_dict(model))})
 
 
+def is_checkpoint(path: PathLike) -> bool:
+    """True when ``path`` is a safetensors file written by :func:`save` (with tokenpatch metadata)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return METADATA_KEY in (f.metadata() or {})
+    except Exception:  # not safetensors at all (a torch state dict, a missing file): not ours
+        return False
+
+
 def load(model: ModelT, path: PathLike) -> ModelT:
     """Load a :func:`save` file into an unpatched ``model`` of the same architecture and patch it.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 from typing import Any, Optional, Sequence
@@ -12,7 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from .api import available_methods, patch
+from .api import available_methods, get_config, get_method_name, patch, set_keep_ratio, set_options
 from .errors import TokenPatchError
 from .flops import count_macs
 from .methods.base import check_keep_ratio
@@ -87,12 +88,15 @@ def finetune_result(args: argparse.Namespace) -> dict[str, Any]:
     patch(model, args.method, keep_ratio=args.keep_ratio, **options)
     train, val = finetune_job.split_dataset(args.model, args.data, args.labels, args.val_fraction, args.seed, args.augment)
     config = FinetuneConfig(steps=args.steps, lr=args.lr, label_weight=args.label_weight, eval_every=args.eval_every,
-                            module_lr=args.module_lr, ratio_weight=args.ratio_weight, cut_weight=args.cut_weight)
+                            module_lr=args.module_lr, ratio_weight=args.ratio_weight, cut_weight=args.cut_weight,
+                            feature_weight=args.feature_weight, temperature=args.temperature,
+                            kept_penalty=args.kept_penalty, train_backbone=not args.freeze_backbone,
+                            mixup=args.mixup)
     result = finetune_job.run(model, train, finetune_job.held_out(model, val), config, args.batch_size, args.seed)
     if args.out and finetune_job.is_main_process():
         save(model, args.out)
     return {"model": args.model, "method": args.method, "keep_ratio": args.keep_ratio, "options": options,
-            "world_size": world_size(), "augment": args.augment, **result, "out": args.out}
+            "world_size": world_size(), "augment": args.augment, "finetune_config": dataclasses.asdict(config), **result, "out": args.out}
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -109,6 +113,40 @@ def _finetune(args: argparse.Namespace) -> int:
               f"{result['macs_unpatched'] / 1e9:.2f} GMACs, {args.steps} steps on {result['train_images']} images, "
               f"validated on {result['val_images']}")
         print(format_table(rows, digits=2))
+    return 0
+
+
+def patched_from_arguments(args: argparse.Namespace) -> nn.Module:
+    """The model of ``args``, patched: from a ``tokenpatch.save`` checkpoint (its method and options,
+    changed by any ``--keep-ratio``/``--option`` given), or plain weights patched with ``--method``."""
+    from .checkpoint import is_checkpoint, load
+
+    model = build_model(args.model)
+    if not (args.checkpoint and is_checkpoint(args.checkpoint)):
+        if args.checkpoint:
+            load_checkpoint(model, args.checkpoint)
+        return patch(model, args.method or "idle", keep_ratio=args.keep_ratio or 0.5, **dict(args.option))
+    load(model, args.checkpoint)
+    if args.method not in (None, get_method_name(model)):
+        raise TokenPatchError(f"{args.checkpoint} holds a {get_method_name(model)!r} model; drop --method {args.method} "
+                              f"or give plain weights")
+    if args.keep_ratio is not None:
+        set_keep_ratio(model, args.keep_ratio)
+    set_options(model, **dict(args.option))
+    return model
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .explain_job import write_explanations
+
+    model = patched_from_arguments(args)
+    result = write_explanations(model, args.images, args.model, args.out)
+    if args.json:
+        _print_json({"model": args.model, "method": get_method_name(model), "options": get_config(model).to_dict(), **result})
+    else:
+        for image, counts in zip(result["images"], result["patches_per_block"]):
+            print(f"{image}: patches computed per block {counts}")
+        print(f"wrote {len(result['files'])} overlays and {result['contact_sheet']}")
     return 0
 
 
@@ -173,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--module-lr", type=float, default=1e-3, help="learning rate of a method's new modules (dynamicvit)")
     tune.add_argument("--ratio-weight", type=float, default=2.0, help="DynamicViT ratio-loss weight (dynamicvit)")
     tune.add_argument("--cut-weight", type=float, default=0.0, help="IdleViT token-cut loss weight (idle; 0: off)")
+    tune.add_argument("--feature-weight", type=float, default=0.0,
+                      help="weight of MSE between the student's and teacher's pooled features (0: off)")
+    tune.add_argument("--kept-penalty", type=float, default=0.5,
+                      help="iared2: reward given up per unit of kept token fraction (lambda)")
+    tune.add_argument("--freeze-backbone", action="store_true",
+                      help="train only the method's own modules (iared2's interpreters, dynamicvit's predictors)")
+    tune.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    tune.add_argument("--mixup", type=float, default=0.0,
+                      help="mixup alpha for the training images (0: off; distillation only, no labels)")
     tune.add_argument("--augment", action="store_true", help="random resized crops and flips for the training images")
     tune.add_argument("--val-fraction", type=float, default=0.2, help="share of images held out for evaluation")
     tune.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
@@ -180,6 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--out", help="save the fine-tuned patched model here (tokenpatch.save format)")
     tune.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     tune.set_defaults(run=_finetune)
+
+    show = commands.add_parser("explain", help="PNG overlays of the patches a patched model computed, and its scores")
+    show.add_argument("model", help="timm model name or hf:NAME (weights from --checkpoint)")
+    show.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    _add_method_arguments(show)
+    show.set_defaults(method=None, keep_ratio=None)  # a tokenpatch checkpoint brings its own
+    show.add_argument("--checkpoint", help="weights: a state dict (then --method, default idle, and --keep-ratio, "
+                      "default 0.5, apply), or a tokenpatch.save file (its method and options)")
+    show.add_argument("--out", required=True, help="folder for the PNG files")
+    show.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    show.set_defaults(run=_explain)
     return parser
 
 

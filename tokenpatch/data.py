@@ -113,6 +113,26 @@ def train_transform(model: nn.Module) -> Callable:
                             mean=config["mean"], std=config["std"])
 
 
+def _timm_twin(model_spec: str) -> nn.Module:
+    from .models import HF_PREFIX, build_timm_model
+
+    return build_timm_model(model_spec[len(HF_PREFIX):] if model_spec.startswith(HF_PREFIX) else model_spec)
+
+
+def transform_for(model_spec: str, training: bool = False) -> Callable:
+    """The input transform for a ``tokenpatch`` model spec (timm name or ``hf:NAME``, via its timm twin)."""
+    reference = _timm_twin(model_spec)
+    return train_transform(reference) if training else eval_transform(reference)
+
+
+def normalisation_for(model_spec: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per RGB channel that the model spec's inputs are normalised with."""
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config(model=_timm_twin(model_spec))
+    return tuple(config["mean"]), tuple(config["std"])
+
+
 def load_deit_tiny(root: PathLike) -> nn.Module:
     """The real DeiT-Tiny from the shared data directory, in eval mode (no download)."""
     import timm

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .backends.base import BlockView
 from .ops import cls_attention, gather_tokens, prefix_positions
-from .trace import BlockRecord, Trace
+from .trace import BlockRecord, ScoreRecord, Trace
 
 
 @dataclass
@@ -61,6 +61,8 @@ class PassState:
         positions = torch.arange(n, device=x.device).expand(b, n)
         if trace is not None:
             trace.records.clear()
+            trace.scores.clear()
+            trace.input_tokens = n
         return cls(num_prefix=num_prefix, num_tokens=n, positions=positions, trace=trace, modules=modules, collect=collect)
 
     @property
@@ -84,6 +86,19 @@ class PassState:
             self.trace.records.append(
                 BlockRecord(block, int(attention_tokens), int(positions.shape[1]), int(output_tokens), positions.detach(), counts)
             )
+
+    def record_scores(self, block: int, name: str, values: Tensor, real: Optional[Tensor] = None) -> None:
+        """Log per-token scores of the current patch tokens if a trace is open.
+
+        Args:
+            values: (B, M) scores of the current patches (the tokens after the prefix).
+            real: (B, M) bool, False for padding; None: all real.
+        """
+        if self.trace is not None:
+            positions = self.positions[:, self.num_prefix:]
+            if real is not None:
+                positions = positions.masked_fill(~real, -1)
+            self.trace.scores.append(ScoreRecord(block, name, positions.detach(), values.detach()))
 
     def select(self, index: Tensor) -> None:
         """Keep only the tokens at ``index`` (B, K) in the tracked positions (tokens were dropped)."""
@@ -181,6 +196,18 @@ def mlp_residual(view: BlockView, x: Tensor) -> Tensor:
 def full_block(view: BlockView, x: Tensor) -> Tensor:
     """A whole block on all tokens, composed from the pieces; equals the block's own forward."""
     return mlp_residual(view, attention_residual(view, x)[0])
+
+
+def padded_block(view: BlockView, x: Tensor, state: PassState) -> Tensor:
+    """A whole block on a batch that may be padded: keys past ``state.counts[b]`` are masked out.
+
+    With no padding (``state.counts`` None) this is :func:`full_block`. Padding tokens still
+    compute, but no real token attends to them, so a sample's output is its output alone.
+    """
+    if state.counts is None:
+        return full_block(view, x)
+    key_mask = torch.arange(x.shape[1], device=x.device) < state.counts.unsqueeze(1)
+    return mlp_residual(view, attention_residual(view, x, key_mask=key_mask)[0])
 
 
 def keep_tokens(x: Tensor, state: PassState, keep_positions: Tensor) -> tuple[Tensor, Tensor]:

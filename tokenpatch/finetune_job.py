@@ -11,10 +11,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from .data import eval_transform, image_dataset, load_images, train_transform
+from .data import image_dataset, load_images, transform_for
 from .evaluate import accuracy, predict
 from .flops import count_macs
-from .models import HF_PREFIX, build_timm_model, image_size
+from .models import image_size
 from .train import FinetuneConfig, finetune, in_process_group, is_main_process, unpatched_behaviour
 
 
@@ -44,10 +44,8 @@ def split_dataset(model_spec: str, data: str, labels: Optional[str], val_fractio
                   augment: bool = False) -> tuple[Subset, Subset]:
     """(train subset, validation subset) of the folder; validation uses the model's evaluation
     transform, training too unless ``augment`` (then :func:`~tokenpatch.data.train_transform`)."""
-    name = model_spec[len(HF_PREFIX):] if model_spec.startswith(HF_PREFIX) else model_spec
-    reference = build_timm_model(name)
-    evaluated = image_dataset(data, labels, eval_transform(reference))
-    trained = image_dataset(data, labels, train_transform(reference)) if augment else evaluated
+    evaluated = image_dataset(data, labels, transform_for(model_spec))
+    trained = image_dataset(data, labels, transform_for(model_spec, training=True)) if augment else evaluated
     order = torch.randperm(len(evaluated), generator=torch.Generator().manual_seed(seed)).tolist()
     cut = int(round(len(order) * (1 - val_fraction)))
     if cut == 0 or cut == len(order):

@@ -41,11 +41,35 @@ class BlockRecord:
     counts: Optional[Tensor] = None
 
 
+@dataclass(frozen=True)
+class ScoreRecord:
+    """Per-token scores a method computed at a block (e.g. ``iared2``'s keep probabilities).
+
+    Attributes:
+        block: the block before which (or in which) the tokens were scored.
+        name: what the values are, e.g. ``"keep_probability"``.
+        positions: (B, M) original positions of the scored tokens (patches ``P..``); -1 for
+            tokens that are not real patches (padding, fused tokens).
+        values: (B, M) the scores.
+    """
+
+    block: int
+    name: str
+    positions: Tensor
+    values: Tensor
+
+
 @dataclass
 class Trace:
-    """Per-block records of the most recent forward pass made inside :func:`trace`."""
+    """Per-block records of the most recent forward pass made inside :func:`trace`.
+
+    Attributes:
+        input_tokens: tokens (prefix and patches) that entered the first block.
+    """
 
     records: list[BlockRecord] = field(default_factory=list)
+    scores: list[ScoreRecord] = field(default_factory=list)
+    input_tokens: int = 0
 
     @property
     def tokens_per_block(self) -> list[int]:

@@ -6,10 +6,11 @@ from ..errors import UnknownMethodError
 from .base import Method, MethodConfig
 from .dynamicvit import DynamicViT, DynamicViTConfig
 from .evit import EViT, EViTConfig
+from .iared2 import IARed2, IARed2Config
 from .idle import Idle, IdleConfig
 from .sait import SaiT, SaiTConfig
 
-METHODS: dict[str, Method] = {m.name: m for m in (Idle(), EViT(), DynamicViT(), SaiT())}
+METHODS: dict[str, Method] = {m.name: m for m in (Idle(), EViT(), DynamicViT(), SaiT(), IARed2())}
 
 
 def get_method(name: str) -> Method:
@@ -20,4 +21,4 @@ def get_method(name: str) -> Method:
         raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}") from None
 
 
-__all__ = ["METHODS", "Method", "MethodConfig", "get_method", "DynamicViTConfig", "EViTConfig", "IdleConfig", "SaiTConfig"]
+__all__ = ["METHODS", "Method", "MethodConfig", "get_method", "DynamicViTConfig", "EViTConfig", "IARed2Config", "IdleConfig", "SaiTConfig"]

@@ -63,6 +63,7 @@ class EViT(Method):
         attention_tokens = x.shape[1]
         x, cls_attn = attention_residual(view, x, with_cls_attention=True)
         assert cls_attn is not None
+        state.record_scores(block, "cls_attention", cls_attn[:, p:])
         candidates = x.shape[1] - p
         keep = math.ceil(ratio * candidates)
         if keep < candidates:

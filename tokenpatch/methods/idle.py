@@ -112,6 +112,7 @@ class Idle(Method):
             selected, index = keep_tokens(x, state, keep_positions)
             xn_sel = view.norm1(selected)
             q, k, v = view.qkv(xn_sel)
+        state.record_scores(block, "cls_attention", scores)
         if config.score in ("previous", "carried"):
             new_attention = cls_attention(q[:, :, :1], k, view.scale)[:, p:]
             state.scores = _updated_scores(config.score, scores, keep_positions, new_attention).detach()

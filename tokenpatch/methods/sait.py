@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..backends.base import BlockView
-from ..engine import PassState, attention_residual, full_block, mlp_residual
+from ..engine import PassState, attention_residual, mlp_residual, padded_block
 from ..errors import InvalidOptionError
 from ..ops import gather_tokens, prefix_positions
 from .base import Method, MethodConfig
@@ -139,6 +139,7 @@ class SaiT(Method):
         x, cls_attn = attention_residual(view, x, with_cls_attention=True)
         assert cls_attn is not None
         state.scores = cls_attn[:, state.num_prefix:].detach()
+        state.record_scores(block, "cls_attention", state.scores)
         x = self._prune(x, state, state.scores, ratio, config.mass)
         state.record(block, attention_tokens, x.shape[1])
         return mlp_residual(view, x)
@@ -160,7 +161,4 @@ class SaiT(Method):
     def _after_prune(view: BlockView, x: Tensor, state: PassState, block: int) -> Tensor:
         """A block after the prune: all tokens, padding masked out of the attention."""
         state.record(block, x.shape[1], x.shape[1])
-        if state.counts is None:
-            return full_block(view, x)
-        key_mask = torch.arange(x.shape[1], device=x.device) < state.counts.unsqueeze(1)
-        return mlp_residual(view, attention_residual(view, x, key_mask=key_mask)[0])
+        return padded_block(view, x, state)

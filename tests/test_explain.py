@@ -1,0 +1,125 @@
+"""tokenpatch.explain: maps over the patch grid, attention baselines, PNG rendering and the CLI."""
+
+import pytest
+import torch
+from PIL import Image
+
+import tokenpatch
+from tokenpatch.cli import main
+from tokenpatch.errors import NotPatchedError, TokenPatchError
+from tokenpatch.explanation import (attention_maps, attention_rollout, cls_attention_map, deletion_auc, deletion_curve,
+                                explain)
+from tokenpatch.render import colour, contact_sheet, panel, to_pixels
+
+from conftest import images, make_model
+
+VARIANTS = [("idle", {}), ("evit", {"fuse": True}), ("dynamicvit", {}), ("sait", {"mass": 0.8}), ("iared2", {})]
+
+
+@pytest.mark.parametrize("method, options", VARIANTS, ids=lambda v: v if isinstance(v, str) else "")
+def test_maps_have_the_grid_shape_and_their_counts_match_the_trace(method, options):
+    model = tokenpatch.patch(make_model("deit_tiny", depth=4, img_size=96), method, keep_ratio=0.5, **options)
+    x = images(model, batch=3)
+    explanation = explain(model, x)
+    assert explanation.computed.shape == (3, 4, 6, 6) and explanation.grid == (6, 6)
+    with tokenpatch.trace(model) as t:
+        model(x)
+    for block, record in enumerate(t.records):
+        real = record.counts - 1 if record.counts is not None else torch.full((3,), (record.positions[0] >= 1).sum())
+        assert explanation.computed[:, block].flatten(1).sum(dim=1).tolist() == real.tolist()
+    assert explanation.importance().shape == (3, 6, 6)
+    assert explanation.scores and explanation.score_name is not None or method == "dynamicvit"
+
+
+def test_iared2_keep_probabilities_cover_the_patches_each_group_saw():
+    model = tokenpatch.patch(make_model("deit_tiny", depth=4), "iared2", keep_ratio=0.5)
+    explanation = explain(model, images(model, batch=2))
+    assert explanation.score_name == "keep_probability" and sorted(explanation.scores) == [0, 1, 2, 3]
+    assert not explanation.scores[0].isnan().any()  # the first group scores every patch
+    for block in (1, 2, 3):  # later groups score what the previous block computed
+        seen = ~explanation.scores[block].isnan()
+        assert torch.equal(seen, explanation.computed[:, block - 1])
+    importance = explanation.importance()
+    kept_last = explanation.computed[:, -1]
+    assert (importance[kept_last].min() > importance[~explanation.computed[:, 0]].max())
+
+
+def test_importance_ranks_longer_kept_patches_higher():
+    model = tokenpatch.patch(make_model("deit_tiny", depth=4), "evit", keep_ratio=0.5)
+    explanation = explain(model, images(model, batch=2))
+    importance, blocks = explanation.importance(), explanation.computed.sum(dim=1)
+    later, earlier = blocks.flatten(1).unsqueeze(2), blocks.flatten(1).unsqueeze(1)
+    flat = importance.flatten(1)
+    assert ((flat.unsqueeze(2) > flat.unsqueeze(1)) | ~(later > earlier)).all()
+
+
+def test_explain_needs_a_patched_model_and_baselines_an_unpatched_one():
+    model = make_model("deit_tiny")
+    with pytest.raises(NotPatchedError):
+        explain(model, images(model))
+    tokenpatch.patch(model, "idle")
+    with pytest.raises(TokenPatchError, match="unpatched"):
+        attention_maps(model, images(model))
+
+
+def test_rollout_of_one_block_is_half_its_class_attention():
+    model = make_model("deit_tiny", depth=1)
+    x = images(model, batch=2)
+    maps = attention_maps(model, x)
+    assert maps.shape == (2, 1, 17, 17)
+    assert torch.allclose(maps.sum(dim=-1), torch.ones(2, 1, 17), atol=1e-5)
+    assert torch.allclose(attention_rollout(model, x), 0.5 * cls_attention_map(model, x), atol=1e-6)
+
+
+def test_deletion_curve_runs_from_the_full_image_to_a_blank_one():
+    model = make_model("deit_tiny")
+    x = images(model, batch=3)
+    importance = torch.rand(3, 4, 4)
+    curve = deletion_curve(model, x, importance, steps=4)
+    assert curve.shape == (3, 5)
+    probabilities = model(x).softmax(dim=1)
+    predicted = probabilities.argmax(dim=1)
+    assert torch.allclose(curve[:, 0], probabilities.max(dim=1).values, atol=1e-6)
+    blank = model(torch.zeros_like(x)).softmax(dim=1).gather(1, predicted.unsqueeze(1)).squeeze(1)
+    assert torch.allclose(curve[:, -1], blank, atol=1e-6)
+    assert not torch.allclose(curve[:, 1], curve[:, 0])
+    auc = deletion_auc(curve)
+    assert auc.shape == (3,) and ((0 <= auc) & (auc <= 1)).all()
+    assert deletion_auc(torch.ones(1, 5)).item() == pytest.approx(1.0)
+
+
+def test_rendered_panels_grey_dropped_patches_and_colour_scores():
+    model = tokenpatch.patch(make_model("deit_tiny", depth=4), "evit", keep_ratio=0.5)
+    x = images(model, batch=2)
+    explanation = explain(model, x)
+    pixels = to_pixels(x[0], (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert pixels.shape == (64, 64, 3) and 0 <= pixels.min() and pixels.max() <= 255
+    picture = panel(pixels, explanation, 0)
+    assert picture.height > 64 and picture.width > 3 * 64
+    sheet = contact_sheet([picture, panel(pixels, explanation, 1)])
+    assert sheet.height > 2 * picture.height
+    rgb = colour(torch.tensor([[0.0, float("nan")], [1.0, 0.5]]))
+    assert rgb[0, 0].tolist() != rgb[1, 0].tolist() and rgb[0, 1].tolist() == [40.0, 40.0, 40.0]
+
+
+def test_cli_writes_valid_pngs(tmp_path, capsys):
+    files = []
+    for i, shade in enumerate((30, 200)):
+        path = tmp_path / f"img{i}.png"
+        Image.new("RGB", (80, 60), (shade, 100, 50)).save(path)
+        files.append(str(path))
+    out = tmp_path / "maps"
+    code = main(["explain", "deit_tiny_patch16_224", *files, "--method", "iared2", "--keep-ratio", "0.6",
+                 "--out", str(out), "--json"])
+    assert code == 0
+    written = sorted(out.glob("*.png"))
+    assert [p.name for p in written] == ["000_img0.png", "001_img1.png", "contact_sheet.png"]
+    for path in written:
+        with Image.open(path) as image:
+            image.verify()
+    assert '"score_name": "keep_probability"' in capsys.readouterr().out
+
+
+def test_cli_explain_names_a_missing_image(tmp_path, capsys):
+    assert main(["explain", "deit_tiny_patch16_224", str(tmp_path / "nope.jpg"), "--out", str(tmp_path)]) == 2
+    assert "no such image file" in capsys.readouterr().err

@@ -1,0 +1,155 @@
+"""IA-RED²: a learned, interpretable policy drops redundant patches group by group.
+
+Pan et al., "IA-RED²: Interpretability-Aware Redundancy Reduction for Vision Transformers",
+NeurIPS 2021 (arXiv:2106.12620). The blocks are split into ``groups`` equal groups (4 groups of
+3 blocks for 12); before each group a *multi-head interpreter* gives every remaining patch a
+keep probability, and the patches it drops stay dropped for the rest of the network. The keep
+probabilities are the explanation: a per-patch map of what the model needs
+(:func:`tokenpatch.explain`).
+
+- Training mode: keep decisions are sampled (Bernoulli per patch) and the dropped patches are
+  really removed, so the pass costs what the decisions save. The decisions are not
+  differentiable; :class:`~tokenpatch.losses.PolicyGradientLoss` trains the interpreters with
+  REINFORCE on the reward ``-loss - penalty * kept_fraction`` (see
+  :func:`tokenpatch.train.finetune`, ``kept_penalty``).
+- Eval mode: deterministic: a patch is kept when its probability reaches ``threshold``, at most
+  ``keep_ratio`` of the group's incoming patches (the most probable ones).
+
+Images keep different numbers of patches; a batch is padded to its largest count and the padding
+masked out of every later block's attention (as in ``sait``), so a sample's output does not
+depend on the rest of the batch. No official code exists; the interpreter's layout here (a
+shared hidden layer, one score per head, averaged) is our reading of the paper's description.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..backends.base import BlockView
+from ..engine import PassState, padded_block
+from ..errors import InvalidOptionError
+from ..ops import gather_tokens, prefix_positions
+from .base import Method, MethodConfig
+from .sait import padded_top_positions
+
+
+@dataclasses.dataclass
+class IARed2Config(MethodConfig):
+    """Options of ``iared2``.
+
+    Attributes:
+        keep_ratio: at most this share of a group's incoming patches is kept at inference;
+            1.0 turns reduction off (the dense model, exactly).
+        groups: number of block groups, one interpreter before each; fixed at patch time.
+        threshold: inference keeps a patch when its keep probability is at least this; None
+            keeps exactly ``ceil(keep_ratio * patches)`` per group, the most probable ones.
+        heads: scores per patch that the interpreter averages; fixed at patch time.
+    """
+
+    keep_ratio: float = 0.7
+    groups: int = 4
+    threshold: Optional[float] = 0.5
+    heads: int = 4
+
+    def validate(self, depth: int) -> None:
+        super().validate(depth)
+        for name in ("groups", "heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidOptionError(f"{name} must be a positive integer, got {value!r}")
+        if self.groups > depth:
+            raise InvalidOptionError(f"groups must be at most the model's depth {depth}, got {self.groups}")
+        if self.threshold is not None and (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
+                                           or not 0 < self.threshold < 1):
+            raise InvalidOptionError(f"threshold must be None or a number in (0, 1), got {self.threshold!r}")
+
+    def group_starts(self, depth: int) -> list[int]:
+        """The first block of each group: [0, 3, 6, 9] for 4 groups of a 12-block model."""
+        return [depth * g // self.groups for g in range(self.groups)]
+
+
+class Interpreter(nn.Module):
+    """Multi-head interpreter: keep logits for patch tokens, read against the class token.
+
+    Each patch's normed features, next to the class token's, pass through a shared hidden
+    layer; ``heads`` linear scores of it are averaged into one logit. The bias starts high
+    (keep probability ~0.9), so an untrained interpreter keeps almost everything.
+    """
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.hidden = nn.Sequential(nn.Linear(2 * width, width), nn.GELU())
+        self.heads = nn.Linear(width, heads)
+        nn.init.constant_(self.heads.bias, 2.0)
+
+    def forward(self, patches: Tensor, cls: Tensor) -> Tensor:
+        """(B, M, C) patch tokens and (B, 1, C) class token -> (B, M) keep logits."""
+        patches, cls = self.norm(patches), self.norm(cls)
+        h = self.hidden(torch.cat([patches, cls.expand_as(patches)], dim=-1))
+        return self.heads(h).mean(dim=-1)
+
+
+class IARed2(Method):
+    name = "iared2"
+    summary = "IA-RED²: interpreters drop patches before each block group (REINFORCE-trained, interpretable)"
+    config_class = IARed2Config
+    structural_options = frozenset({"groups", "heads"})
+
+    def schedule(self, config: MethodConfig, depth: int) -> list[Optional[float]]:
+        return [config.keep_ratio] * depth
+
+    def build_modules(self, config: MethodConfig, depth: int, width: int) -> nn.Module:
+        """One interpreter per group, keyed by the group's first block (``tokenpatch.3.*`` in state_dict)."""
+        assert isinstance(config, IARed2Config)
+        return nn.ModuleDict({str(start): Interpreter(width, config.heads) for start in config.group_starts(depth)})
+
+    def check_compatible(self, config: MethodConfig, pools_class_token: bool) -> None:
+        if not pools_class_token:
+            raise InvalidOptionError(
+                "iared2 pads each batch to its largest per-image token count, and this model pools over all "
+                "tokens (e.g. timm global_pool='avg'), so padding would change its output"
+            )
+
+    def reduce_block(
+        self, view: BlockView, x: Tensor, state: PassState, block: int, ratio: float, config: MethodConfig
+    ) -> Tensor:
+        assert isinstance(config, IARed2Config) and state.modules is not None
+        if str(block) in state.modules:  # the first block of a group
+            x = self._drop(x, state, block, ratio, config, state.modules[str(block)])
+        state.record(block, x.shape[1], x.shape[1])
+        return padded_block(view, x, state)
+
+    @staticmethod
+    def _drop(x: Tensor, state: PassState, block: int, ratio: float, config: IARed2Config,
+              interpreter: nn.Module) -> Tensor:
+        """Score the current patches, decide which stay, and gather them (padded per batch)."""
+        p, patches = state.num_prefix, x.shape[1] - state.num_prefix
+        real_counts = torch.full((x.shape[0],), patches, device=x.device) if state.counts is None else state.counts - p
+        real = torch.arange(patches, device=x.device) < real_counts.unsqueeze(1)
+        logits = interpreter(x[:, p:], x[:, :1])
+        state.record_scores(block, "keep_probability", logits.sigmoid(), real)
+        if interpreter.training:
+            keep = torch.bernoulli(logits.sigmoid().detach()).bool() & real
+            log_prob = -F.binary_cross_entropy_with_logits(logits, keep.to(logits.dtype), reduction="none")
+            counts = keep.sum(dim=1).clamp(min=1)
+            state.add_aux("policy", ((log_prob * real).sum(dim=1), counts / state.initial_patches))
+        else:
+            keep = real if config.threshold is None else (logits.sigmoid() >= config.threshold) & real
+            cap = torch.ceil(ratio * real_counts.to(logits.dtype)).long()
+            counts = keep.sum(dim=1).clamp(min=1) if config.threshold is not None else cap
+            counts = counts.clamp(max=cap)
+        # decided patches first (most probable first), then the rest, padding last
+        order = logits.detach() + 1e4 * keep - 2e4 * ~real
+        positions = padded_top_positions(order, counts)
+        state.counts = counts + p
+        index = torch.cat([prefix_positions(x.shape[0], p, x.device), positions + p], dim=1)
+        state.select(index)
+        return gather_tokens(x, index)
+
