@@ -1,7 +1,7 @@
 """iared2 on the real DeiT-Tiny: a short policy training run, accuracy vs evit at the same MACs,
 and how well its interpreter explains the unpatched model (deletion AUC, lower is better).
 
-    python benchmarks/explain_deletion.py --data ../shared/data --steps 150 \\
+    python benchmarks/explain_deletion.py --data ../shared/data --save iared2.safetensors \\
         --json benchmarks/results/explain_deletion.json
 
 Half of the 500 shared images (the same seeded split as ``finetune_recovery.py``) train the
@@ -10,8 +10,11 @@ the backbone stays frozen unless ``--train-backbone``); the other half is evalua
 agreement of the unpatched model, of ``iared2`` and of training-free ``evit`` at the keep ratio
 whose MACs match iared2's mean per-image MACs. Then, on the held-out images, the unpatched
 model's deletion curves (most important patches removed first) for four explanations: the
-trained interpreter's importance, the last block's raw class-token attention, attention
-rollout and a random order.
+trained interpreters' mean keep probability over the groups in a pass that drops nothing
+(:func:`~tokenpatch.explanation.keep_probability_map`), the reduced pass's own decisions
+(``Explanation.importance``: how long a patch survived, then its last probability), the last
+block's raw class-token attention, attention rollout and a random order. ``--load`` reuses a
+model saved by ``--save`` instead of training.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import torch
 import tokenpatch
 from tokenpatch.data import DEIT_TINY_WEIGHTS, IMAGENET_SAMPLE, data_dir, load_images
 from tokenpatch.evaluate import accuracy, predict
-from tokenpatch.explanation import attention_rollout, cls_attention_map, deletion_auc, deletion_curve, explain
+from tokenpatch.explanation import (attention_rollout, cls_attention_map, deletion_auc, deletion_curve, explain,
+                                    keep_probability_map)
 from tokenpatch.finetune_job import split_dataset
 from tokenpatch.flops import count_macs
 from tokenpatch.models import build_timm_model, load_checkpoint
@@ -53,6 +57,19 @@ def matched_evit_ratio(model: torch.nn.Module, target: float, probe: torch.Tenso
     return round((low + high) / 2, 3)
 
 
+def train_iared2(model: torch.nn.Module, train, args: argparse.Namespace) -> list[dict]:
+    """Patch ``model`` with iared2 and train its interpreters (and the backbone if asked) on ``train``."""
+    tokenpatch.patch(model, "iared2", keep_ratio=args.keep_ratio)
+    loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(args.seed))
+    config = FinetuneConfig(steps=args.steps, module_lr=args.module_lr, kept_penalty=args.penalty,
+                            train_backbone=args.train_backbone)
+    history = finetune(model, loader, config)
+    if args.save:
+        tokenpatch.save(model, args.save)
+    return history
+
+
 def scores(model, images, labels, reference) -> dict:
     result = accuracy(predict(model, images), labels, reference)
     return {"top1": result.top1, "agreement": result.agreement}
@@ -63,11 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="shared data folder (default: $TOKENPATCH_DATA)")
     parser.add_argument("--keep-ratio", type=float, default=0.8, help="iared2's per-group cap")
     parser.add_argument("--penalty", type=float, default=0.5, help="lambda: reward per unit of kept fraction")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--module-lr", type=float, default=1e-3)
+    parser.add_argument("--module-lr", type=float, default=3e-3)
     parser.add_argument("--train-backbone", action="store_true", help="fine-tune the backbone too (lr 2e-5)")
-    parser.add_argument("--deletion-images", type=int, default=100, help="held-out images in the deletion test")
+    parser.add_argument("--deletion-images", type=int, default=250, help="held-out images in the deletion test")
+    parser.add_argument("--deletion-start", type=int, default=0, help="first held-out image of the deletion test")
+    parser.add_argument("--save", help="save the trained iared2 model here (tokenpatch.save)")
+    parser.add_argument("--load", help="skip training: a tokenpatch.save file of a trained iared2 DeiT-Tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -84,16 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = [{"": "unpatched", **scores(model, images, labels, reference), "macs_ratio": 1.0}]
     unpatched_macs = count_macs(model, images[:1]).total
 
-    tokenpatch.patch(model, "iared2", keep_ratio=args.keep_ratio)
-    loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(args.seed))
-    config = FinetuneConfig(steps=args.steps, module_lr=args.module_lr, kept_penalty=args.penalty,
-                            train_backbone=args.train_backbone)
-    history = finetune(model, loader, config)
+    history = train_iared2(model, train, args) if args.load is None else []
+    if args.load is not None:
+        tokenpatch.load(model, args.load)
     iared2_macs = mean_macs(model, images[:32])
-    rows.append({"": f"iared2 (cap {args.keep_ratio}, penalty {args.penalty})", **scores(model, images, labels, reference),
+    cap = tokenpatch.get_config(model).keep_ratio
+    rows.append({"": f"iared2 (cap {cap}{', loaded' if args.load else f', penalty {args.penalty}'})", **scores(model, images, labels, reference),
                  "macs_ratio": iared2_macs / unpatched_macs})
-    importance = explain(model, images[: args.deletion_images]).importance()
+    subset = images[args.deletion_start: args.deletion_start + args.deletion_images]
+    interpreter = {"iared2 interpreters (mean keep probability)": keep_probability_map(model, subset),
+                   "iared2 decisions at the cap (importance)": explain(model, subset).importance()}
     explained = tokenpatch.unpatch(model)
 
     evit_ratio = matched_evit_ratio(explained, iared2_macs, images[:1])
@@ -102,24 +122,26 @@ def main(argv: list[str] | None = None) -> int:
                  "macs_ratio": count_macs(explained, images[:1]).total / unpatched_macs})
     tokenpatch.unpatch(explained)
 
-    subset = images[: args.deletion_images]
     maps = {
-        "iared2 interpreter": importance,
+        **interpreter,
         "raw attention (last block)": cls_attention_map(explained, subset),
         "attention rollout": attention_rollout(explained, subset),
-        "random": torch.rand(importance.shape, generator=torch.Generator().manual_seed(args.seed)),
+        "random": torch.rand(subset.shape[0], *explained.patch_embed.grid_size,
+                             generator=torch.Generator().manual_seed(args.seed)),
     }
     deletion = [{"explanation": name, "deletion_auc": deletion_auc(deletion_curve(explained, subset, m)).mean().item()}
                 for name, m in maps.items()]
     seconds = time.time() - started
-    print(f"iared2 on {MODEL}: {args.steps} steps x {args.batch_size} on {len(train)} images "
-          f"(backbone {'trained' if args.train_backbone else 'frozen'}), {seconds:.0f} s; "
-          f"validated on {len(images)} images, deletion on {subset.shape[0]}")
+    trained = (f"loaded from {args.load}" if args.load else f"{args.steps} steps x {args.batch_size} on {len(train)} "
+               f"images (backbone {'trained' if args.train_backbone else 'frozen'})")
+    print(f"iared2 on {MODEL}: {trained}, {seconds:.0f} s; validated on {len(images)} images, "
+          f"deletion on {subset.shape[0]} from image {args.deletion_start}")
     print(format_table(rows, digits=3))
     print()
     print(format_table(deletion, digits=4))
     if args.json:
-        write_json({"args": vars(args), "accuracy": rows, "deletion": deletion, "final_loss": history[-1]["loss"],
+        write_json({"args": vars(args), "accuracy": rows, "deletion": deletion,
+                    "final_loss": history[-1]["loss"] if history else None,
                     "seconds": seconds}, args.json)
     return 0
 

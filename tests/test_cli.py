@@ -112,6 +112,28 @@ def test_finetune_runs_end_to_end_and_saves_a_loadable_model(tuning_inputs, tmp_
     assert tokenpatch.get_config(restored).keep_ratio == 0.5
 
 
+def test_finetune_options_reach_the_job_and_explain_reads_its_checkpoint(tuning_inputs, tmp_path, capsys):
+    data, weights = tuning_inputs
+    out = tmp_path / "iared2.safetensors"
+    argv = ["finetune", "deit_tiny_patch16_224", "--data", str(data), "--checkpoint", str(weights), "--steps", "2",
+            "--batch-size", "4", "--method", "iared2", "--keep-ratio", "0.7", "--freeze-backbone", "--kept-penalty", "2",
+            "--mixup", "1.0", "--feature-weight", "0.5", "--temperature", "2", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    config = json.loads(capsys.readouterr().out)["finetune_config"]
+    assert (config["train_backbone"], config["kept_penalty"], config["mixup"]) == (False, 2.0, 1.0)
+    assert (config["feature_weight"], config["temperature"]) == (0.5, 2.0)
+    image = next(data.glob("*.png"))
+    maps = tmp_path / "maps"
+    assert main(["explain", "deit_tiny_patch16_224", str(image), "--checkpoint", str(out), "--keep-ratio", "0.5",
+                 "--out", str(maps), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["method"] == "iared2" and shown["options"]["keep_ratio"] == 0.5
+    assert (maps / "contact_sheet.png").is_file()
+    assert main(["explain", "deit_tiny_patch16_224", str(image), "--checkpoint", str(out), "--method", "evit",
+                 "--out", str(maps)]) == 2
+    assert "holds a 'iared2' model" in capsys.readouterr().err
+
+
 def test_finetune_runs_unchanged_under_torchrun(tuning_inputs, tmp_path):
     data, weights = tuning_inputs
     out = tmp_path / "ddp.safetensors"

@@ -8,7 +8,7 @@ import tokenpatch
 from tokenpatch.cli import main
 from tokenpatch.errors import NotPatchedError, TokenPatchError
 from tokenpatch.explanation import (attention_maps, attention_rollout, cls_attention_map, deletion_auc, deletion_curve,
-                                explain)
+                                explain, keep_probability_map)
 from tokenpatch.render import colour, contact_sheet, panel, to_pixels
 
 from conftest import images, make_model
@@ -42,6 +42,20 @@ def test_iared2_keep_probabilities_cover_the_patches_each_group_saw():
     importance = explanation.importance()
     kept_last = explanation.computed[:, -1]
     assert (importance[kept_last].min() > importance[~explanation.computed[:, 0]].max())
+
+
+def test_keep_probability_map_scores_every_patch_in_every_group_and_restores_the_options():
+    model = tokenpatch.patch(make_model("deit_tiny", depth=4), "iared2", keep_ratio=0.5, threshold=0.6)
+    x = images(model, batch=2)
+    before = tokenpatch.get_config(model)
+    heatmap = keep_probability_map(model, x)
+    assert heatmap.shape == (2, 4, 4) and not heatmap.isnan().any()
+    assert ((0 < heatmap) & (heatmap < 1)).all()
+    assert tokenpatch.get_config(model) == before
+    first = explain(model, x).scores[0]  # the first group sees every patch either way
+    assert not torch.allclose(heatmap, first)
+    with pytest.raises(TokenPatchError, match="needs an iared2 model"):
+        keep_probability_map(tokenpatch.patch(make_model("deit_tiny"), "evit"), x)
 
 
 def test_importance_ranks_longer_kept_patches_higher():

@@ -16,7 +16,7 @@ def deit_and_images(shared_data):
     return model, x, y, predict(model, x)
 
 
-@pytest.mark.parametrize("method", ["idle", "evit", "dynamicvit", "sait"])
+@pytest.mark.parametrize("method", ["idle", "evit", "dynamicvit", "sait", "iared2"])
 def test_keep_ratio_one_reproduces_unpatched_top1(deit_and_images, method):
     model, x, y, reference = deit_and_images
     tokenpatch.patch(model, method, keep_ratio=1.0)
@@ -69,3 +69,15 @@ def test_sait_counts_follow_real_images_and_a_batch_equals_its_images_alone(deit
     assert int(counts.max()) - int(counts.min()) >= 10  # per-image counts spread widely
     assert (alone - together).abs().max() <= 1e-4
     assert adaptive.agreement > 80.0  # the kept mass holds most of the prediction
+
+
+def test_attention_explains_real_images_better_than_a_random_order(deit_and_images):
+    from tokenpatch.explanation import attention_rollout, cls_attention_map, deletion_auc, deletion_curve
+
+    model, x, _, _ = deit_and_images
+    images = x[:24]
+    random_order = torch.rand(24, 14, 14, generator=torch.Generator().manual_seed(0))
+    areas = {name: deletion_auc(deletion_curve(model, images, importance, steps=7)).mean().item()
+             for name, importance in [("attention", cls_attention_map(model, images)),
+                                      ("rollout", attention_rollout(model, images)), ("random", random_order)]}
+    assert areas["attention"] < areas["random"] and areas["rollout"] < areas["random"]

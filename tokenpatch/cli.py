@@ -96,7 +96,8 @@ def finetune_result(args: argparse.Namespace) -> dict[str, Any]:
     if args.out and finetune_job.is_main_process():
         save(model, args.out)
     return {"model": args.model, "method": args.method, "keep_ratio": args.keep_ratio, "options": options,
-            "world_size": world_size(), "augment": args.augment, "finetune_config": dataclasses.asdict(config), **result, "out": args.out}
+            "world_size": world_size(), "augment": args.augment, "finetune_config": dataclasses.asdict(config),
+            **result, "out": args.out}
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -142,7 +143,8 @@ def _explain(args: argparse.Namespace) -> int:
     model = patched_from_arguments(args)
     result = write_explanations(model, args.images, args.model, args.out)
     if args.json:
-        _print_json({"model": args.model, "method": get_method_name(model), "options": get_config(model).to_dict(), **result})
+        options = get_config(model).to_dict()
+        _print_json({"model": args.model, "method": get_method_name(model), "options": options, **result})
     else:
         for image, counts in zip(result["images"], result["patches_per_block"]):
             print(f"{image}: patches computed per block {counts}")

@@ -121,6 +121,27 @@ def explain(model: nn.Module, images: Tensor) -> Explanation:
     return Explanation(computed, scores, recorded.scores[0].name if recorded.scores else None)
 
 
+def keep_probability_map(model: nn.Module, images: Tensor) -> Tensor:
+    """(B, gh, gw) ``iared2``'s interpreter heatmap: mean keep probability over the groups.
+
+    The interpreters score every patch of a pass that drops none (so every group sees the whole
+    image), and the map is the mean of their probabilities; the IA-RED² explanation. The
+    model's options are restored afterwards.
+    """
+    from .api import get_config, get_method_name, set_options
+
+    if get_method_name(model) != "iared2":
+        raise TokenPatchError(f"keep_probability_map needs an iared2 model, got {get_method_name(model)!r}")
+    config = get_config(model)
+    # a cap of ceil(r * n) with r just below 1 keeps all n patches, and the interpreters still run
+    set_options(model, keep_ratio=math.nextafter(1.0, 0.0), threshold=None)
+    try:
+        scores = explain(model, images).scores
+    finally:
+        set_options(model, keep_ratio=config.keep_ratio, threshold=config.threshold)
+    return torch.stack(list(scores.values())).mean(dim=0)
+
+
 @torch.no_grad()
 def attention_maps(model: nn.Module, images: Tensor) -> Tensor:
     """Head-averaged attention probabilities of every block of an unpatched model.
