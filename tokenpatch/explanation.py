@@ -28,7 +28,7 @@ class Explanation:
 
     Attributes:
         computed: (B, depth, gh, gw) bool, True where the block's MLP ran on that patch (a
-            fused or merged token counts for none).
+            fused token (evit) counts for none).
         scores: block -> (B, gh, gw) per-patch scores the method computed before or in that
             block (``iared2``: keep probabilities); NaN where a patch was no longer there.
         score_name: what ``scores`` hold (e.g. ``"keep_probability"``), or None when the method
