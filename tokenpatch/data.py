@@ -113,7 +113,8 @@ def train_transform(model: nn.Module) -> Callable:
                             mean=config["mean"], std=config["std"])
 
 
-def _timm_twin(model_spec: str) -> nn.Module:
+def timm_twin(model_spec: str) -> nn.Module:
+    """The timm model a ``tokenpatch`` model spec names (``hf:NAME``: its timm twin), for input configs."""
     from .models import HF_PREFIX, build_timm_model
 
     return build_timm_model(model_spec[len(HF_PREFIX):] if model_spec.startswith(HF_PREFIX) else model_spec)
@@ -121,15 +122,15 @@ def _timm_twin(model_spec: str) -> nn.Module:
 
 def transform_for(model_spec: str, training: bool = False) -> Callable:
     """The input transform for a ``tokenpatch`` model spec (timm name or ``hf:NAME``, via its timm twin)."""
-    reference = _timm_twin(model_spec)
+    reference = timm_twin(model_spec)
     return train_transform(reference) if training else eval_transform(reference)
 
 
-def normalisation_for(model_spec: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) per RGB channel that the model spec's inputs are normalised with."""
+def normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per RGB channel that a timm ``model``'s pretrained inputs are normalised with."""
     from timm.data import resolve_data_config
 
-    config = resolve_data_config(model=_timm_twin(model_spec))
+    config = resolve_data_config(model=model)
     return tuple(config["mean"]), tuple(config["std"])
 
 

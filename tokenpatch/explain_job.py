@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
 from torch import nn
 
-from .data import normalisation_for, transform_for
+from .data import eval_transform, normalisation, timm_twin
 from .explanation import explain
 from .render import contact_sheet, panel, to_pixels
 
 
-def load_image_files(paths: Sequence[str], model_spec: str) -> torch.Tensor:
-    """(B, 3, H, W) model inputs from image files, with the model's evaluation transform."""
-    transform = transform_for(model_spec)
+def load_image_files(paths: Sequence[str], transform: Callable) -> torch.Tensor:
+    """(B, 3, H, W) model inputs from image files, through ``transform`` (PIL image -> tensor)."""
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"no such image file: {', '.join(missing)}")
@@ -29,9 +28,10 @@ def write_explanations(model: nn.Module, paths: Sequence[str], model_spec: str, 
     Returns:
         What was written and, per image, the patches each block computed.
     """
-    images = load_image_files(paths, model_spec)
+    reference = timm_twin(model_spec)
+    images = load_image_files(paths, eval_transform(reference))
     explanation = explain(model, images)
-    mean, std = normalisation_for(model_spec)
+    mean, std = normalisation(reference)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     panels, written, computed = [], [], []

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .backends import find_backend
 from .errors import TokenPatchError
+from .evaluate import eval_mode
 from .patcher import context_of, is_patched
 from .trace import Trace, trace
 
@@ -103,13 +104,8 @@ def explain(model: nn.Module, images: Tensor) -> Explanation:
         NotPatchedError: if ``model`` is not patched.
     """
     ctx = context_of(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with trace(model) as recorded:
-            model(images)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), trace(model) as recorded:
+        model(images)
     patches = recorded.input_tokens - ctx.num_prefix
     rows, cols = _grid(patches, images.shape[-2], images.shape[-1])
     batch = images.shape[0]
@@ -163,11 +159,10 @@ def attention_maps(model: nn.Module, images: Tensor) -> Tensor:
         maps.append(((q * view.scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1))
 
     handles = [b.register_forward_pre_hook(capture, with_kwargs=True) for b in backend.blocks(model)]
-    was_training = model.training
     try:
-        model.eval()(images)
+        with eval_mode(model):
+            model(images)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return torch.stack(maps, dim=1)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import find_backend
+from .evaluate import eval_mode
 from .patcher import is_patched
 from .trace import trace
 
@@ -109,21 +110,16 @@ def count_macs(model: nn.Module, input_or_shape: Union[Tensor, Shape] = (1, 3, 2
         from fvcore.nn import FlopCountAnalysis
 
     x = _as_input(model, input_or_shape)
-    was_training = model.training
-    model.eval()
-    try:
-        with (trace(model) if is_patched(model) else nullcontext()) as recorded:
-            analysis = FlopCountAnalysis(model, x)
-            analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_mac_handle)
-            zero_ops: Counter = Counter()
-            analysis.set_op_handle(**{op: _zero_mac_handle(op, zero_ops) for op in ZERO_MAC_OPS})
-            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            analysis.tracer_warnings("none")
-            total = analysis.total()
-            by_module = analysis.by_module()
-            ignored = zero_ops + analysis.unsupported_ops()
-    finally:
-        model.train(was_training)
+    with eval_mode(model), (trace(model) if is_patched(model) else nullcontext()) as recorded:
+        analysis = FlopCountAnalysis(model, x)
+        analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_mac_handle)
+        zero_ops: Counter = Counter()
+        analysis.set_op_handle(**{op: _zero_mac_handle(op, zero_ops) for op in ZERO_MAC_OPS})
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        analysis.tracer_warnings("none")
+        total = analysis.total()
+        by_module = analysis.by_module()
+        ignored = zero_ops + analysis.unsupported_ops()
     names = _block_names(model)
     tokens = recorded.tokens_per_block if recorded is not None else [_sequence_length(model, x)] * len(names)
     return MacReport(

@@ -38,13 +38,13 @@ class PatchContext:
     """
 
     def __init__(self, backend: Backend, method: Method, config: MethodConfig, num_prefix: int, depth: int,
-                 modules: Optional[nn.Module] = None, pools_class_token: bool = True) -> None:
+                 pools_class_token: bool = True) -> None:
         self.backend = backend
         self.pools_class_token = pools_class_token
         self.method = method
         self.num_prefix = num_prefix
         self.depth = depth
-        self.modules = modules
+        self.modules: Optional[nn.Module] = None  # set by patch() once the options are validated
         self.state: Optional[PassState] = None
         self.trace: Optional[Trace] = None
         self.collect: frozenset[str] = frozenset()

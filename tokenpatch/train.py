@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .api import get_config, set_keep_ratio, set_options, unpatch
 from .backends import find_backend
 from .errors import TokenPatchError
-from .evaluate import logits_of
+from .evaluate import eval_mode, logits_of
 from .losses import DistillationLoss, FeatureDistillationLoss, PolicyGradientLoss, RatioLoss, TokenCutLoss
 from .patcher import context_of
 
@@ -43,15 +43,13 @@ from .patcher import context_of
 @contextmanager
 def unpatched_behaviour(model: nn.Module) -> Iterator[nn.Module]:
     """Run a patched model as its unpatched self (keep ratio 1.0, eval mode, no grad), then restore."""
-    ratio, was_training = get_config(model).keep_ratio, model.training
+    ratio = get_config(model).keep_ratio
     set_keep_ratio(model, 1.0)
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             yield model
     finally:
         set_keep_ratio(model, ratio)
-        model.train(was_training)
 
 
 def frozen_teacher(model: nn.Module) -> nn.Module:
@@ -151,12 +149,14 @@ def head_features(model: nn.Module) -> Iterator[list[Tensor]]:
         handle.remove()
 
 
-def _logits_and_features(model: nn.Module, images: Tensor, features: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """``model``'s logits on ``images`` and, when asked, the pooled features its head read."""
+def _logits_and_features(network: nn.Module, model: nn.Module, images: Tensor,
+                         features: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """Logits of ``network`` (``model`` or a wrapper of it) on ``images`` and, when asked, the
+    pooled features ``model``'s head read."""
     if not features:
-        return logits_of(model(images)), None
-    with head_features(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model) as seen:
-        logits = logits_of(model(images))
+        return logits_of(network(images)), None
+    with head_features(model) as seen:
+        logits = logits_of(network(images))
     return logits, seen[0]
 
 
@@ -170,8 +170,8 @@ def training_loss(model: nn.Module, teacher: nn.Module, images: Tensor, labels: 
     """
     features = config.feature_weight > 0
     with torch.no_grad():
-        target, target_features = _logits_and_features(teacher, images, features)
-    logits, student_features = _logits_and_features(network or model, images, features)
+        target, target_features = _logits_and_features(teacher, teacher, images, features)
+    logits, student_features = _logits_and_features(network or model, model, images, features)
     task_loss = distill.per_sample(logits, target)
     if labels is not None and config.label_weight > 0:
         task_loss = task_loss + config.label_weight * F.cross_entropy(logits, labels, reduction="none")

@@ -24,7 +24,6 @@ shared hidden layer, one score per head, averaged) is our reading of the paper's
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import torch
@@ -134,14 +133,15 @@ class IARed2(Method):
         real_counts = torch.full((x.shape[0],), patches, device=x.device) if state.counts is None else state.counts - p
         real = torch.arange(patches, device=x.device) < real_counts.unsqueeze(1)
         logits = interpreter(x[:, p:], x[:, :1])
-        state.record_scores(block, "keep_probability", logits.sigmoid(), real)
+        probability = logits.sigmoid()
+        state.record_scores(block, "keep_probability", probability, real)
         if interpreter.training:
-            keep = torch.bernoulli(logits.sigmoid().detach()).bool() & real
+            keep = torch.bernoulli(probability.detach()).bool() & real
             log_prob = -F.binary_cross_entropy_with_logits(logits, keep.to(logits.dtype), reduction="none")
             counts = keep.sum(dim=1).clamp(min=1)
             state.add_aux("policy", ((log_prob * real).sum(dim=1), counts / state.initial_patches))
         else:
-            keep = real if config.threshold is None else (logits.sigmoid() >= config.threshold) & real
+            keep = real if config.threshold is None else (probability >= config.threshold) & real
             cap = torch.ceil(ratio * real_counts.to(logits.dtype)).long()
             counts = keep.sum(dim=1).clamp(min=1) if config.threshold is not None else cap
             counts = counts.clamp(max=cap)
