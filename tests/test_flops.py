@@ -30,7 +30,7 @@ def test_sdpa_handle_agrees_with_unfused_attention():
 
 @settings(max_examples=10, deadline=None)
 @given(
-    method=st.sampled_from(["idle", "evit"]),
+    method=st.sampled_from(["idle", "evit", "tome"]),
     ratios=st.lists(st.floats(0.05, 1.0), min_size=2, max_size=4, unique=True),
     key=st.sampled_from(["deit_tiny", "deit_tiny_distilled"]),
 )
@@ -45,7 +45,8 @@ def test_macs_fall_monotonically_with_keep_ratio(method, ratios, key):
     assert count_macs(model, (1, 3, 96, 96)).total >= macs[-1]
 
 
-@pytest.mark.parametrize("method, options", [("dynamicvit", {}), ("sait", {}), ("iared2", {"threshold": None})])
+@pytest.mark.parametrize("method, options", [("dynamicvit", {}), ("sait", {}), ("iared2", {"threshold": None}),
+                                              ("ats", {})])
 def test_learned_and_adaptive_methods_count_fewer_macs_at_lower_keep_ratios(method, options):
     model = make_model("deit_tiny", depth=4, img_size=96)
     unpatched = count_macs(model, (1, 3, 96, 96)).total

@@ -20,7 +20,8 @@ HF_MODELS = {
     "DeiTForImageClassification": (transformers.DeiTForImageClassification, transformers.DeiTConfig),
     "DeiTForImageClassificationWithTeacher": (transformers.DeiTForImageClassificationWithTeacher, transformers.DeiTConfig),
 }
-VARIANTS = [("idle", {}), ("idle", {"schedule": "geometric"}), ("evit", {}), ("evit", {"fuse": True}), ("sait", {"mass": 0.9})]
+VARIANTS = [("idle", {}), ("idle", {"schedule": "geometric"}), ("evit", {}), ("evit", {"fuse": True}), ("sait", {"mass": 0.9}),
+            ("tome", {}), ("ats", {})]
 # dynamicvit's predictors and iared2's interpreters are random per model, so it can't be compared across backends
 ALL_VARIANTS = VARIANTS + [("dynamicvit", {}), ("iared2", {})]
 

@@ -25,6 +25,9 @@ METHOD_VARIANTS = [
     ("sait", {"mass": 0.9}),
     ("iared2", {}),
     ("iared2", {"threshold": None}),
+    ("tome", {}),
+    ("tome", {"proportional_attention": False}),
+    ("ats", {}),
 ]
 
 
@@ -36,7 +39,7 @@ def variant_id(v):
 @pytest.mark.parametrize("variant", METHOD_VARIANTS, ids=variant_id)
 def test_keep_ratio_one_reproduces_unpatched_logits(key, variant):
     method, options = variant
-    if key == "avg_pool" and ("mass" in options or method == "iared2"):
+    if key == "avg_pool" and ("mass" in options or method in ("iared2", "ats")):
         pytest.skip("padding per-image counts is refused for average pooling (tested in test_methods.py)")
     model = make_model(key)
     x = images(model)
@@ -144,7 +147,7 @@ def test_a_sample_does_not_depend_on_its_batch(variant, data):
 
 @pytest.mark.parametrize("key", ["deit_tiny", "deit3_layerscale", "qk_norm", "deit_tiny_distilled"])
 @pytest.mark.parametrize("variant", [("idle", {}), ("idle", {"score": "fresh"}), ("evit", {"fuse": True}),
-                                     ("dynamicvit", {}), ("sait", {"mass": 0.9})], ids=variant_id)
+                                     ("dynamicvit", {}), ("sait", {"mass": 0.9}), ("tome", {}), ("ats", {})], ids=variant_id)
 def test_train_mode_gradients_reach_every_used_parameter(key, variant):
     method, options = variant
     model = make_model(key, drop_path_rate=0.1)

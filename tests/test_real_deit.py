@@ -16,7 +16,7 @@ def deit_and_images(shared_data):
     return model, x, y, predict(model, x)
 
 
-@pytest.mark.parametrize("method", ["idle", "evit", "dynamicvit", "sait", "iared2"])
+@pytest.mark.parametrize("method", ["idle", "evit", "dynamicvit", "sait", "iared2", "tome", "ats"])
 def test_keep_ratio_one_reproduces_unpatched_top1(deit_and_images, method):
     model, x, y, reference = deit_and_images
     tokenpatch.patch(model, method, keep_ratio=1.0)
@@ -69,6 +69,27 @@ def test_sait_counts_follow_real_images_and_a_batch_equals_its_images_alone(deit
     assert int(counts.max()) - int(counts.min()) >= 10  # per-image counts spread widely
     assert (alone - together).abs().max() <= 1e-4
     assert adaptive.agreement > 80.0  # the kept mass holds most of the prediction
+
+
+def test_ats_counts_follow_real_images_and_tome_merges_cheaply(deit_and_images):
+    model, x, y, reference = deit_and_images
+    unpatched = accuracy(reference, y)
+    tokenpatch.patch(model, "ats", keep_ratio=0.7)
+    try:
+        with tokenpatch.trace(model) as t:
+            together = model(x[:16])
+        alone = torch.cat([model(x[i : i + 1]) for i in range(16)])
+    finally:
+        tokenpatch.unpatch(model)
+    counts = t.records[3].counts
+    assert int(counts.max()) - int(counts.min()) >= 10 and int(counts.max()) <= 1 + 138  # 138 = ceil(0.7 * 196)
+    assert (alone - together).abs().max() <= 1e-4
+    tokenpatch.patch(model, "tome", keep_ratio=0.6)
+    try:
+        merged = accuracy(predict(model, x), y, reference)
+    finally:
+        tokenpatch.unpatch(model)
+    assert merged.top1 >= unpatched.top1 - 2.0 and merged.agreement > 90.0  # ToMe is strong without training
 
 
 def test_attention_explains_real_images_better_than_a_random_order(deit_and_images):

@@ -17,7 +17,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .explanation import Explanation, explain
-from .methods import DynamicViTConfig, EViTConfig, IARed2Config, IdleConfig, SaiTConfig
+from .methods import ATSConfig, DynamicViTConfig, EViTConfig, IARed2Config, IdleConfig, SaiTConfig, ToMeConfig
 from .patcher import is_patched
 from .trace import BlockRecord, ScoreRecord, Trace, trace
 
@@ -47,6 +47,8 @@ __all__ = [
     "DynamicViTConfig",
     "SaiTConfig",
     "IARed2Config",
+    "ToMeConfig",
+    "ATSConfig",
     "TokenPatchError",
     "UnknownMethodError",
     "InvalidOptionError",

@@ -30,6 +30,7 @@ class PassState:
     Attributes:
         num_prefix: number of prefix tokens P (class token first).
         num_tokens: tokens N entering block 0.
+        depth: blocks in the model.
         positions: (B, N) original position of each current token; -1 for fused tokens.
         scores: (B, N - P) per-patch importance a method carries across blocks, or None.
         trace: where to record per-block token counts, or None.
@@ -40,10 +41,15 @@ class PassState:
             methods that mask tokens instead of removing them in training mode, or None.
         counts: (B,) real tokens per sample when samples keep different numbers of tokens and
             the batch is padded, or None.
+        sizes: (B, N) original tokens each current token stands for, once a merging method
+            (``tome``) merged some; None before.
+        groups: (B, N - P at the start) for each original patch, the index among the current
+            patches of the token that carries it; kept by merging methods while a trace is open.
     """
 
     num_prefix: int
     num_tokens: int
+    depth: int
     positions: Tensor
     scores: Optional[Tensor] = None
     trace: Optional[Trace] = None
@@ -52,18 +58,20 @@ class PassState:
     aux: dict[str, list] = field(default_factory=dict)
     policy: Optional[Tensor] = None
     counts: Optional[Tensor] = None
+    sizes: Optional[Tensor] = None
+    groups: Optional[Tensor] = None
 
     @classmethod
-    def start(cls, x: Tensor, num_prefix: int, trace: Optional[Trace], modules: Optional[nn.Module] = None,
+    def start(cls, x: Tensor, num_prefix: int, depth: int, trace: Optional[Trace], modules: Optional[nn.Module] = None,
               collect: frozenset[str] = frozenset()) -> "PassState":
-        """State for a pass whose first block receives ``x`` of shape (B, N, C)."""
+        """State for a pass of a ``depth``-block model whose first block receives ``x`` of shape (B, N, C)."""
         b, n, _ = x.shape
         positions = torch.arange(n, device=x.device).expand(b, n)
         if trace is not None:
             trace.records.clear()
             trace.scores.clear()
             trace.input_tokens = n
-        return cls(num_prefix=num_prefix, num_tokens=n, positions=positions, trace=trace, modules=modules, collect=collect)
+        return cls(num_prefix=num_prefix, num_tokens=n, depth=depth, positions=positions, trace=trace, modules=modules, collect=collect)
 
     @property
     def initial_patches(self) -> int:
@@ -83,9 +91,9 @@ class PassState:
         if self.trace is not None:
             positions = self.positions if computed is None else self.positions.gather(1, computed)
             counts = None if self.counts is None else self.counts.detach()
-            self.trace.records.append(
-                BlockRecord(block, int(attention_tokens), int(positions.shape[1]), int(output_tokens), positions.detach(), counts)
-            )
+            groups = None if self.groups is None else self.groups.detach()
+            self.trace.records.append(BlockRecord(block, int(attention_tokens), int(positions.shape[1]), int(output_tokens),
+                                                  positions.detach(), counts, groups))
 
     def record_scores(self, block: int, name: str, values: Tensor, real: Optional[Tensor] = None) -> None:
         """Log per-token scores of the current patch tokens if a trace is open.
@@ -105,20 +113,46 @@ class PassState:
         self.positions = torch.gather(self.positions, 1, index)
 
 
-def attend(view: BlockView, q: Tensor, k: Tensor, v: Tensor, xn: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
+def attend(view: BlockView, q: Tensor, k: Tensor, v: Tensor, xn: Tensor, key_mask: Optional[Tensor] = None,
+           key_bias: Optional[Tensor] = None) -> Tensor:
     """Multi-head attention on SDPA plus the output projection.
 
     Args:
         q: (B, H, Nq, D) queries; k, v: (B, H, Nk, D).
         xn: (B, Nq, C) normed query tokens (some blocks gate the output on them).
         key_mask: (B, Nk) bool, False for padding keys no query may attend to; None: all keys.
+        key_bias: (B, Nk) float added to every query's logit for each key (ToMe's log-size
+            bias); None: no bias. Passed to SDPA as an additive mask, so SDPA still runs.
 
     Returns:
         (B, Nq, C) attention-branch output, before the residual.
     """
-    mask = None if key_mask is None else key_mask[:, None, None, :]
+    mask = None
+    if key_bias is not None:
+        mask = key_bias[:, None, None, :].to(q.dtype)
+        if key_mask is not None:
+            mask = mask.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    elif key_mask is not None:
+        mask = key_mask[:, None, None, :]
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=view.attn_dropout, scale=view.scale)
     return view.attention_output(o, xn)
+
+
+def attention_with_projections(view: BlockView, x: Tensor, key_mask: Optional[Tensor] = None,
+                               key_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """First half of a block on all tokens, ``x + attn(norm1(x))``, also returning q, k and v.
+
+    Args:
+        x: (B, N, C) tokens.
+        key_mask, key_bias: see :func:`attend`.
+
+    Returns:
+        (B, N, C) tokens after the attention residual, and the (B, H, N, D) queries, keys and
+        values it used (methods score tokens on them).
+    """
+    xn = view.norm1(x)
+    q, k, v = view.qkv(xn)
+    return view.add_attention(x, attend(view, q, k, v, xn, key_mask, key_bias)), q, k, v
 
 
 def attention_residual(view: BlockView, x: Tensor, with_cls_attention: bool = False,
@@ -134,12 +168,9 @@ def attention_residual(view: BlockView, x: Tensor, with_cls_attention: bool = Fa
         (B, N, C) tokens after the attention residual, and (B, N) class-token attention over
         all N tokens (or None; padding keys get 0).
     """
-    xn = view.norm1(x)
-    q, k, v = view.qkv(xn)
-    scores = None
-    if with_cls_attention:
-        scores = cls_attention(q[:, :, :1], k, view.scale, key_mask)
-    return view.add_attention(x, attend(view, q, k, v, xn, key_mask)), scores
+    x, q, k, _ = attention_with_projections(view, x, key_mask)
+    scores = cls_attention(q[:, :, :1], k, view.scale, key_mask) if with_cls_attention else None
+    return x, scores
 
 
 def policy_softmax(logits: Tensor, key_keep: Tensor, eps: float = 1e-6) -> Tensor:

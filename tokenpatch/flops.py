@@ -32,6 +32,7 @@ ZERO_MAC_OPS = (
     "aten::topk", "aten::sort", "aten::argsort",
     "aten::add", "aten::add_", "aten::sub", "aten::rsub", "aten::mul", "aten::mul_", "aten::div",
     "aten::gelu", "aten::silu", "aten::sigmoid", "aten::softmax", "aten::mean", "aten::sum",
+    "aten::scatter_add", "aten::searchsorted", "aten::cumsum", "aten::log", "aten::clamp_min",
 )
 
 

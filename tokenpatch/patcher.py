@@ -72,7 +72,7 @@ class PatchContext:
     def run_block(self, block: nn.Module, index: int, x: Tensor) -> Tensor:
         """Forward of block ``index`` on (B, N, C) tokens under the method's schedule."""
         if index == 0 or self.state is None:  # every pass enters through block 0
-            self.state = PassState.start(x, self.num_prefix, self.trace, self.modules, self.collect)
+            self.state = PassState.start(x, self.num_prefix, self.depth, self.trace, self.modules, self.collect)
         ratio = self.plan[index]
         if ratio is None or ratio >= 1.0:
             out = self.backend.run_original(block, x)

@@ -31,6 +31,9 @@ class BlockRecord:
         counts: (B,) tokens each sample really kept when the method keeps a different number
             per image (``sait`` with ``mass``); the batch is then padded to ``mlp_tokens`` and
             ``positions[b, counts[b]:]`` are padding. None when every sample keeps ``mlp_tokens``.
+        groups: (B, original patches) for a merging method (``tome``): the index, among the
+            block's output patches, of the token each original patch was merged into; None when
+            no tokens were merged. A merged token's ``positions`` entry is one of its members.
     """
 
     block: int
@@ -39,6 +42,7 @@ class BlockRecord:
     output_tokens: int
     positions: Tensor
     counts: Optional[Tensor] = None
+    groups: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)

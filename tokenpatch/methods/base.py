@@ -54,6 +54,18 @@ class MethodConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
+def require_class_token_pooling(why: str, pools_class_token: bool, advice: str = "") -> None:
+    """Raise unless the model reads only its class token: padding tokens would leak into an average pool.
+
+    Args:
+        why: what pads, e.g. ``"ats pads each batch to its largest token count"``.
+        advice: an optional way out, appended to the message.
+    """
+    if not pools_class_token:
+        raise InvalidOptionError(f"{why}, and this model pools over all tokens (e.g. timm global_pool='avg'), "
+                                 f"so padding would change its output{advice}")
+
+
 def quarter_blocks(depth: int) -> tuple[int, ...]:
     """Blocks at 1/4, 2/4 and 3/4 of the depth: (3, 6, 9) for the usual 12 blocks."""
     return tuple(sorted({max(1, depth * i // 4) for i in (1, 2, 3)} - {depth}))

@@ -34,7 +34,7 @@ from ..backends.base import BlockView
 from ..engine import PassState, padded_block
 from ..errors import InvalidOptionError
 from ..ops import gather_tokens, prefix_positions
-from .base import Method, MethodConfig
+from .base import Method, MethodConfig, require_class_token_pooling
 from .sait import padded_top_positions
 
 
@@ -110,11 +110,7 @@ class IARed2(Method):
         return nn.ModuleDict({str(start): Interpreter(width, config.heads) for start in config.group_starts(depth)})
 
     def check_compatible(self, config: MethodConfig, pools_class_token: bool) -> None:
-        if not pools_class_token:
-            raise InvalidOptionError(
-                "iared2 pads each batch to its largest per-image token count, and this model pools over all "
-                "tokens (e.g. timm global_pool='avg'), so padding would change its output"
-            )
+        require_class_token_pooling("iared2 pads each batch to its largest per-image token count", pools_class_token)
 
     def reduce_block(
         self, view: BlockView, x: Tensor, state: PassState, block: int, ratio: float, config: MethodConfig

@@ -35,7 +35,7 @@ from ..backends.base import BlockView
 from ..engine import PassState, attention_residual, mlp_residual, padded_block
 from ..errors import InvalidOptionError
 from ..ops import gather_tokens, prefix_positions
-from .base import Method, MethodConfig
+from .base import Method, MethodConfig, require_class_token_pooling
 
 MASS_ERROR = "mass must be None (fixed counts) or a number in (0, 1]"
 
@@ -119,11 +119,9 @@ class SaiT(Method):
 
     def check_compatible(self, config: MethodConfig, pools_class_token: bool) -> None:
         assert isinstance(config, SaiTConfig)
-        if config.mass is not None and not pools_class_token:
-            raise InvalidOptionError(
-                "sait with mass= pads each batch to its largest token count, and this model pools over all "
-                "tokens (e.g. timm global_pool='avg'), so padding would change its output; use fixed counts (mass=None)"
-            )
+        if config.mass is not None:
+            require_class_token_pooling("sait with mass= pads each batch to its largest token count", pools_class_token,
+                                        "; use fixed counts (mass=None)")
 
     def training_overrides(self, config: MethodConfig, step: int) -> dict[str, Any]:
         assert isinstance(config, SaiTConfig)

@@ -1,0 +1,135 @@
+"""ATS: adaptive token sampling, a parameter-free, per-image number of tokens.
+
+Fayyaz et al., "Adaptive Token Sampling For Efficient Vision Transformers", ECCV 2022
+(arXiv:2111.15667). At a few blocks, after the attention and before the MLP, each patch gets a
+significance score: the class token's attention to it times the norm of its value vector
+(all heads), normalised over the patches. The scores, sorted ascending, form a CDF; ``K``
+evenly spaced points ``(i + 0.5) / K`` on its vertical axis are mapped back through the
+inverse CDF (the first patch whose cumulative score reaches the point). A patch hit by several
+points is kept once, so an image whose attention is concentrated keeps fewer than ``K``
+patches and a diffuse one keeps up to ``K``: the count follows the input.
+
+``K = ceil(keep_ratio * patches)`` of each image's current patches. Batches are padded to
+their largest count, with an SDPA key mask in every later block (as in ``sait``), so an
+image's output does not depend on the rest of the batch; padding needs a model that reads only
+the class token (``global_pool="token"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backends.base import BlockView
+from ..engine import PassState, attention_with_projections, mlp_residual, padded_block
+from ..ops import cls_attention, gather_tokens, prefix_positions
+from .base import Method, MethodConfig, check_blocks, quarter_blocks, require_class_token_pooling
+from .sait import padded_top_positions
+
+
+@dataclasses.dataclass
+class ATSConfig(MethodConfig):
+    """Options of ``ats``.
+
+    Attributes:
+        keep_ratio: sampling points per sampling block, as a share of each image's current
+            patches (the most it can keep; duplicates make it keep fewer). 1.0 turns sampling
+            off and is the dense model, exactly.
+        sample_blocks: blocks that sample; None means 1/4, 2/4, 3/4 of the depth ((3, 6, 9) for 12).
+    """
+
+    keep_ratio: float = 0.7
+    sample_blocks: Optional[tuple[int, ...]] = None
+
+    def validate(self, depth: int) -> None:
+        super().validate(depth)
+        if self.sample_blocks is not None:
+            self.sample_blocks = tuple(self.sample_blocks)
+            check_blocks("sample_blocks", self.sample_blocks, depth)
+
+    def blocks(self, depth: int) -> tuple[int, ...]:
+        """The sampling blocks, default resolved."""
+        return self.sample_blocks if self.sample_blocks is not None else quarter_blocks(depth)
+
+
+def significance(cls_attn: Tensor, values: Tensor) -> Tensor:
+    """ATS significance of each token: class-token attention times value norm, normalised.
+
+    Args:
+        cls_attn: (B, M) head-averaged class-token attention of the scored tokens (0 for padding).
+        values: (B, H, M, D) their values.
+
+    Returns:
+        (B, M) non-negative scores summing to 1 per row.
+    """
+    scores = cls_attn * values.transpose(1, 2).flatten(2).norm(dim=-1)
+    return scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def inverse_transform_sample(scores: Tensor, samples: Tensor) -> Tensor:
+    """Which tokens ``samples[b]`` evenly spaced points of the score CDF hit.
+
+    Args:
+        scores: (B, M) non-negative scores summing to 1 per row.
+        samples: (B,) number of points K_b per row (points at ``(i + 0.5) / K_b``).
+
+    Returns:
+        (B, M) bool, True for every token hit at least once (between 1 and K_b per row; a
+        token with zero score is never hit).
+    """
+    ranked, order = scores.sort(dim=1, stable=True)
+    cdf = ranked.cumsum(dim=1)
+    cdf = cdf / cdf[:, -1:].clamp_min(1e-12)
+    steps = torch.arange(int(samples.max()), device=scores.device)
+    points = ((steps + 0.5) / samples.unsqueeze(1)).to(cdf.dtype)
+    hits = torch.searchsorted(cdf, points).clamp(max=scores.shape[1] - 1)
+    valid = (steps < samples.unsqueeze(1)).to(scores.dtype)
+    hit_ranked = torch.zeros_like(scores).scatter_add(1, hits, valid) > 0
+    return torch.zeros_like(hit_ranked).scatter(1, order, hit_ranked)
+
+
+class ATS(Method):
+    name = "ats"
+    summary = "ATS: sample tokens by inverse-transform sampling of significance, per-image counts"
+    config_class = ATSConfig
+
+    def schedule(self, config: MethodConfig, depth: int) -> list[Optional[float]]:
+        assert isinstance(config, ATSConfig)
+        start = min(config.blocks(depth))
+        return [config.keep_ratio if i >= start else None for i in range(depth)]
+
+    def check_compatible(self, config: MethodConfig, pools_class_token: bool) -> None:
+        require_class_token_pooling("ats pads each batch to its largest token count", pools_class_token)
+
+    def reduce_block(
+        self, view: BlockView, x: Tensor, state: PassState, block: int, ratio: float, config: MethodConfig
+    ) -> Tensor:
+        assert isinstance(config, ATSConfig)
+        if block not in config.blocks(state.depth):
+            state.record(block, x.shape[1], x.shape[1])
+            return padded_block(view, x, state)
+        p, attention_tokens = state.num_prefix, x.shape[1]
+        key_mask = None if state.counts is None else torch.arange(x.shape[1], device=x.device) < state.counts.unsqueeze(1)
+        x, q, k, v = attention_with_projections(view, x, key_mask)
+        cls_attn = cls_attention(q[:, :, :1], k, view.scale, key_mask)[:, p:]
+        scores = significance(cls_attn, v[:, :, p:])
+        real = None if key_mask is None else key_mask[:, p:]
+        state.record_scores(block, "significance", scores, real)
+        patches = torch.full((x.shape[0],), x.shape[1] - p, device=x.device) if state.counts is None else state.counts - p
+        hit = inverse_transform_sample(scores, (ratio * patches).ceil().long().clamp(min=1))
+        state.counts = hit.sum(dim=1) + p
+        x = self._keep(x, state, hit)
+        state.record(block, attention_tokens, x.shape[1])
+        return mlp_residual(view, x)
+
+    @staticmethod
+    def _keep(x: Tensor, state: PassState, hit: Tensor) -> Tensor:
+        """Prefix plus the hit patches of (B, N, C) ``x``, padded to the batch's largest count."""
+        p = state.num_prefix
+        keep = padded_top_positions(hit.to(x.dtype), state.counts - p)
+        index = torch.cat([prefix_positions(x.shape[0], p, x.device), keep + p], dim=1)
+        state.select(index)
+        return gather_tokens(x, index)
