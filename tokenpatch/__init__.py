@@ -6,6 +6,7 @@
 """
 
 from .api import available_methods, get_config, get_method_name, patch, set_keep_ratio, set_options, unpatch
+from .budget import BudgetFit, set_macs_ratio
 from .checkpoint import load, load_config, save, save_config
 from .errors import (
     AlreadyPatchedError,
@@ -27,6 +28,8 @@ __all__ = [
     "patch",
     "unpatch",
     "set_keep_ratio",
+    "set_macs_ratio",
+    "BudgetFit",
     "set_options",
     "available_methods",
     "get_config",

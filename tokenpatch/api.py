@@ -31,7 +31,8 @@ def _build_config(method: Method, keep_ratio: Optional[float], options: dict[str
     return method.config_class(**options)
 
 
-def patch(model: ModelT, method: str = "idle", keep_ratio: Optional[float] = None, **options: Any) -> ModelT:
+def patch(model: ModelT, method: str = "idle", keep_ratio: Optional[float] = None, *,
+          macs_ratio: Optional[float] = None, macs_input: Optional[Any] = None, **options: Any) -> ModelT:
     """Make ``model`` compute on fewer tokens, in place.
 
     The model keeps its class, parameters and ``state_dict``; only its forward changes.
@@ -42,6 +43,11 @@ def patch(model: ModelT, method: str = "idle", keep_ratio: Optional[float] = Non
         method: one of :func:`available_methods` (``"idle"`` by default).
         keep_ratio: fraction of patch tokens kept, in (0, 1]; None takes the method's default.
             1.0 reproduces the unpatched outputs.
+        macs_ratio: instead of ``keep_ratio``, the share of the unpatched MACs to spend, in
+            (0, 1]: the keep ratio is solved so that counted MACs are within 1 % of it (see
+            :func:`tokenpatch.set_macs_ratio`).
+        macs_input: (B, 3, H, W) images (or a shape) the MACs are counted on for ``macs_ratio``;
+            matters for methods whose token counts follow the image (ats, sait with mass, iared2).
         **options: method options, e.g. ``schedule="geometric"`` for ``idle`` or ``fuse=True``
             for ``evit``; unknown names are an error.
 
@@ -52,6 +58,8 @@ def patch(model: ModelT, method: str = "idle", keep_ratio: Optional[float] = Non
         UnknownMethodError, InvalidOptionError, UnsupportedModelError, AlreadyPatchedError.
     """
     chosen = get_method(method)
+    if keep_ratio is not None and macs_ratio is not None:
+        raise InvalidOptionError("give keep_ratio or macs_ratio, not both")
     if is_patched(model):
         raise AlreadyPatchedError(
             f"{type(model).__name__} is already patched with {context_of(model).method.name!r}; "
@@ -67,6 +75,14 @@ def patch(model: ModelT, method: str = "idle", keep_ratio: Optional[float] = Non
         reference = next(model.parameters())
         ctx.modules.to(device=reference.device, dtype=reference.dtype).train(model.training)
     install(model, ctx)
+    if macs_ratio is not None:
+        from .budget import set_macs_ratio  # local: budget counts MACs through this module's functions
+
+        try:
+            set_macs_ratio(model, macs_ratio, macs_input)
+        except BaseException:
+            uninstall(model, ctx.backend, ctx.modules)
+            raise
     return model
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .api import available_methods, get_config, get_method_name, patch, set_keep_ratio, set_options
+from .budget import check_macs_ratio
 from .errors import TokenPatchError
 from .flops import count_macs
 from .methods.base import check_keep_ratio
@@ -25,19 +26,24 @@ AUDIT_COLUMNS = ["method", "keep_ratio", "gmacs_unpatched", "gmacs", "reduction_
                  "img_s_unpatched", "img_s", "speedup"]
 
 
-def audit_rows(model: nn.Module, methods: Sequence[str], keep_ratio: float, batch_size: int,
-               repeats: int, device: str, options: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
-    """One row per method: MACs and measured throughput against the unpatched ``model``."""
+def audit_rows(model: nn.Module, methods: Sequence[str], keep_ratio: Optional[float], batch_size: int,
+               repeats: int, device: str, options: Optional[dict[str, Any]] = None,
+               macs_ratio: Optional[float] = None) -> list[dict[str, Any]]:
+    """One row per method: MACs and measured throughput against the unpatched ``model``.
+
+    With ``macs_ratio`` each method's keep ratio is solved for that share of the unpatched MACs.
+    """
     size = image_size(model)
     shape = (1, 3, *size)
     base_macs = count_macs(model, shape).total
-    patched = {m: patch(copy.deepcopy(model), m, keep_ratio=keep_ratio, **(options or {})) for m in methods}
+    patched = {m: patch(copy.deepcopy(model), m, keep_ratio=keep_ratio, macs_ratio=macs_ratio, **(options or {}))
+               for m in methods}
     macs = {m: count_macs(p, shape).total for m, p in patched.items()}
     timings = compare_throughput({"unpatched": model, **patched}, batch_size, size, repeats=repeats, device=device)
     params = sum(p.numel() for p in model.parameters())
     return [
         {
-            "method": m, "keep_ratio": keep_ratio, "params": params,
+            "method": m, "keep_ratio": get_config(patched[m]).keep_ratio, "params": params,
             "macs": macs[m], "macs_unpatched": base_macs,
             "gmacs": macs[m] / 1e9, "gmacs_unpatched": base_macs / 1e9,
             "reduction": 1.0 - macs[m] / base_macs, "reduction_%": 100.0 * (1.0 - macs[m] / base_macs),
@@ -62,7 +68,9 @@ def _audit(args: argparse.Namespace) -> int:
     model = build_model(args.model, args.img_size)
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint)
-    rows = audit_rows(model, methods, args.keep_ratio, args.batch_size, args.repeats, args.device, dict(args.option))
+    keep_ratio = None if args.macs_ratio is not None else args.keep_ratio
+    rows = audit_rows(model, methods, keep_ratio, args.batch_size, args.repeats, args.device, dict(args.option),
+                      args.macs_ratio)
     header = {"model": args.model, "batch_size": args.batch_size, "device": args.device}
     if args.json:
         _print_json({**header, **rows[0]} if len(rows) == 1 else {**header, "results": rows})
@@ -159,6 +167,13 @@ def _ratio(text: str) -> float:
         raise argparse.ArgumentTypeError(f"keep ratio must be a number in (0, 1], got {text!r}") from exc
 
 
+def _macs_ratio(text: str) -> float:
+    try:
+        return check_macs_ratio(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"macs ratio must be a number in (0, 1], got {text!r}") from exc
+
+
 def _option(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` with VALUE read as JSON when it parses (numbers, true/false, null, lists), else text."""
     key, sep, value = text.partition("=")
@@ -191,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("model", help="timm model name, e.g. deit_small_patch16_224, or hf:NAME for its transformers "
                        "ViT/DeiT twin (random weights)")
     _add_method_arguments(audit)
+    audit.add_argument("--macs-ratio", type=_macs_ratio, help="instead of --keep-ratio: the share of the unpatched "
+                       "MACs to spend; each method's keep ratio is solved to within 1 %% of it")
     audit.add_argument("--methods", choices=["all"], help="one row per available method")
     audit.add_argument("--batch-size", type=_positive, default=32)
     audit.add_argument("--img-size", type=_positive, help="input size (default: the model's)")

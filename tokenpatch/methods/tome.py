@@ -37,8 +37,8 @@ class ToMeConfig(MethodConfig):
     """Options of ``tome``.
 
     Attributes:
-        keep_ratio: mean share of the patches the blocks' MLPs compute on (ignored when ``r``
-            is set); 1.0 merges nothing and is the dense model, exactly.
+        keep_ratio: mean share of the patches the blocks' MLPs compute on (with ``r`` set, only
+            1.0 matters: it merges nothing, with or without ``r``, and is the dense model, exactly).
         r: tokens merged in every block (ToMe's ``r``), or None to derive the merges from
             ``keep_ratio``.
         proportional_attention: add ``log(size)`` to the attention logits of merged tokens.
@@ -93,10 +93,10 @@ class ToMe(Method):
     def schedule(self, config: MethodConfig, depth: int) -> list[Optional[float]]:
         """Per block, the share of the pass's patches left after it (under ``r=``, a marker)."""
         assert isinstance(config, ToMeConfig)
-        if config.r is not None:
-            return [R_MODE_RATIO if config.r > 0 else None] * depth
         if config.keep_ratio >= 1.0:
             return [None] * depth
+        if config.r is not None:
+            return [R_MODE_RATIO if config.r > 0 else None] * depth
         return list(keep_ratio_schedule(config.keep_ratio, depth))
 
     def reduce_block(

@@ -1,0 +1,111 @@
+"""Patch to a MAC budget: find the keep ratio whose counted MACs hit a share of the unpatched MACs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .api import get_config, get_method_name, set_keep_ratio
+from .errors import InvalidOptionError
+from .flops import count_macs
+from .models import image_size
+
+#: relative distance to the target MAC share that counts as a hit
+TOLERANCE = 0.01
+#: smallest keep ratio tried
+LOWEST_KEEP_RATIO = 1e-3
+
+
+@dataclass(frozen=True)
+class BudgetFit:
+    """The keep ratio chosen for a MAC budget.
+
+    Attributes:
+        keep_ratio: the keep ratio now set on the model.
+        macs_ratio: its counted MACs over the unpatched MACs (mean per image of the input).
+        target: the MAC share asked for.
+    """
+
+    keep_ratio: float
+    macs_ratio: float
+    target: float
+
+
+def check_macs_ratio(macs_ratio: Any) -> float:
+    """``macs_ratio`` as a float in (0, 1], or a clear error."""
+    if isinstance(macs_ratio, bool) or not isinstance(macs_ratio, (int, float)) or not 0 < macs_ratio <= 1:
+        raise InvalidOptionError(f"macs_ratio must be a number in (0, 1] (share of the unpatched MACs), got {macs_ratio!r}")
+    return float(macs_ratio)
+
+
+def _mean_macs(model: nn.Module, images: Tensor) -> float:
+    """MACs per image, counted image by image (a padded batch would count its padding)."""
+    return sum(count_macs(model, images[i : i + 1]).total for i in range(len(images))) / len(images)
+
+
+def set_macs_ratio(model: nn.Module, macs_ratio: float, macs_input: Optional[Union[Tensor, tuple[int, ...]]] = None,
+                   tolerance: float = TOLERANCE) -> BudgetFit:
+    """Set a patched model's keep ratio so that its MACs are ``macs_ratio`` of the unpatched MACs.
+
+    Bisection on the keep ratio, counting MACs with :func:`~tokenpatch.flops.count_macs` (the
+    unpatched count is the same model at keep ratio 1.0, which every method makes dense). Methods
+    whose token counts depend on the image (``ats``, ``sait`` with ``mass``, ``iared2`` with a
+    threshold) are fitted on ``macs_input``: pass real images for a budget that holds on real data.
+
+    Args:
+        model: a patched model.
+        macs_ratio: target share of the unpatched MACs, in (0, 1].
+        macs_input: (B, 3, H, W) images to count on, or an input shape; None: one random image
+            of the model's input size.
+        tolerance: accepted relative distance to the target (1 % by default).
+
+    Returns:
+        The :class:`BudgetFit`; the model keeps its fitted keep ratio.
+
+    Raises:
+        InvalidOptionError: ``macs_ratio`` out of range, ``tome`` with ``r`` set, or no keep
+            ratio within ``tolerance`` (the message names the nearest share reachable); the
+            model's keep ratio is then left as it was.
+    """
+    target = check_macs_ratio(macs_ratio)
+    if getattr(get_config(model), "r", None) is not None:
+        raise InvalidOptionError("macs_ratio chooses tome's merges through keep_ratio; patch with r=None to use it")
+    images = _calibration_images(model, macs_input)
+    previous = get_config(model).keep_ratio
+    tried: dict[float, float] = {}
+
+    set_keep_ratio(model, 1.0)
+    base = _mean_macs(model, images)
+
+    def share(keep: float) -> float:
+        set_keep_ratio(model, keep)
+        tried[keep] = _mean_macs(model, images) / base
+        return tried[keep]
+
+    low, high = LOWEST_KEEP_RATIO, 1.0
+    if share(low) <= target * (1 + tolerance):
+        for _ in range(40):
+            middle = (low + high) / 2
+            if abs(share(middle) - target) <= tolerance * target or high - low < 1e-5:
+                break
+            low, high = (middle, high) if tried[middle] < target else (low, middle)
+    keep = min(tried, key=lambda k: abs(tried[k] - target))
+    if abs(tried[keep] - target) > tolerance * target:
+        set_keep_ratio(model, previous)
+        raise InvalidOptionError(
+            f"{get_method_name(model)} can't reach macs_ratio={target} within {tolerance:.0%}: the nearest share of "
+            f"the unpatched MACs is {tried[keep]:.3f} (keep_ratio={keep:.4f})"
+        )
+    set_keep_ratio(model, keep)
+    return BudgetFit(keep_ratio=keep, macs_ratio=tried[keep], target=target)
+
+
+def _calibration_images(model: nn.Module, macs_input: Optional[Union[Tensor, tuple[int, ...]]]) -> Tensor:
+    if isinstance(macs_input, Tensor):
+        return macs_input
+    shape = macs_input if macs_input is not None else (1, 3, *image_size(model))
+    param = next(model.parameters())
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
