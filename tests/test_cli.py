@@ -37,6 +37,16 @@ def test_audit_table_has_one_row_per_method(capsys):
     assert sorted(line.split()[0] for line in lines[3:]) == sorted(tokenpatch.available_methods())
 
 
+def test_audit_solves_each_method_for_a_mac_budget(capsys):
+    assert main(["audit", "deit_tiny_patch16_224", "--img-size", "128", "--batch-size", "2", "--repeats", "1",
+                 "--methods", "all", "--macs-ratio", "0.7", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert sorted(r["method"] for r in rows) == sorted(tokenpatch.available_methods())
+    for row in rows:
+        assert row["macs"] / row["macs_unpatched"] == pytest.approx(0.7, rel=0.01)
+        assert 0 < row["keep_ratio"] < 1
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -51,6 +61,7 @@ def test_bad_arguments_exit_nonzero_with_one_line(capsys, argv, message):
 
 
 @pytest.mark.parametrize("argv", [["audit", "deit_tiny_patch16_224", "--keep-ratio", "1.5"],
+                                  ["audit", "deit_tiny_patch16_224", "--macs-ratio", "0"],
                                   ["audit", "deit_tiny_patch16_224", "--method", "nope"]])
 def test_argparse_rejects_bad_values(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:

@@ -9,11 +9,12 @@ from tokenpatch.cli import main
 from tokenpatch.errors import NotPatchedError, TokenPatchError
 from tokenpatch.explanation import (attention_maps, attention_rollout, cls_attention_map, deletion_auc, deletion_curve,
                                 explain, keep_probability_map)
-from tokenpatch.render import colour, contact_sheet, panel, to_pixels
+from tokenpatch.render import colour, contact_sheet, merged, panel, to_pixels
 
 from conftest import images, make_model
 
-VARIANTS = [("idle", {}), ("evit", {"fuse": True}), ("dynamicvit", {}), ("sait", {"mass": 0.8}), ("iared2", {})]
+VARIANTS = [("idle", {}), ("evit", {"fuse": True}), ("dynamicvit", {}), ("sait", {"mass": 0.8}), ("iared2", {}),
+            ("tome", {}), ("ats", {"sample_blocks": (1, 2)})]
 
 
 @pytest.mark.parametrize("method, options", VARIANTS, ids=lambda v: v if isinstance(v, str) else "")
@@ -28,7 +29,29 @@ def test_maps_have_the_grid_shape_and_their_counts_match_the_trace(method, optio
         real = record.counts - 1 if record.counts is not None else torch.full((3,), (record.positions[0] >= 1).sum())
         assert explanation.computed[:, block].flatten(1).sum(dim=1).tolist() == real.tolist()
     assert explanation.importance().shape == (3, 6, 6)
-    assert explanation.scores and explanation.score_name is not None or method == "dynamicvit"
+    assert explanation.scores and explanation.score_name is not None or method in ("dynamicvit", "tome")
+    assert (explanation.groups is not None) == (method == "tome")
+
+
+def test_tome_merge_groups_partition_the_patches_like_the_trace():
+    model = tokenpatch.patch(make_model("deit_tiny", depth=4, img_size=96), "tome", r=5)
+    x = images(model, batch=2)
+    explanation = explain(model, x)
+    with tokenpatch.trace(model) as t:
+        model(x)
+    assert explanation.groups.shape == (2, 4, 6, 6)
+    for block, record in enumerate(t.records):
+        for b in range(2):
+            assert len(explanation.groups[b, block].unique()) == record.mlp_tokens - 1 == 36 - 5 * (block + 1)
+            assert torch.equal(explanation.groups[b, block].flatten(), record.groups[b])
+    # once merged, patches stay together: a later block's groups are unions of earlier ones
+    earlier, later = explanation.groups[:, 1].flatten(1), explanation.groups[:, 2].flatten(1)
+    same_before = earlier.unsqueeze(2) == earlier.unsqueeze(1)
+    assert (same_before <= (later.unsqueeze(2) == later.unsqueeze(1))).all()
+    pixels = to_pixels(x[0], (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    tile = merged(pixels, explanation.groups[0, -1])
+    assert tile.shape == pixels.shape
+    assert panel(pixels, explanation, 0).width > 4 * 96  # input and merge maps
 
 
 def test_iared2_keep_probabilities_cover_the_patches_each_group_saw():
@@ -116,14 +139,15 @@ def test_rendered_panels_grey_dropped_patches_and_colour_scores():
     assert rgb[0, 0].tolist() != rgb[1, 0].tolist() and rgb[0, 1].tolist() == [40.0, 40.0, 40.0]
 
 
-def test_cli_writes_valid_pngs(tmp_path, capsys):
+@pytest.mark.parametrize("method, expected", [("iared2", '"score_name": "keep_probability"'), ("tome", '"merged": true')])
+def test_cli_writes_valid_pngs(tmp_path, capsys, method, expected):
     files = []
     for i, shade in enumerate((30, 200)):
         path = tmp_path / f"img{i}.png"
         Image.new("RGB", (80, 60), (shade, 100, 50)).save(path)
         files.append(str(path))
     out = tmp_path / "maps"
-    code = main(["explain", "deit_tiny_patch16_224", *files, "--method", "iared2", "--keep-ratio", "0.6",
+    code = main(["explain", "deit_tiny_patch16_224", *files, "--method", method, "--keep-ratio", "0.6",
                  "--out", str(out), "--json"])
     assert code == 0
     written = sorted(out.glob("*.png"))
@@ -131,9 +155,23 @@ def test_cli_writes_valid_pngs(tmp_path, capsys):
     for path in written:
         with Image.open(path) as image:
             image.verify()
-    assert '"score_name": "keep_probability"' in capsys.readouterr().out
+    assert expected in capsys.readouterr().out
 
 
 def test_cli_explain_names_a_missing_image(tmp_path, capsys):
     assert main(["explain", "deit_tiny_patch16_224", str(tmp_path / "nope.jpg"), "--out", str(tmp_path)]) == 2
     assert "no such image file" in capsys.readouterr().err
+
+
+def test_line_chart_draws_every_series_inside_its_axes(tmp_path):
+    from tokenpatch.plot import line_chart
+
+    chart = line_chart({"a": [(55.0, 70.0), (100.0, 76.0)], "b": [(60.0, 71.5)]}, "title", "x", "y", size=(400, 300))
+    path = tmp_path / "chart.png"
+    chart.save(path)
+    with Image.open(path) as image:
+        image.verify()
+    colours = {pixel for _, pixel in chart.getcolors(maxcolors=100_000)}
+    assert (0, 114, 178) in colours and (230, 159, 0) in colours  # the first two palette colours
+    with pytest.raises(ValueError, match="at least one point"):
+        line_chart({}, "t", "x", "y")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backends.base import BlockView
+from .errors import TokenPatchError
 from .ops import cls_attention, gather_tokens, prefix_positions
 from .trace import BlockRecord, ScoreRecord, Trace
 
@@ -239,6 +240,16 @@ def padded_block(view: BlockView, x: Tensor, state: PassState) -> Tensor:
         return full_block(view, x)
     key_mask = torch.arange(x.shape[1], device=x.device) < state.counts.unsqueeze(1)
     return mlp_residual(view, attention_residual(view, x, key_mask=key_mask)[0])
+
+
+def refuse_export(method: str) -> None:
+    """Raise a clear error when ``torch.export`` (also behind ONNX export) traces a pass whose
+    token counts are computed from the image: a data-dependent shape it cannot express."""
+    if torch.compiler.is_exporting():
+        raise TokenPatchError(
+            f"{method} keeps a per-image number of tokens (computed from the data), which cannot be exported "
+            "with torch.export or ONNX; export idle, evit, tome, dynamicvit or sait without mass, whose counts are fixed"
+        )
 
 
 def keep_tokens(x: Tensor, state: PassState, keep_positions: Tensor) -> tuple[Tensor, Tensor]:

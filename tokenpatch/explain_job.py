@@ -26,7 +26,8 @@ def write_explanations(model: nn.Module, paths: Sequence[str], model_spec: str, 
     """Explain the patched ``model`` on the image files and write one PNG per image plus a contact sheet.
 
     Returns:
-        What was written and, per image, the patches each block computed.
+        What was written and, per image, the patches each block computed (for a merging
+        method, the tokens: each merged token counts once); ``merged`` says whether tokens merged.
     """
     reference = timm_twin(model_spec)
     images = load_image_files(paths, eval_transform(reference))
@@ -45,4 +46,5 @@ def write_explanations(model: nn.Module, paths: Sequence[str], model_spec: str, 
     sheet = folder / "contact_sheet.png"
     contact_sheet(panels).save(sheet)
     return {"images": list(paths), "files": written, "contact_sheet": str(sheet), "grid": list(explanation.grid),
-            "patches_per_block": computed, "score_name": explanation.score_name}
+            "patches_per_block": computed, "score_name": explanation.score_name,
+            "merged": explanation.groups is not None}

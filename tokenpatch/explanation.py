@@ -29,16 +29,21 @@ class Explanation:
 
     Attributes:
         computed: (B, depth, gh, gw) bool, True where the block's MLP ran on that patch (a
-            fused token (evit) counts for none).
+            fused token (evit) counts for none; a merged token (tome) for the one patch whose
+            position it carries, see ``groups``).
         scores: block -> (B, gh, gw) per-patch scores the method computed before or in that
             block (``iared2``: keep probabilities); NaN where a patch was no longer there.
         score_name: what ``scores`` hold (e.g. ``"keep_probability"``), or None when the method
             records none.
+        groups: for merging methods (``tome``), (B, depth, gh, gw) int64: after each block, the
+            index of the token each patch was merged into (patches with equal values form one
+            token); None for methods that do not merge.
     """
 
     computed: Tensor
     scores: dict[int, Tensor] = field(default_factory=dict)
     score_name: Optional[str] = None
+    groups: Optional[Tensor] = None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -96,6 +101,15 @@ def _computed(recorded: Trace, num_prefix: int, patches: int) -> Tensor:
     return torch.stack(maps, dim=1)
 
 
+def _groups(recorded: Trace, patches: int) -> Optional[Tensor]:
+    """(B, depth, patches) merge groups from the trace, or None when no block merged."""
+    if all(r.groups is None for r in recorded.records):
+        return None
+    batch = recorded.records[0].positions.shape[0]
+    unmerged = torch.arange(patches).expand(batch, patches)
+    return torch.stack([unmerged if r.groups is None else r.groups.cpu() for r in recorded.records], dim=1)
+
+
 @torch.no_grad()
 def explain(model: nn.Module, images: Tensor) -> Explanation:
     """Maps of what a patched model computed on ``images`` (B, 3, H, W), in eval mode.
@@ -114,7 +128,9 @@ def explain(model: nn.Module, images: Tensor) -> Explanation:
         s.block: _patch_map(s.positions, s.values.float(), ctx.num_prefix, patches, float("nan")).view(batch, rows, cols)
         for s in recorded.scores
     }
-    return Explanation(computed, scores, recorded.scores[0].name if recorded.scores else None)
+    groups = _groups(recorded, patches)
+    return Explanation(computed, scores, recorded.scores[0].name if recorded.scores else None,
+                       None if groups is None else groups.view(batch, -1, rows, cols))
 
 
 def keep_probability_map(model: nn.Module, images: Tensor) -> Tensor:

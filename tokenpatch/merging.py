@@ -45,12 +45,12 @@ def bipartite_matching(metric: Tensor, r: int) -> Matching:
 
     Returns:
         The :class:`Matching`: each A token's most similar B token is its partner; the ``r`` A
-        tokens with the most similar partners merge (ties go to the earlier A token).
+        tokens with the most similar partners merge (exact ties in similarity break either way).
     """
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a, b = metric[:, 0::2], metric[:, 1::2]
     best, partner = (a @ b.transpose(1, 2)).max(dim=-1)  # (B, A): best similarity and its B index
-    order = best.argsort(dim=-1, descending=True, stable=True)
+    order = best.argsort(dim=-1, descending=True)  # not stable=True: ONNX has no stable sort
     merged = order[:, :r]
     return Matching(kept=order[:, r:].sort(dim=-1).values, merged=merged, into=partner.gather(1, merged))
 

@@ -92,9 +92,10 @@ def complement_positions(index: Tensor, n: int) -> Tensor:
         (B, n - K) int64 positions.
     """
     b, k = index.shape
-    taken = torch.zeros(b, n, dtype=index.dtype, device=index.device).scatter(1, index, torch.ones_like(index))
-    # A stable sort of the "taken" flags puts the free positions first, in order.
-    return taken.sort(dim=1, stable=True).indices[:, : n - k]
+    taken = torch.zeros(b, n, dtype=index.dtype, device=index.device).scatter(1, index, torch.full_like(index, n))
+    # Keys position + n * taken are distinct and put the free positions first, in order; a plain
+    # sort suffices (ONNX has no stable sort).
+    return (taken + torch.arange(n, device=index.device)).sort(dim=1).indices[:, : n - k]
 
 
 def prefix_positions(batch: int, num_prefix: int, device: torch.device) -> Tensor:

@@ -53,6 +53,26 @@ def heatmap(pixels: Tensor, values: Tensor) -> Tensor:
     return 0.4 * pixels + 0.6 * _upsample(rgb, *pixels.shape[:2])
 
 
+def merged(pixels: Tensor, groups: Tensor) -> Tensor:
+    """(H, W, 3) pixels with each merged token shown as one colour (its patches' mean) and outlined.
+
+    Args:
+        groups: (gh, gw) int64, patches with the same value were merged into one token.
+    """
+    gh, gw = groups.shape
+    height, width = pixels.shape[:2]
+    patch_colours = pixels[: height // gh * gh, : width // gw * gw].reshape(gh, height // gh, gw, width // gw, 3).mean(dim=(1, 3))
+    flat = groups.flatten()
+    sums = torch.zeros(int(flat.max()) + 1, 3).index_add_(0, flat, patch_colours.reshape(-1, 3))
+    counts = torch.zeros(int(flat.max()) + 1).index_add_(0, flat, torch.ones(len(flat)))
+    out = _upsample((sums / counts.clamp_min(1).unsqueeze(-1))[groups], height, width)
+    cell = _upsample(groups, height, width)
+    edge = torch.zeros(height, width, dtype=torch.bool)
+    edge[:, 1:] |= cell[:, 1:] != cell[:, :-1]
+    edge[1:, :] |= cell[1:, :] != cell[:-1, :]
+    return torch.where(edge.unsqueeze(-1), torch.zeros(3), out)
+
+
 def _labelled(pixels: Tensor, label: str) -> Image.Image:
     tile = Image.new("RGB", (pixels.shape[1], pixels.shape[0] + LABEL_HEIGHT), "white")
     tile.paste(Image.fromarray(pixels.round().to(torch.uint8).numpy()), (0, LABEL_HEIGHT))
@@ -78,6 +98,8 @@ def panel(pixels: Tensor, explanation: Explanation, index: int, max_stages: int 
         max_stages: at most this many stages (the blocks where the computed set changes) are shown.
     """
     tiles = [_labelled(pixels, "input")]
+    if explanation.groups is not None:
+        return _row(tiles + _merge_tiles(pixels, explanation.groups[index], max_stages))
     computed = explanation.computed[index]
     reducing = [b for b in explanation.stage_blocks() if not computed[b].all()]
     for block in reducing[:max_stages]:
@@ -88,6 +110,13 @@ def panel(pixels: Tensor, explanation: Explanation, index: int, max_stages: int 
         tiles.append(_labelled(heatmap(pixels, values[index]), f"{explanation.score_name} @{block}"))
     tiles.append(_labelled(heatmap(pixels, explanation.importance()[index]), "importance"))
     return _row(tiles)
+
+
+def _merge_tiles(pixels: Tensor, groups: Tensor, max_stages: int) -> list[Image.Image]:
+    """Tiles of one image's (depth, gh, gw) merge groups at up to ``max_stages`` evenly spread blocks."""
+    depth = groups.shape[0]
+    blocks = sorted({depth - 1 - i * depth // max_stages for i in range(max_stages)})
+    return [_labelled(merged(pixels, groups[b]), f"block {b}: {len(groups[b].unique())} tokens") for b in blocks]
 
 
 def contact_sheet(panels: Sequence[Image.Image], gap: int = 6) -> Image.Image:

@@ -65,6 +65,7 @@ def compare_throughput(
     device: Union[str, torch.device] = "cpu",
     dtype: Optional[torch.dtype] = None,
     progress: bool = True,
+    inputs: Optional[torch.Tensor] = None,
 ) -> dict[str, Throughput]:
     """Time several models on the same random batch, alternating between them each repeat.
 
@@ -80,13 +81,16 @@ def compare_throughput(
         device: ``"cpu"`` or ``"cuda"``.
         dtype: e.g. ``torch.float16`` on CUDA; None keeps the models' dtype.
         progress: show a progress bar.
+        inputs: (batch_size, 3, H, W) images to time on instead of random data (methods whose
+            token counts follow the image run as they would on real data).
 
     Returns:
         name -> :class:`Throughput`.
     """
     device = torch.device(device)
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-    x = torch.randn(batch_size, 3, h, w, device=device, dtype=dtype)
+    x = torch.randn(batch_size, 3, h, w) if inputs is None else inputs[:batch_size]
+    x = x.to(device=device, dtype=dtype)
     for model in models.values():
         model.eval().to(device=device, dtype=dtype)
     for _ in range(warmup):

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..backends.base import BlockView
-from ..engine import PassState, attention_with_projections, mlp_residual, padded_block
+from ..engine import PassState, attention_with_projections, mlp_residual, padded_block, refuse_export
 from ..ops import cls_attention, gather_tokens, prefix_positions
 from .base import Method, MethodConfig, check_blocks, quarter_blocks, require_class_token_pooling
 from .sait import padded_top_positions
@@ -111,6 +111,7 @@ class ATS(Method):
         if block not in config.blocks(state.depth):
             state.record(block, x.shape[1], x.shape[1])
             return padded_block(view, x, state)
+        refuse_export(self.name)
         p, attention_tokens = state.num_prefix, x.shape[1]
         key_mask = None if state.counts is None else torch.arange(x.shape[1], device=x.device) < state.counts.unsqueeze(1)
         x, q, k, v = attention_with_projections(view, x, key_mask)

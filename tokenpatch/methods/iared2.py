@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backends.base import BlockView
-from ..engine import PassState, padded_block
+from ..engine import PassState, padded_block, refuse_export
 from ..errors import InvalidOptionError
 from ..ops import gather_tokens, prefix_positions
 from .base import Method, MethodConfig, require_class_token_pooling
@@ -117,6 +117,7 @@ class IARed2(Method):
     ) -> Tensor:
         assert isinstance(config, IARed2Config) and state.modules is not None
         if str(block) in state.modules:  # the first block of a group
+            refuse_export(self.name)
             x = self._drop(x, state, block, ratio, config, state.modules[str(block)])
         state.record(block, x.shape[1], x.shape[1])
         return padded_block(view, x, state)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..backends.base import BlockView
-from ..engine import PassState, attention_residual, mlp_residual, padded_block
+from ..engine import PassState, attention_residual, mlp_residual, padded_block, refuse_export
 from ..errors import InvalidOptionError
 from ..ops import gather_tokens, prefix_positions
 from .base import Method, MethodConfig, require_class_token_pooling
@@ -148,6 +148,7 @@ class SaiT(Method):
         cap = math.ceil(ratio * patches)
         counts = torch.full((x.shape[0],), cap, device=x.device)
         if mass is not None:
+            refuse_export("sait with mass")
             counts = mass_counts(scores, mass).clamp(max=cap)
             state.counts = counts + p
         keep = padded_top_positions(scores, counts)
