@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -75,23 +75,14 @@ def set_macs_ratio(model: nn.Module, macs_ratio: float, macs_input: Optional[Uni
         raise InvalidOptionError("macs_ratio chooses tome's merges through keep_ratio; patch with r=None to use it")
     images = _calibration_images(model, macs_input)
     previous = get_config(model).keep_ratio
-    tried: dict[float, float] = {}
-
     set_keep_ratio(model, 1.0)
     base = _mean_macs(model, images)
 
     def share(keep: float) -> float:
         set_keep_ratio(model, keep)
-        tried[keep] = _mean_macs(model, images) / base
-        return tried[keep]
+        return _mean_macs(model, images) / base
 
-    low, high = LOWEST_KEEP_RATIO, 1.0
-    if share(low) <= target * (1 + tolerance):
-        for _ in range(40):
-            middle = (low + high) / 2
-            if abs(share(middle) - target) <= tolerance * target or high - low < 1e-5:
-                break
-            low, high = (middle, high) if tried[middle] < target else (low, middle)
+    tried = _bisect(share, target, tolerance)
     keep = min(tried, key=lambda k: abs(tried[k] - target))
     if abs(tried[keep] - target) > tolerance * target:
         set_keep_ratio(model, previous)
@@ -103,7 +94,23 @@ def set_macs_ratio(model: nn.Module, macs_ratio: float, macs_input: Optional[Uni
     return BudgetFit(keep_ratio=keep, macs_ratio=tried[keep], target=target)
 
 
+def _bisect(share: Callable[[float], float], target: float, tolerance: float) -> dict[float, float]:
+    """Keep ratios tried by bisection on the non-decreasing ``share(keep)``, with their shares."""
+    low, high = LOWEST_KEEP_RATIO, 1.0
+    tried = {low: share(low)}
+    if tried[low] > target * (1 + tolerance):
+        return tried  # even the smallest keep ratio spends too much
+    for _ in range(40):
+        middle = (low + high) / 2
+        tried[middle] = share(middle)
+        if abs(tried[middle] - target) <= tolerance * target or high - low < 1e-5:
+            break
+        low, high = (middle, high) if tried[middle] < target else (low, middle)
+    return tried
+
+
 def _calibration_images(model: nn.Module, macs_input: Optional[Union[Tensor, tuple[int, ...]]]) -> Tensor:
+    """The images to count MACs on: ``macs_input`` itself, random data of its shape, or one random image."""
     if isinstance(macs_input, Tensor):
         return macs_input
     shape = macs_input if macs_input is not None else (1, 3, *image_size(model))

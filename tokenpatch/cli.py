@@ -154,8 +154,9 @@ def _explain(args: argparse.Namespace) -> int:
         options = get_config(model).to_dict()
         _print_json({"model": args.model, "method": get_method_name(model), "options": options, **result})
     else:
+        what = "patch tokens per block (merged ones count once)" if result["merged"] else "patches computed per block"
         for image, counts in zip(result["images"], result["patches_per_block"]):
-            print(f"{image}: patches computed per block {counts}")
+            print(f"{image}: {what} {counts}")
         print(f"wrote {len(result['files'])} overlays and {result['contact_sheet']}")
     return 0
 
