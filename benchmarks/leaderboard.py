@@ -23,6 +23,7 @@ import time
 import torch
 
 import tokenpatch
+from tokenpatch.budget import mean_macs_per_image
 from tokenpatch.data import IMAGENET_SAMPLE, LabelledImages, data_dir, eval_transform, load_deit_tiny, load_images
 from tokenpatch.evaluate import accuracy, predict
 from tokenpatch.flops import count_macs
@@ -39,10 +40,6 @@ def label(method: str) -> str:
     return f"{method} (untrained)" if method in LEARNED else method
 
 
-def mean_macs(model: torch.nn.Module, images: torch.Tensor) -> float:
-    return sum(count_macs(model, images[i : i + 1]).total for i in range(len(images))) / len(images)
-
-
 def measure_budget(model, methods, budget, images, labels, reference, base_macs, args) -> list[dict]:
     """Rows for one budget: fit each method, count, evaluate, then time them all alternately."""
     patched, rows, unreachable = {}, [], []
@@ -55,7 +52,7 @@ def measure_budget(model, methods, budget, images, labels, reference, base_macs,
             unreachable.append(dict(method=label(method), budget=budget, unreachable=str(exc)))
             continue
         result = accuracy(predict(candidate, images, progress=True, desc=f"{method} @ {budget}"), labels, reference)
-        macs = mean_macs(candidate, images[: args.mac_images])
+        macs = mean_macs_per_image(candidate, images[: args.mac_images])
         rows.append(dict(method=label(method), budget=budget, keep_ratio=fit.keep_ratio, macs_ratio=macs / base_macs,
                          gmacs=macs / 1e9, top1=result.top1, top5=result.top5, agreement=result.agreement))
         patched[method] = candidate

@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-import torch
 from torch import Tensor, nn
 
 from .api import get_config, get_method_name, set_keep_ratio
 from .errors import InvalidOptionError
-from .flops import count_macs
+from .flops import as_input, count_macs
 from .models import image_size
 
 #: relative distance to the target MAC share that counts as a hit
@@ -41,8 +40,8 @@ def check_macs_ratio(macs_ratio: Any) -> float:
     return float(macs_ratio)
 
 
-def _mean_macs(model: nn.Module, images: Tensor) -> float:
-    """MACs per image, counted image by image (a padded batch would count its padding)."""
+def mean_macs_per_image(model: nn.Module, images: Tensor) -> float:
+    """MACs per image of (B, 3, H, W) ``images``, counted image by image (a padded batch would count its padding)."""
     return sum(count_macs(model, images[i : i + 1]).total for i in range(len(images))) / len(images)
 
 
@@ -73,14 +72,14 @@ def set_macs_ratio(model: nn.Module, macs_ratio: float, macs_input: Optional[Uni
     target = check_macs_ratio(macs_ratio)
     if getattr(get_config(model), "r", None) is not None:
         raise InvalidOptionError("macs_ratio chooses tome's merges through keep_ratio; patch with r=None to use it")
-    images = _calibration_images(model, macs_input)
+    images = as_input(model, macs_input if macs_input is not None else (1, 3, *image_size(model)))
     previous = get_config(model).keep_ratio
     set_keep_ratio(model, 1.0)
-    base = _mean_macs(model, images)
+    base = mean_macs_per_image(model, images)
 
     def share(keep: float) -> float:
         set_keep_ratio(model, keep)
-        return _mean_macs(model, images) / base
+        return mean_macs_per_image(model, images) / base
 
     tried = _bisect(share, target, tolerance)
     keep = min(tried, key=lambda k: abs(tried[k] - target))
@@ -107,12 +106,3 @@ def _bisect(share: Callable[[float], float], target: float, tolerance: float) ->
             break
         low, high = (middle, high) if tried[middle] < target else (low, middle)
     return tried
-
-
-def _calibration_images(model: nn.Module, macs_input: Optional[Union[Tensor, tuple[int, ...]]]) -> Tensor:
-    """The images to count MACs on: ``macs_input`` itself, random data of its shape, or one random image."""
-    if isinstance(macs_input, Tensor):
-        return macs_input
-    shape = macs_input if macs_input is not None else (1, 3, *image_size(model))
-    param = next(model.parameters())
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)

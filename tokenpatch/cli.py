@@ -8,7 +8,7 @@ import copy
 import dataclasses
 import json
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -161,18 +161,19 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ratio(text: str) -> float:
-    try:
-        return check_keep_ratio(float(text))
-    except ValueError as exc:  # not a number, or outside (0, 1] (InvalidOptionError is a ValueError)
-        raise argparse.ArgumentTypeError(f"keep ratio must be a number in (0, 1], got {text!r}") from exc
+def _ratio_argument(check: Callable[[Any], float], what: str) -> Callable[[str], float]:
+    """An argparse ``type`` reading a number in (0, 1] through ``check``; ``what`` names it in errors."""
+    def parse(text: str) -> float:
+        try:
+            return check(float(text))
+        except ValueError as exc:  # not a number, or outside (0, 1] (InvalidOptionError is a ValueError)
+            raise argparse.ArgumentTypeError(f"{what} must be a number in (0, 1], got {text!r}") from exc
+
+    return parse
 
 
-def _macs_ratio(text: str) -> float:
-    try:
-        return check_macs_ratio(float(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"macs ratio must be a number in (0, 1], got {text!r}") from exc
+_ratio = _ratio_argument(check_keep_ratio, "keep ratio")
+_macs_ratio = _ratio_argument(check_macs_ratio, "macs ratio")
 
 
 def _option(text: str) -> tuple[str, Any]:

@@ -109,6 +109,16 @@ class PassState:
                 positions = positions.masked_fill(~real, -1)
             self.trace.scores.append(ScoreRecord(block, name, positions.detach(), values.detach()))
 
+    def real_tokens(self, n: int) -> Optional[Tensor]:
+        """(B, n) bool, False for the padding of a padded batch of n tokens; None when unpadded."""
+        return None if self.counts is None else torch.arange(n, device=self.counts.device) < self.counts.unsqueeze(1)
+
+    def patch_counts(self, x: Tensor) -> Tensor:
+        """(B,) real patches of each sample of the current (B, N, C) tokens ``x``, padding excluded."""
+        if self.counts is None:
+            return torch.full((x.shape[0],), x.shape[1] - self.num_prefix, device=x.device)
+        return self.counts - self.num_prefix
+
     def select(self, index: Tensor) -> None:
         """Keep only the tokens at ``index`` (B, K) in the tracked positions (tokens were dropped)."""
         self.positions = torch.gather(self.positions, 1, index)
@@ -238,8 +248,7 @@ def padded_block(view: BlockView, x: Tensor, state: PassState) -> Tensor:
     """
     if state.counts is None:
         return full_block(view, x)
-    key_mask = torch.arange(x.shape[1], device=x.device) < state.counts.unsqueeze(1)
-    return mlp_residual(view, attention_residual(view, x, key_mask=key_mask)[0])
+    return mlp_residual(view, attention_residual(view, x, key_mask=state.real_tokens(x.shape[1]))[0])
 
 
 def refuse_export(method: str) -> None:

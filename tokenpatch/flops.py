@@ -80,11 +80,12 @@ class MacReport:
         return self.total / 1e9
 
 
-def _as_input(model: nn.Module, input_or_shape: Union[Tensor, Shape]) -> Tensor:
+def as_input(model: nn.Module, input_or_shape: Union[Tensor, Shape]) -> Tensor:
+    """``input_or_shape`` itself, or seeded random data of that shape on the model's device and dtype."""
     if isinstance(input_or_shape, Tensor):
         return input_or_shape
     param = next(model.parameters())
-    return torch.randn(*input_or_shape, device=param.device, dtype=param.dtype)
+    return torch.randn(*input_or_shape, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
 
 
 def _block_names(model: nn.Module) -> list[str]:
@@ -110,7 +111,7 @@ def count_macs(model: nn.Module, input_or_shape: Union[Tensor, Shape] = (1, 3, 2
         warnings.simplefilter("ignore", FutureWarning)
         from fvcore.nn import FlopCountAnalysis
 
-    x = _as_input(model, input_or_shape)
+    x = as_input(model, input_or_shape)
     with eval_mode(model), (trace(model) if is_patched(model) else nullcontext()) as recorded:
         analysis = FlopCountAnalysis(model, x)
         analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_mac_handle)

@@ -114,9 +114,7 @@ class ATS(Method):
         refuse_export(self.name)
         attention_tokens = x.shape[1]
         x, scores = self._attend_and_score(view, x, state, block)
-        patches = torch.full((x.shape[0],), x.shape[1] - state.num_prefix, device=x.device) \
-            if state.counts is None else state.counts - state.num_prefix
-        hit = inverse_transform_sample(scores, (ratio * patches).ceil().long().clamp(min=1))
+        hit = inverse_transform_sample(scores, (ratio * state.patch_counts(x)).ceil().long().clamp(min=1))
         state.counts = hit.sum(dim=1) + state.num_prefix
         x = self._keep(x, state, hit)
         state.record(block, attention_tokens, x.shape[1])
@@ -126,7 +124,7 @@ class ATS(Method):
     def _attend_and_score(view: BlockView, x: Tensor, state: PassState, block: int) -> tuple[Tensor, Tensor]:
         """The attention residual on (B, N, C) ``x`` (padding masked) and the (B, N - P) patch significance."""
         p = state.num_prefix
-        key_mask = None if state.counts is None else torch.arange(x.shape[1], device=x.device) < state.counts.unsqueeze(1)
+        key_mask = state.real_tokens(x.shape[1])
         x, q, k, v = attention_with_projections(view, x, key_mask)
         scores = significance(cls_attention(q[:, :, :1], k, view.scale, key_mask)[:, p:], v[:, :, p:])
         state.record_scores(block, "significance", scores, None if key_mask is None else key_mask[:, p:])

@@ -127,7 +127,7 @@ class IARed2(Method):
               interpreter: nn.Module) -> Tensor:
         """Score the current patches, decide which stay, and gather them (padded per batch)."""
         p, patches = state.num_prefix, x.shape[1] - state.num_prefix
-        real_counts = torch.full((x.shape[0],), patches, device=x.device) if state.counts is None else state.counts - p
+        real_counts = state.patch_counts(x)
         real = torch.arange(patches, device=x.device) < real_counts.unsqueeze(1)
         logits = interpreter(x[:, p:], x[:, :1])
         probability = logits.sigmoid()
