@@ -17,9 +17,9 @@ import torch
 
 import tokenpatch
 from tokenpatch.data import IMAGENET_SAMPLE, LabelledImages, data_dir, eval_transform, load_deit_tiny, load_images
-from tokenpatch.evaluate import accuracy, predict
-from tokenpatch.flops import count_macs
-from tokenpatch.report import format_table, write_json
+from tokenpatch.measure.evaluate import accuracy, predict
+from tokenpatch.measure.flops import count_macs
+from tokenpatch.measure.report import format_table, write_json
 
 # (label, method, options): the default idle, its schedule and score alternatives, the paper's
 # own inference setting, and EViT with and without fusion.

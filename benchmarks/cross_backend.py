@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from tokenpatch.data import IMAGENET_SAMPLE, LabelledImages, data_dir, eval_transform, load_deit_tiny, load_images
-from tokenpatch.report import format_table
+from tokenpatch.measure.report import format_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from hf_convert import compare_patched, hf_twin  # noqa: E402

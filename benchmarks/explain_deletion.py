@@ -11,7 +11,7 @@ agreement of the unpatched model, of ``iared2`` and of training-free ``evit`` at
 whose MACs match iared2's mean per-image MACs. Then, on the held-out images, the unpatched
 model's deletion curves (most important patches removed first) for four explanations: the
 trained interpreters' mean keep probability over the groups in a pass that drops nothing
-(:func:`~tokenpatch.explanation.keep_probability_map`), the reduced pass's own decisions
+(:func:`~tokenpatch.interpret.score_map`), the reduced pass's own decisions
 (``Explanation.importance``: how long a patch survived, then its last probability), the last
 block's raw class-token attention, attention rollout and a random order. ``--load`` reuses a
 model saved by ``--save`` instead of training.
@@ -28,14 +28,14 @@ import torch
 
 import tokenpatch
 from tokenpatch.data import DEIT_TINY_WEIGHTS, IMAGENET_SAMPLE, data_dir, load_images
-from tokenpatch.evaluate import accuracy, predict
-from tokenpatch.explanation import (attention_rollout, cls_attention_map, deletion_auc, deletion_curve, explain,
-                                    keep_probability_map)
-from tokenpatch.finetune_job import split_dataset
-from tokenpatch.flops import count_macs
-from tokenpatch.models import build_timm_model, load_checkpoint
-from tokenpatch.report import format_table, write_json
-from tokenpatch.train import FinetuneConfig, finetune
+from tokenpatch.interpret import (attention_rollout, cls_attention_map, deletion_auc, deletion_curve, explain,
+                                  score_map)
+from tokenpatch.jobs.finetune import split_dataset
+from tokenpatch.measure.evaluate import accuracy, predict
+from tokenpatch.measure.flops import count_macs
+from tokenpatch.backends.build import build_timm_model, load_checkpoint
+from tokenpatch.measure.report import format_table, write_json
+from tokenpatch.training.finetune import FinetuneConfig, finetune
 
 MODEL = "deit_tiny_patch16_224"
 
@@ -59,11 +59,10 @@ def matched_evit_ratio(model: torch.nn.Module, target: float, probe: torch.Tenso
 
 def train_iared2(model: torch.nn.Module, train, args: argparse.Namespace) -> list[dict]:
     """Patch ``model`` with iared2 and train its interpreters (and the backbone if asked) on ``train``."""
-    tokenpatch.patch(model, "iared2", keep_ratio=args.keep_ratio)
+    tokenpatch.patch(model, "iared2", keep_ratio=args.keep_ratio, kept_penalty=args.penalty)
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(args.seed))
-    config = FinetuneConfig(steps=args.steps, module_lr=args.module_lr, kept_penalty=args.penalty,
-                            train_backbone=args.train_backbone)
+    config = FinetuneConfig(steps=args.steps, module_lr=args.module_lr, train_backbone=args.train_backbone)
     history = finetune(model, loader, config)
     if args.save:
         tokenpatch.save(model, args.save)
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append({"": f"iared2 (cap {cap}{', loaded' if args.load else f', penalty {args.penalty}'})", **scores(model, images, labels, reference),
                  "macs_ratio": iared2_macs / unpatched_macs})
     subset = images[args.deletion_start: args.deletion_start + args.deletion_images]
-    interpreter = {"iared2 interpreters (mean keep probability)": keep_probability_map(model, subset),
+    interpreter = {"iared2 interpreters (mean keep probability)": score_map(model, subset),
                    "iared2 decisions at the cap (importance)": explain(model, subset).importance()}
     explained = tokenpatch.unpatch(model)
 

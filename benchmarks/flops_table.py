@@ -18,8 +18,8 @@ from typing import Any, Optional
 import timm
 
 import tokenpatch
-from tokenpatch.flops import count_macs
-from tokenpatch.report import format_table, write_json
+from tokenpatch.measure.flops import count_macs
+from tokenpatch.measure.report import format_table, write_json
 
 UNPATCHED = {"deit_tiny_patch16_224": 1.26, "deit_small_patch16_224": 4.61, "deit_base_patch16_224": 17.58}
 EVIT_FUSE_DEIT_S = {0.9: 4.0, 0.8: 3.5, 0.7: 3.0, 0.6: 2.6, 0.5: 2.3}

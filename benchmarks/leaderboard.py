@@ -23,13 +23,13 @@ import time
 import torch
 
 import tokenpatch
-from tokenpatch.budget import mean_macs_per_image
+from tokenpatch.measure.budget import mean_macs_per_image
 from tokenpatch.data import IMAGENET_SAMPLE, LabelledImages, data_dir, eval_transform, load_deit_tiny, load_images
-from tokenpatch.evaluate import accuracy, predict
-from tokenpatch.flops import count_macs
-from tokenpatch.plot import line_chart
-from tokenpatch.report import format_table, write_json
-from tokenpatch.speed import compare_throughput, paired_speedup
+from tokenpatch.measure.evaluate import accuracy, predict
+from tokenpatch.measure.flops import count_macs
+from tokenpatch.measure.plot import line_chart
+from tokenpatch.measure.report import format_table, write_json
+from tokenpatch.measure.speed import compare_throughput, paired_speedup
 
 LEARNED = {"dynamicvit", "iared2"}  # their policies are trained; here they are not
 COLUMNS = ["method", "budget", "keep_ratio", "macs_ratio", "top1", "top5", "agreement",

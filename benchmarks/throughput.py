@@ -19,9 +19,9 @@ import timm
 import torch
 
 import tokenpatch
-from tokenpatch.flops import count_macs
-from tokenpatch.report import format_table, write_json
-from tokenpatch.speed import compare_throughput, paired_speedup
+from tokenpatch.measure.flops import count_macs
+from tokenpatch.measure.report import format_table, write_json
+from tokenpatch.measure.speed import compare_throughput, paired_speedup
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@
         --checkpoint ../shared/data/weights/deit_tiny_patch16_224.safetensors --method idle --keep-ratio 0.55
 
 The library calls behind ``tokenpatch finetune``: build and patch the model, a DataLoader over
-the folder, ``tokenpatch.train.finetune`` (a frozen unpatched copy is the teacher), and
+the folder, ``tokenpatch.training.finetune.finetune`` (a frozen unpatched copy is the teacher), and
 ``tokenpatch.save``. Load the result with ``tokenpatch.load(fresh_model, path)``.
 """
 
@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader
 
 import tokenpatch
 from tokenpatch.data import eval_transform, image_dataset
-from tokenpatch.models import build_timm_model, load_checkpoint
-from tokenpatch.train import FinetuneConfig, finetune
+from tokenpatch.backends.build import build_timm_model, load_checkpoint
+from tokenpatch.training.finetune import FinetuneConfig, finetune
 
 
 def main() -> None:

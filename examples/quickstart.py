@@ -9,7 +9,7 @@ import timm
 import torch
 
 import tokenpatch
-from tokenpatch.flops import count_macs
+from tokenpatch.measure.flops import count_macs
 
 model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
 images = torch.randn(2, 3, 224, 224)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from tokenpatch.models import hf_config_from_timm
+from tokenpatch.backends.build import hf_config_from_timm
 
 
 def timm_to_hf(state: dict[str, torch.Tensor], distilled: bool) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ import torch
 
 import tokenpatch
 from tokenpatch.errors import InvalidOptionError
-from tokenpatch.flops import count_macs
+from tokenpatch.measure.flops import count_macs
 
 from conftest import images
 

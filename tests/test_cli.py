@@ -10,8 +10,8 @@ import pytest
 
 import tokenpatch
 from tokenpatch.cli import main
-from tokenpatch.models import build_timm_model
-from tokenpatch.flops import count_macs
+from tokenpatch.backends.build import build_timm_model
+from tokenpatch.measure.flops import count_macs
 
 AUDIT = ["audit", "deit_tiny_patch16_224", "--img-size", "64", "--batch-size", "2", "--repeats", "2"]
 
@@ -127,11 +127,12 @@ def test_finetune_options_reach_the_job_and_explain_reads_its_checkpoint(tuning_
     data, weights = tuning_inputs
     out = tmp_path / "iared2.safetensors"
     argv = ["finetune", "deit_tiny_patch16_224", "--data", str(data), "--checkpoint", str(weights), "--steps", "2",
-            "--batch-size", "4", "--method", "iared2", "--keep-ratio", "0.7", "--freeze-backbone", "--kept-penalty", "2",
+            "--batch-size", "4", "--method", "iared2", "--keep-ratio", "0.7", "--freeze-backbone", "--option", "kept_penalty=2",
             "--mixup", "1.0", "--feature-weight", "0.5", "--temperature", "2", "--out", str(out), "--json"]
     assert main(argv) == 0
-    config = json.loads(capsys.readouterr().out)["finetune_config"]
-    assert (config["train_backbone"], config["kept_penalty"], config["mixup"]) == (False, 2.0, 1.0)
+    result = json.loads(capsys.readouterr().out)
+    config = result["finetune_config"]
+    assert (config["train_backbone"], result["options"]["kept_penalty"], config["mixup"]) == (False, 2.0, 1.0)
     assert (config["feature_weight"], config["temperature"]) == (0.5, 2.0)
     image = next(data.glob("*.png"))
     maps = tmp_path / "maps"

@@ -7,9 +7,9 @@ from PIL import Image
 import tokenpatch
 from tokenpatch.cli import main
 from tokenpatch.errors import NotPatchedError, TokenPatchError
-from tokenpatch.explanation import (attention_maps, attention_rollout, cls_attention_map, deletion_auc, deletion_curve,
-                                explain, keep_probability_map)
-from tokenpatch.render import colour, contact_sheet, merged, panel, to_pixels
+from tokenpatch.interpret.explanation import (attention_maps, attention_rollout, cls_attention_map, deletion_auc, deletion_curve,
+                                explain, score_map)
+from tokenpatch.interpret.render import colour, contact_sheet, merged, panel, to_pixels
 
 from conftest import images, make_model
 
@@ -67,18 +67,18 @@ def test_iared2_keep_probabilities_cover_the_patches_each_group_saw():
     assert (importance[kept_last].min() > importance[~explanation.computed[:, 0]].max())
 
 
-def test_keep_probability_map_scores_every_patch_in_every_group_and_restores_the_options():
+def test_score_map_scores_every_patch_in_every_group_and_restores_the_options():
     model = tokenpatch.patch(make_model("deit_tiny", depth=4), "iared2", keep_ratio=0.5, threshold=0.6)
     x = images(model, batch=2)
     before = tokenpatch.get_config(model)
-    heatmap = keep_probability_map(model, x)
+    heatmap = score_map(model, x)
     assert heatmap.shape == (2, 4, 4) and not heatmap.isnan().any()
     assert ((0 < heatmap) & (heatmap < 1)).all()
     assert tokenpatch.get_config(model) == before
     first = explain(model, x).scores[0]  # the first group sees every patch either way
     assert not torch.allclose(heatmap, first)
-    with pytest.raises(TokenPatchError, match="needs an iared2 model"):
-        keep_probability_map(tokenpatch.patch(make_model("deit_tiny"), "evit"), x)
+    with pytest.raises(TokenPatchError, match="'evit' has no per-patch score map; methods with one: iared2"):
+        score_map(tokenpatch.patch(make_model("deit_tiny"), "evit"), x)
 
 
 def test_importance_ranks_longer_kept_patches_higher():
@@ -164,7 +164,7 @@ def test_cli_explain_names_a_missing_image(tmp_path, capsys):
 
 
 def test_line_chart_draws_every_series_inside_its_axes(tmp_path):
-    from tokenpatch.plot import line_chart
+    from tokenpatch.measure.plot import line_chart
 
     chart = line_chart({"a": [(55.0, 70.0), (100.0, 76.0)], "b": [(60.0, 71.5)]}, "title", "x", "y", size=(400, 300))
     path = tmp_path / "chart.png"

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokenpatch
-from tokenpatch.flops import count_macs
+from tokenpatch.measure.flops import count_macs
 
 from conftest import make_model
 

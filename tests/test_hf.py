@@ -6,7 +6,7 @@ import transformers
 
 import tokenpatch
 from tokenpatch import TokenPatchError, UnsupportedModelError
-from tokenpatch.train import head_features
+from tokenpatch.training.finetune import head_features
 
 from conftest import images, make_model
 from hf_convert import compare_patched, hf_twin

@@ -5,8 +5,9 @@ import torch
 
 import tokenpatch
 from tokenpatch.errors import InvalidOptionError
-from tokenpatch.losses import DistillationLoss, PolicyGradientLoss
-from tokenpatch.train import FinetuneConfig, finetune, frozen_teacher, training_loss
+from tokenpatch.methods.iared2 import PolicyGradientLoss
+from tokenpatch.training.losses import DistillationLoss
+from tokenpatch.training.finetune import FinetuneConfig, finetune, frozen_teacher, training_loss
 
 from conftest import images, make_model
 
@@ -23,12 +24,12 @@ def _mean_first_group_probability(model, x):
 @pytest.mark.parametrize("penalty, direction", [(0.0, +1), (50.0, -1)])
 def test_reinforce_keeps_tokens_without_penalty_and_drops_them_with_a_large_one(penalty, direction):
     torch.manual_seed(0)
-    model = tokenpatch.patch(make_model("deit_tiny", drop_path_rate=0.0), "iared2", keep_ratio=0.9)
+    model = tokenpatch.patch(make_model("deit_tiny", drop_path_rate=0.0), "iared2", keep_ratio=0.9, kept_penalty=penalty)
     for interpreter in model.tokenpatch.values():  # start undecided: p = 0.5 everywhere
         torch.nn.init.zeros_(interpreter.heads.bias)
     x = images(model, batch=16)
     before = _mean_first_group_probability(model, x)
-    config = FinetuneConfig(steps=10, module_lr=3e-2, warmup_steps=1, kept_penalty=penalty, train_backbone=False)
+    config = FinetuneConfig(steps=10, module_lr=3e-2, warmup_steps=1, train_backbone=False)
     weights = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("tokenpatch.")}
     finetune(model, [x], config, progress=False)
     after = _mean_first_group_probability(model, x)
@@ -44,7 +45,7 @@ def test_training_samples_decisions_and_gradients_reach_every_interpreter():
     model.train()
     torch.manual_seed(3)
     loss = training_loss(model, frozen_teacher(model), x, None, config, DistillationLoss())
-    groups = model._tokenpatch.aux["policy"]
+    groups = model._tokenpatch.local.aux["policy"]
     assert len(groups) == 4  # one per group of the depth-4 model
     log_prob, kept = groups[0]
     assert log_prob.shape == kept.shape == (6,) and (log_prob < 0).all()
@@ -57,7 +58,7 @@ def test_training_samples_decisions_and_gradients_reach_every_interpreter():
 def test_policy_gradient_loss_is_advantage_weighted_log_probability():
     model = tokenpatch.patch(make_model("deit_tiny"), "iared2", keep_ratio=0.5)
     log_prob = torch.tensor([-1.0, -2.0], requires_grad=True)
-    model._tokenpatch.aux = {"policy": [(log_prob, torch.tensor([1.0, 0.5]))]}
+    model._tokenpatch.local.aux = {"policy": [(log_prob, torch.tensor([1.0, 0.5]))]}
     task_loss = torch.tensor([0.2, 0.4])
     # rewards: -0.2 - 1.0 = -1.2 and -0.4 - 0.5 = -0.9; baseline -1.05; advantages -0.15, +0.15
     loss = PolicyGradientLoss(penalty=1.0)(model, task_loss)

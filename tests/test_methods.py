@@ -5,9 +5,12 @@ import torch
 
 import tokenpatch
 from tokenpatch.errors import InvalidOptionError, TokenPatchError
-from tokenpatch.losses import DistillationLoss, RatioLoss, TokenCutLoss
+from tokenpatch.methods.dynamicvit import RatioLoss
+from tokenpatch.methods.idle import TokenCutLoss
+from tokenpatch.training.losses import DistillationLoss
 from tokenpatch.methods.sait import SaiT, SaiTConfig, mass_counts, padded_top_positions
-from tokenpatch.train import FinetuneConfig, collecting, finetune, frozen_teacher, step_options, training_loss
+from tokenpatch.core.runner import collecting
+from tokenpatch.training.finetune import FinetuneConfig, finetune, frozen_teacher, step_options, training_loss
 
 from conftest import images, make_model
 
@@ -22,11 +25,13 @@ def _seeded_loss(model, teacher, x, config):
                                              ("evit", {}), ("dynamicvit", {}), ("sait", {}), ("sait", {"mass": 0.8})])
 def test_one_optimisation_step_reduces_the_loss_on_a_fixed_batch(method, options):
     cut, feature = options.pop("cut", 0.0), options.pop("feature", 0.0)
+    if cut:
+        options["cut_weight"] = cut
     model = tokenpatch.patch(make_model("deit_tiny", drop_path_rate=0.0), method, keep_ratio=0.4, **options)
     x = images(model, batch=8)
-    config = FinetuneConfig(steps=1, lr=1e-5, warmup_steps=1, module_lr=1e-4, cut_weight=cut, feature_weight=feature)
+    config = FinetuneConfig(steps=1, lr=1e-5, warmup_steps=1, module_lr=1e-4, feature_weight=feature)
     teacher = frozen_teacher(model)
-    with collecting(model, ["attention"] if cut else []):
+    with collecting(model, frozenset({"attention"}) if cut else frozenset()):
         before = _seeded_loss(model, teacher, x, config)
         torch.manual_seed(123)
         finetune(model, [x], config, progress=False, teacher=teacher)
@@ -56,7 +61,7 @@ def test_dynamicvit_training_masks_instead_of_removing_and_gradients_reach_the_p
     predictor_grads = [p.grad for p in model.tokenpatch.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in predictor_grads)
     assert any(g.abs().sum() > 0 for g in predictor_grads)
-    fractions = model._tokenpatch.aux["keep_fraction"]
+    fractions = model._tokenpatch.local.aux["keep_fraction"]
     assert [target for _, target in fractions] == pytest.approx([0.5, 0.25, 0.125])
     assert all(((f > 0) & (f <= 1)).all() for f, _ in fractions)
     assert all((b <= a + 1e-6).all() for (a, _), (b, _) in zip(fractions, fractions[1:]))  # dropped stays dropped
@@ -72,17 +77,17 @@ def test_dynamicvit_eval_keeps_rho_powers_of_the_original_patches():
 def test_ratio_loss_is_the_squared_gap_to_each_stage_target():
     model = tokenpatch.patch(make_model("deit_tiny"), "dynamicvit", keep_ratio=0.5)
     ctx = model._tokenpatch
-    ctx.aux = {"keep_fraction": [(torch.tensor([0.5, 0.5]), 0.5), (torch.tensor([0.25, 0.25]), 0.25)]}
+    ctx.local.aux = {"keep_fraction": [(torch.tensor([0.5, 0.5]), 0.5), (torch.tensor([0.25, 0.25]), 0.25)]}
     assert RatioLoss()(model).item() == pytest.approx(0.0)
-    ctx.aux = {"keep_fraction": [(torch.tensor([1.0, 0.5]), 0.5)]}
+    ctx.local.aux = {"keep_fraction": [(torch.tensor([1.0, 0.5]), 0.5)]}
     assert RatioLoss()(model).item() == pytest.approx(0.125)
-    ctx.aux = {}
+    ctx.local.aux = {}
     with pytest.raises(TokenPatchError, match="training-mode pass"):
         RatioLoss()(model)
 
 
 def test_ratio_loss_trains_the_predictors_towards_the_target_fraction():
-    model = tokenpatch.patch(make_model("deit_tiny"), "dynamicvit", keep_ratio=0.3)
+    model = tokenpatch.patch(make_model("deit_tiny"), "dynamicvit", keep_ratio=0.3, ratio_weight=10.0)
     x = images(model, batch=8)
     torch.manual_seed(0)
     gaps = []
@@ -90,7 +95,7 @@ def test_ratio_loss_trains_the_predictors_towards_the_target_fraction():
         model.train()
         model(x)
         gaps.append(RatioLoss()(model).item())
-        finetune(model, [x], FinetuneConfig(steps=15, lr=0.0, module_lr=3e-3, ratio_weight=10.0, warmup_steps=1),
+        finetune(model, [x], FinetuneConfig(steps=15, lr=0.0, module_lr=3e-3, warmup_steps=1),
                  progress=False)
     assert gaps[1] < 0.5 * gaps[0]
 
@@ -99,9 +104,9 @@ def test_token_cut_loss_is_zero_when_attention_stays_within_each_set():
     model = tokenpatch.patch(make_model("deit_tiny"), "idle", keep_ratio=0.5)
     selected = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0]])
     same_set = selected.T @ selected + (1 - selected).T @ (1 - selected)
-    model._tokenpatch.aux = {"token_cut": [(torch.where(same_set > 0, 0.0, -1e4).unsqueeze(0), selected)]}
+    model._tokenpatch.local.aux = {"token_cut": [(torch.where(same_set > 0, 0.0, -1e4).unsqueeze(0), selected)]}
     assert TokenCutLoss()(model).item() == pytest.approx(0.0, abs=1e-6)
-    model._tokenpatch.aux = {"token_cut": [(torch.zeros(1, 5, 5), selected)]}  # uniform attention crosses the cut
+    model._tokenpatch.local.aux = {"token_cut": [(torch.zeros(1, 5, 5), selected)]}  # uniform attention crosses the cut
     assert TokenCutLoss()(model).item() > 0.1
 
 
@@ -109,11 +114,11 @@ def test_idle_leaves_token_cut_inputs_only_when_asked():
     model = tokenpatch.patch(make_model("deit_tiny"), "idle", keep_ratio=0.5).train()
     x = images(model, batch=2)
     model(x)
-    assert "token_cut" not in model._tokenpatch.aux
-    with collecting(model, ["attention"]):
+    assert "token_cut" not in model._tokenpatch.local.aux
+    with collecting(model, frozenset({"attention"})):
         model(x)
-    logits, selected = model._tokenpatch.aux["token_cut"][0]
-    assert len(model._tokenpatch.aux["token_cut"]) == 3  # blocks 1..3 reduce
+    logits, selected = model._tokenpatch.local.aux["token_cut"][0]
+    assert len(model._tokenpatch.local.aux["token_cut"]) == 3  # blocks 1..3 reduce
     assert logits.shape == (2, 17, 17) and selected.shape == (2, 17)
     assert selected.sum(1).tolist() == [1 + 8, 1 + 8]
     assert TokenCutLoss()(model).requires_grad
@@ -175,10 +180,12 @@ def test_sait_fine_tuning_alternates_dense_and_sparse_steps():
     model = tokenpatch.patch(make_model("deit_tiny"), "sait", keep_ratio=0.5, dense_every=2)
     assert SaiT().training_overrides(SaiTConfig(dense_every=2), 1) == {}
     seen = []
+    x = images(model, batch=1)
     for step in (1, 2, 3, 4):
-        with step_options(model, step):
-            seen.append(tokenpatch.get_config(model).keep_ratio)
-    assert seen == [0.5, 1.0, 0.5, 1.0]
+        with step_options(model, step), tokenpatch.trace(model) as t:
+            model(x)
+        seen.append(t.tokens_per_block[-1])
+    assert seen == [9, 17, 9, 17]  # 8 of 16 patches (+ class token) on sparse steps, all on dense ones
     assert tokenpatch.get_config(model).keep_ratio == 0.5
 
 

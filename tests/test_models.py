@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import tokenpatch
 from tokenpatch.backends import find_backend
-from tokenpatch.engine import full_block
+from tokenpatch.core.pieces import full_block
 
 from conftest import SMALL_MODELS, images, make_model
 

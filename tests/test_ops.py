@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenpatch.ops import (
+from tokenpatch.core.ops import (
     cls_attention,
     complement_positions,
     gather_heads,

@@ -5,7 +5,7 @@ import torch
 
 import tokenpatch
 from tokenpatch.data import IMAGENET_SAMPLE, LabelledImages, eval_transform, load_deit_tiny, load_images
-from tokenpatch.evaluate import accuracy, predict
+from tokenpatch.measure.evaluate import accuracy, predict
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_ats_counts_follow_real_images_and_tome_merges_cheaply(deit_and_images):
 
 
 def test_attention_explains_real_images_better_than_a_random_order(deit_and_images):
-    from tokenpatch.explanation import attention_rollout, cls_attention_map, deletion_auc, deletion_curve
+    from tokenpatch.interpret.explanation import attention_rollout, cls_attention_map, deletion_auc, deletion_curve
 
     model, x, _, _ = deit_and_images
     images = x[:24]

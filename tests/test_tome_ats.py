@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import tokenpatch
 from tokenpatch.errors import InvalidOptionError
-from tokenpatch.merging import bipartite_matching, merge_tokens
+from tokenpatch.core.merging import bipartite_matching, merge_tokens
 from tokenpatch.methods.ats import inverse_transform_sample, significance
 from tokenpatch.methods.tome import keep_ratio_schedule
 
@@ -135,8 +135,8 @@ def test_tome_r_zero_is_exact_and_bad_r_is_named():
     reference = model(x)
     tokenpatch.patch(model, "tome", r=0)
     assert torch.equal(model(x), reference)
-    for bad in (-1, 2.5, True):
-        with pytest.raises(InvalidOptionError, match="r must be None or an integer"):
+    for bad, why in ((-1, ">= 0, got -1"), (2.5, "an integer or None, got 2.5"), (True, "an integer or None, got True")):
+        with pytest.raises(InvalidOptionError, match=f"r must be {why}"):
             tokenpatch.set_options(model, r=bad)
     assert tokenpatch.get_config(model).r == 0
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import tokenpatch
-from tokenpatch.losses import FeatureDistillationLoss
+from tokenpatch.training.losses import FeatureDistillationLoss
 from tokenpatch.errors import TokenPatchError
-from tokenpatch.train import (DistillationLoss, FinetuneConfig, finetune, frozen_teacher, head_features, mixed,
+from tokenpatch.training.finetune import (DistillationLoss, FinetuneConfig, finetune, frozen_teacher, head_features, mixed,
                               training_loss)
 
 from conftest import images, make_model
@@ -111,7 +111,7 @@ def test_image_dataset_reads_every_folder_layout(tmp_path):
 def test_augmented_training_split_is_random_and_validation_is_not(tmp_path):
     from PIL import Image
 
-    from tokenpatch.finetune_job import split_dataset
+    from tokenpatch.jobs.finetune import split_dataset
 
     g = torch.Generator().manual_seed(0)
     for i in range(4):

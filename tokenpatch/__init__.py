@@ -6,8 +6,11 @@
 """
 
 from .api import available_methods, get_config, get_method_name, patch, set_keep_ratio, set_options, unpatch
-from .budget import BudgetFit, set_macs_ratio
 from .checkpoint import load, load_config, save, save_config
+from .core.method import Method, MethodConfig
+from .core.registry import register_method, unregister_method
+from .core.runner import is_patched, trace
+from .core.records import BlockRecord, ScoreRecord, Trace
 from .errors import (
     AlreadyPatchedError,
     InputShapeError,
@@ -17,10 +20,9 @@ from .errors import (
     UnknownMethodError,
     UnsupportedModelError,
 )
-from .explanation import Explanation, explain
+from .interpret import Explanation, explain
+from .measure import BudgetFit, count_macs, set_macs_ratio
 from .methods import ATSConfig, DynamicViTConfig, EViTConfig, IARed2Config, IdleConfig, SaiTConfig, ToMeConfig
-from .patcher import is_patched
-from .trace import BlockRecord, ScoreRecord, Trace, trace
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,11 @@ __all__ = [
     "BudgetFit",
     "set_options",
     "available_methods",
+    "register_method",
+    "unregister_method",
+    "Method",
+    "MethodConfig",
+    "count_macs",
     "get_config",
     "get_method_name",
     "is_patched",

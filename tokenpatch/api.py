@@ -1,4 +1,4 @@
-"""Public API: ``patch``, ``unpatch``, ``set_keep_ratio``, ``available_methods``, ``get_config``."""
+"""Public API: ``patch``, ``unpatch``, ``set_keep_ratio``, ``set_options``, the method registry."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ from typing import Any, Optional, TypeVar
 
 from torch import nn
 
+from . import methods as _builtin_methods  # noqa: F401  (registers the built-in methods)
 from .backends import find_backend
+from .core.method import MethodConfig
+from .core.registry import METHODS, get_method
+from .core.runner import PatchContext, build_config, context_of, install, is_patched, reconfigure, uninstall
 from .errors import AlreadyPatchedError, InvalidOptionError
-from .methods import METHODS, Method, MethodConfig, get_method
-from .patcher import PatchContext, context_of, install, is_patched, uninstall
+from .measure.budget import set_macs_ratio
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -18,17 +21,6 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 def available_methods() -> dict[str, str]:
     """Registered method names, each with a one-line summary."""
     return {name: method.summary for name, method in sorted(METHODS.items())}
-
-
-def _build_config(method: Method, keep_ratio: Optional[float], options: dict[str, Any]) -> MethodConfig:
-    fields = {f.name for f in dataclasses.fields(method.config_class)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        valid = ", ".join(sorted(fields - {"keep_ratio"})) or "none"
-        raise InvalidOptionError(f"unknown option(s) {unknown} for method {method.name!r}; valid options: {valid}")
-    if keep_ratio is not None:
-        options = {**options, "keep_ratio": keep_ratio}  # range-checked by the config's validate
-    return method.config_class(**options)
 
 
 def patch(model: ModelT, method: str = "idle", keep_ratio: Optional[float] = None, *,
@@ -49,7 +41,7 @@ def patch(model: ModelT, method: str = "idle", keep_ratio: Optional[float] = Non
         macs_input: (B, 3, H, W) images (or a shape) the MACs are counted on for ``macs_ratio``;
             matters for methods whose token counts follow the image (ats, sait with mass, iared2).
         **options: method options, e.g. ``schedule="geometric"`` for ``idle`` or ``fuse=True``
-            for ``evit``; unknown names are an error.
+            for ``evit``; unknown names and values of the wrong type are an error.
 
     Returns:
         ``model`` itself.
@@ -66,7 +58,7 @@ def patch(model: ModelT, method: str = "idle", keep_ratio: Optional[float] = Non
             "call tokenpatch.unpatch(model) first, or tokenpatch.set_keep_ratio(model, r) to change sparsity"
         )
     backend = find_backend(model)
-    config = _build_config(chosen, keep_ratio, options)
+    config = build_config(chosen, keep_ratio, options)
     depth = len(backend.blocks(model))
     ctx = PatchContext(backend, chosen, config, backend.num_prefix_tokens(model), depth,
                        pools_class_token=backend.pools_class_token(model))  # validates the options
@@ -76,8 +68,6 @@ def patch(model: ModelT, method: str = "idle", keep_ratio: Optional[float] = Non
         ctx.modules.to(device=reference.device, dtype=reference.dtype).train(model.training)
     install(model, ctx)
     if macs_ratio is not None:
-        from .budget import set_macs_ratio  # local: budget counts MACs through this module's functions
-
         try:
             set_macs_ratio(model, macs_ratio, macs_input)
         except BaseException:
@@ -100,6 +90,9 @@ def unpatch(model: ModelT) -> ModelT:
 def set_keep_ratio(model: nn.Module, keep_ratio: float) -> None:
     """Change a patched model's keep ratio on the fly (no re-patching, no weight change).
 
+    Atomic: passes already running finish with the old ratio; passes that start after the call
+    use the new one, in every thread.
+
     Raises:
         NotPatchedError, InvalidOptionError (keep_ratio outside (0, 1]).
     """
@@ -109,23 +102,18 @@ def set_keep_ratio(model: nn.Module, keep_ratio: float) -> None:
 def set_options(model: nn.Module, **options: Any) -> None:
     """Change a patched model's method options on the fly, e.g. ``set_options(model, mass=0.8)`` for ``sait``.
 
-    Options the method built modules from (``prune_blocks`` of ``dynamicvit``) are fixed at
-    patch time. On error the options are left as they were.
+    Atomic, like :func:`set_keep_ratio`. Options the method built modules from (``prune_blocks``
+    of ``dynamicvit``) are fixed at patch time. On error the options are left as they were.
 
     Raises:
-        NotPatchedError, InvalidOptionError (unknown, fixed or out-of-range option).
+        NotPatchedError, InvalidOptionError (unknown, fixed, mistyped or out-of-range option).
     """
-    ctx = context_of(model)
-    fixed = sorted(set(options) & ctx.method.structural_options)
-    if fixed:
-        raise InvalidOptionError(f"option(s) {fixed} of {ctx.method.name!r} are fixed at patch time; re-patch to change them")
-    config = _build_config(ctx.method, None, {**dataclasses.asdict(ctx.config), **options})
-    ctx.set_config(config)
+    reconfigure(model, **options)
 
 
 def get_config(model: nn.Module) -> MethodConfig:
     """A copy of the patched model's method options."""
-    return dataclasses.replace(context_of(model).config)
+    return dataclasses.replace(context_of(model).settings.config)
 
 
 def get_method_name(model: nn.Module) -> str:

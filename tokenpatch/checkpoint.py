@@ -16,9 +16,9 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from .api import patch, unpatch
+from .core.registry import get_method
+from .core.runner import context_of, is_patched
 from .errors import TokenPatchError
-from .methods import get_method
-from .patcher import context_of, is_patched
 
 METADATA_KEY = "tokenpatch"
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -28,7 +28,7 @@ PathLike = Union[str, os.PathLike]
 def config_dict(model: nn.Module) -> dict[str, Any]:
     """``{"method": name, "options": {...}}`` of a patched model (JSON-ready)."""
     ctx = context_of(model)
-    return {"method": ctx.method.name, "options": ctx.config.to_dict()}
+    return {"method": ctx.method.name, "options": ctx.settings.config.to_dict()}
 
 
 def save_config(model: nn.Module, path: PathLike) -> None:

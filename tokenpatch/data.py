@@ -115,7 +115,7 @@ def train_transform(model: nn.Module) -> Callable:
 
 def timm_twin(model_spec: str) -> nn.Module:
     """The timm model a ``tokenpatch`` model spec names (``hf:NAME``: its timm twin), for input configs."""
-    from .models import HF_PREFIX, build_timm_model
+    from .backends.build import HF_PREFIX, build_timm_model
 
     return build_timm_model(model_spec[len(HF_PREFIX):] if model_spec.startswith(HF_PREFIX) else model_spec)
 

@@ -1,11 +1,11 @@
-"""Model-family adapters. ``find_backend`` picks the one that claims a model."""
+"""Model-family adapters, one file per family. ``find_backend`` picks the one that claims a model."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from ..core.blocks import Backend, BlockView
 from ..errors import UnsupportedModelError
-from .base import Backend, BlockView
 from .hf import HFBackend
 from .timm import TimmBackend
 
@@ -20,12 +20,25 @@ def find_backend(model: nn.Module) -> Backend:
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    _refuse_wrapper(model)
     for backend in BACKENDS:
         if backend.claims(model):
             backend.check(model)
             return backend
     supported = "; ".join(b.supported for b in BACKENDS)
     raise UnsupportedModelError(f"cannot patch {type(model).__name__}: supported are {supported}")
+
+
+def _refuse_wrapper(model: nn.Module) -> None:
+    """Name the model inside a DataParallel/DDP/torch.compile wrapper instead of refusing it blindly."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} wraps the model: patch the model itself, tokenpatch.patch(wrapper.module, ...) "
+            "(or patch before wrapping)")
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise UnsupportedModelError(
+            "this is a torch.compile wrapper: patch the model before compiling it, or patch wrapper._orig_mod "
+            "and compile again (the compiled graph was traced from the unpatched forward)")
 
 
 __all__ = ["Backend", "BlockView", "BACKENDS", "find_backend"]

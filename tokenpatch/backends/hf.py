@@ -8,12 +8,12 @@ Read against transformers 5.23: ``ViTModel``/``DeiTModel`` hold ``embeddings`` a
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from torch import Tensor, nn
 
+from ..core.blocks import Backend, BlockView
 from ..errors import TokenPatchError, UnsupportedModelError
-from .base import Backend, BlockView
 
 LAYER_MODULES = ("layernorm_before", "attention.q_proj", "attention.k_proj", "attention.v_proj",
                  "attention.o_proj", "layernorm_after", "mlp.fc1", "mlp.fc2")
@@ -52,13 +52,14 @@ class HFBlockView(BlockView):
         b, n, _ = t.shape
         return t.view(b, n, -1, self.head_dim).transpose(1, 2)
 
-    def qkv(self, xn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # Absolute position embeddings: the projections do not depend on where a token sits.
+    def qkv(self, xn: Tensor, positions: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         return self.query(xn), self.key(xn), self.value(xn)
 
-    def query(self, xn: Tensor) -> Tensor:
+    def query(self, xn: Tensor, positions: Optional[Tensor] = None) -> Tensor:
         return self._heads(self.attn.q_proj(xn))
 
-    def key(self, xn: Tensor) -> Tensor:
+    def key(self, xn: Tensor, positions: Optional[Tensor] = None) -> Tensor:
         return self._heads(self.attn.k_proj(xn))
 
     def value(self, xn: Tensor) -> Tensor:
@@ -156,6 +157,19 @@ class HFBackend(Backend):
 
     def image_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         return args[0] if args else kwargs.get("pixel_values")
+
+    def input_size(self, model: nn.Module) -> tuple[int, int]:
+        size = model.config.image_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def logits(self, output: Any) -> Tensor:
+        return output.logits if hasattr(output, "logits") else output
+
+    def gradient_checkpointing(self, model: nn.Module) -> bool:
+        return bool(getattr(model, "is_activation_checkpointing", False))
+
+    def disable_checkpointing_hint(self) -> str:
+        return "turn it off with model.gradient_checkpointing_disable()"
 
 
 def _missing_modules(layer: nn.Module) -> list[str]:

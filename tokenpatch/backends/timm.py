@@ -7,13 +7,13 @@ Read against timm 1.0.31: ``timm.models.vision_transformer.Block`` (``norm1``, `
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.blocks import Backend, BlockView
 from ..errors import TokenPatchError, UnsupportedModelError
-from .base import Backend, BlockView
 
 try:  # timm is a hard dependency, but keep the import error readable.
     from timm.layers import Attention as TimmAttention
@@ -51,16 +51,17 @@ class TimmBlockView(BlockView):
         bias = self.attn.qkv.bias
         return self._heads(F.linear(xn, self.attn.qkv.weight[rows], None if bias is None else bias[rows]))
 
-    def qkv(self, xn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # Absolute position embeddings: the projections do not depend on where a token sits.
+    def qkv(self, xn: Tensor, positions: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         b, n, _ = xn.shape
         qkv = self.attn.qkv(xn).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         return self.attn.q_norm(q), self.attn.k_norm(k), v
 
-    def query(self, xn: Tensor) -> Tensor:
+    def query(self, xn: Tensor, positions: Optional[Tensor] = None) -> Tensor:
         return self.attn.q_norm(self._project(xn, 0))
 
-    def key(self, xn: Tensor) -> Tensor:
+    def key(self, xn: Tensor, positions: Optional[Tensor] = None) -> Tensor:
         return self.attn.k_norm(self._project(xn, 1))
 
     def value(self, xn: Tensor) -> Tensor:
@@ -137,3 +138,12 @@ class TimmBackend(Backend):
 
     def image_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         return args[0] if args else kwargs["x"]
+
+    def input_size(self, model: nn.Module) -> tuple[int, int]:
+        return tuple(model.patch_embed.img_size)
+
+    def gradient_checkpointing(self, model: nn.Module) -> bool:
+        return bool(getattr(model, "grad_checkpointing", False))
+
+    def disable_checkpointing_hint(self) -> str:
+        return "turn it off with model.set_grad_checkpointing(False)"

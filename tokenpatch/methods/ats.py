@@ -23,11 +23,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backends.base import BlockView
-from ..engine import PassState, attention_with_projections, mlp_residual, padded_block, refuse_export
-from ..ops import cls_attention, gather_tokens, prefix_positions
-from .base import Method, MethodConfig, check_blocks, quarter_blocks, require_class_token_pooling
-from .sait import padded_top_positions
+from ..core.blocks import BlockView
+from ..core.method import Method, MethodConfig, check_blocks, quarter_blocks, require_class_token_pooling
+from ..core.ops import cls_attention, gather_tokens, padded_top_positions, prefix_positions
+from ..core.pieces import attention_with_projections, mlp_residual, padded_block, refuse_export
+from ..core.registry import register_method
+from ..core.state import PassState
 
 
 @dataclasses.dataclass
@@ -47,7 +48,6 @@ class ATSConfig(MethodConfig):
     def validate(self, depth: int) -> None:
         super().validate(depth)
         if self.sample_blocks is not None:
-            self.sample_blocks = tuple(self.sample_blocks)
             check_blocks("sample_blocks", self.sample_blocks, depth)
 
     def blocks(self, depth: int) -> tuple[int, ...]:
@@ -91,23 +91,24 @@ def inverse_transform_sample(scores: Tensor, samples: Tensor) -> Tensor:
     return torch.zeros_like(hit_ranked).scatter(1, order, hit_ranked)
 
 
-class ATS(Method):
+@register_method
+class ATS(Method[ATSConfig, None]):
     name = "ats"
     summary = "ATS: sample tokens by inverse-transform sampling of significance, per-image counts"
     config_class = ATSConfig
 
-    def schedule(self, config: MethodConfig, depth: int) -> list[Optional[float]]:
-        assert isinstance(config, ATSConfig)
+    def fixed_token_counts(self, config: ATSConfig) -> bool:
+        return False
+
+    def schedule(self, config: ATSConfig, depth: int) -> list[Optional[float]]:
         start = min(config.blocks(depth))
         return [config.keep_ratio if i >= start else None for i in range(depth)]
 
-    def check_compatible(self, config: MethodConfig, pools_class_token: bool) -> None:
+    def check_compatible(self, config: ATSConfig, pools_class_token: bool) -> None:
         require_class_token_pooling("ats pads each batch to its largest token count", pools_class_token)
 
-    def reduce_block(
-        self, view: BlockView, x: Tensor, state: PassState, block: int, ratio: float, config: MethodConfig
-    ) -> Tensor:
-        assert isinstance(config, ATSConfig)
+    def reduce_block(self, view: BlockView, x: Tensor, state: PassState[None], block: int, ratio: float,
+                     config: ATSConfig) -> Tensor:
         if block not in config.blocks(state.depth):
             state.record(block, x.shape[1], x.shape[1])
             return padded_block(view, x, state)
@@ -125,7 +126,7 @@ class ATS(Method):
         """The attention residual on (B, N, C) ``x`` (padding masked) and the (B, N - P) patch significance."""
         p = state.num_prefix
         key_mask = state.real_tokens(x.shape[1])
-        x, q, k, v = attention_with_projections(view, x, key_mask)
+        x, q, k, v = attention_with_projections(view, x, state.positions, key_mask)
         scores = significance(cls_attention(q[:, :, :1], k, view.scale, key_mask)[:, p:], v[:, :, p:])
         state.record_scores(block, "significance", scores, None if key_mask is None else key_mask[:, p:])
         return x, scores

@@ -27,11 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backends.base import BlockView
-from ..engine import PassState, full_block, keep_tokens, masked_block
+from ..core.blocks import BlockView
+from ..core.method import LossTerm, Method, MethodConfig, check_blocks, check_positive, quarter_blocks
+from ..core.ops import top_k_positions
+from ..core.pieces import full_block, keep_tokens, masked_block
+from ..core.registry import register_method
+from ..core.runner import last_training_outputs
+from ..core.state import PassState
 from ..errors import InvalidOptionError
-from ..ops import top_k_positions
-from .base import Method, MethodConfig, check_blocks, quarter_blocks
 
 
 @dataclasses.dataclass
@@ -44,11 +47,13 @@ class DynamicViTConfig(MethodConfig):
             depth ((3, 6, 9) for 12), filled in when the model is patched. Fixed at patch time
             (one predictor each).
         temperature: Gumbel-softmax temperature of the training-mode keep samples.
+        ratio_weight: fine-tuning weight of the ratio loss (:class:`RatioLoss`; 0: off).
     """
 
     keep_ratio: float = 0.7
     prune_blocks: Optional[tuple[int, ...]] = None
     temperature: float = 1.0
+    ratio_weight: float = 2.0
 
     def validate(self, depth: int) -> None:
         super().validate(depth)
@@ -57,8 +62,15 @@ class DynamicViTConfig(MethodConfig):
         if not blocks or 0 in blocks:
             raise InvalidOptionError(f"prune_blocks must be non-empty and after block 0, got {list(blocks)}")
         self.prune_blocks = blocks
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
-            raise InvalidOptionError(f"temperature must be a positive number, got {self.temperature!r}")
+        check_positive("temperature", self.temperature)
+        check_positive("ratio_weight", self.ratio_weight, allow_zero=True)
+
+
+@dataclasses.dataclass
+class DynamicViTState:
+    """Per pass, in training mode: (B, N - P) soft or hard keep mask over the original patches."""
+
+    policy: Optional[Tensor] = None
 
 
 class KeepPredictor(nn.Module):
@@ -85,35 +97,41 @@ class KeepPredictor(nn.Module):
         return self.head(torch.cat([local, context.expand_as(local)], dim=-1)).log_softmax(dim=-1)
 
 
-class DynamicViT(Method):
+@register_method
+class DynamicViT(Method[DynamicViTConfig, DynamicViTState]):
     name = "dynamicvit"
     summary = "DynamicViT: learned predictors drop tokens before a few blocks (needs fine-tuning)"
     config_class = DynamicViTConfig
     structural_options = frozenset({"prune_blocks"})
 
-    def schedule(self, config: MethodConfig, depth: int) -> list[Optional[float]]:
-        assert isinstance(config, DynamicViTConfig) and config.prune_blocks is not None
+    def start_pass(self, config: DynamicViTConfig) -> DynamicViTState:
+        return DynamicViTState()
+
+    def training_losses(self, config: DynamicViTConfig) -> list[tuple[float, LossTerm]]:
+        return [(config.ratio_weight, lambda model, task_loss: RatioLoss()(model))] if config.ratio_weight > 0 else []
+
+    def schedule(self, config: DynamicViTConfig, depth: int) -> list[Optional[float]]:
+        assert config.prune_blocks is not None  # filled in by validate
         ratios: list[Optional[float]] = []
         for i in range(depth):
             stage = sum(b <= i for b in config.prune_blocks)  # blocks after a prune run masked in training
             ratios.append(config.keep_ratio**stage if stage else None)
         return ratios
 
-    def build_modules(self, config: MethodConfig, depth: int, width: int) -> nn.Module:
-        assert isinstance(config, DynamicViTConfig) and config.prune_blocks is not None
+    def build_modules(self, config: DynamicViTConfig, depth: int, width: int) -> nn.Module:
+        assert config.prune_blocks is not None  # filled in by validate
         return nn.ModuleList(KeepPredictor(width) for _ in config.prune_blocks)
 
-    def reduce_block(
-        self, view: BlockView, x: Tensor, state: PassState, block: int, ratio: float, config: MethodConfig
-    ) -> Tensor:
-        assert isinstance(config, DynamicViTConfig) and config.prune_blocks is not None and state.modules is not None
+    def reduce_block(self, view: BlockView, x: Tensor, state: PassState[DynamicViTState], block: int, ratio: float,
+                     config: DynamicViTConfig) -> Tensor:
+        assert config.prune_blocks is not None and state.modules is not None
         predictor = state.modules[config.prune_blocks.index(block)] if block in config.prune_blocks else None
         if state.modules.training:
             return self._masked(view, x, state, block, ratio, predictor, config.temperature)
         if predictor is not None:
             x = self._prune(x, state, ratio, predictor)
         state.record(block, x.shape[1], x.shape[1])
-        return full_block(view, x)
+        return full_block(view, x, state.positions)
 
     @staticmethod
     def _prune(x: Tensor, state: PassState, ratio: float, predictor: nn.Module) -> Tensor:
@@ -128,17 +146,31 @@ class DynamicViT(Method):
         return kept
 
     @staticmethod
-    def _masked(view: BlockView, x: Tensor, state: PassState, block: int, ratio: float,
+    def _masked(view: BlockView, x: Tensor, state: PassState[DynamicViTState], block: int, ratio: float,
                 predictor: Optional[nn.Module], temperature: float) -> Tensor:
         """Training mode: sample keep decisions (at a prune block) and run the block with masked attention."""
-        p = state.num_prefix
-        if state.policy is None:
-            state.policy = x.new_ones(x.shape[0], x.shape[1] - p)
+        p, own = state.num_prefix, state.own
+        if own.policy is None:
+            own.policy = x.new_ones(x.shape[0], x.shape[1] - p)
         if predictor is not None:
-            log_probs = predictor(x[:, p:], state.policy)
+            log_probs = predictor(x[:, p:], own.policy)
             keep = F.gumbel_softmax(log_probs, tau=temperature, hard=True)[..., 0]
-            state.policy = keep * state.policy
-            state.add_aux("keep_fraction", (state.policy.mean(dim=1), ratio))
+            own.policy = keep * own.policy
+            state.add_aux("keep_fraction", (own.policy.mean(dim=1), ratio))
         state.record(block, x.shape[1], x.shape[1])
-        prefix = state.policy.new_ones(x.shape[0], p)
-        return masked_block(view, x, torch.cat([prefix, state.policy], dim=1))
+        prefix = own.policy.new_ones(x.shape[0], p)
+        return masked_block(view, x, torch.cat([prefix, own.policy], dim=1), state.positions)
+
+
+class RatioLoss(nn.Module):
+    """DynamicViT's ratio loss: kept fraction of each prune stage vs its target ``rho ** s``.
+
+    Rao et al., NeurIPS 2021: the mean over stages and images of
+    ``(kept_fraction - target) ** 2``, which stops the predictors from keeping everything.
+    Fine-tuning adds it with weight ``ratio_weight`` (an option of ``dynamicvit``).
+    """
+
+    def forward(self, model: nn.Module) -> Tensor:
+        """Scalar loss from this thread's last training-mode pass of a ``dynamicvit`` model."""
+        outputs = last_training_outputs(model, "keep_fraction", "RatioLoss")
+        return torch.stack([(fraction - target).pow(2).mean() for fraction, target in outputs]).mean()

@@ -17,10 +17,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backends.base import BlockView
-from ..engine import PassState, attention_residual, keep_tokens, mlp_residual
-from ..ops import complement_positions, gather_tokens, top_k_positions
-from .base import Method, MethodConfig, check_blocks, quarter_blocks
+from ..core.blocks import BlockView
+from ..core.method import Method, MethodConfig, check_blocks, quarter_blocks
+from ..core.ops import complement_positions, gather_tokens, top_k_positions
+from ..core.pieces import attention_residual, keep_tokens, mlp_residual
+from ..core.registry import register_method
+from ..core.state import PassState
 
 
 @dataclasses.dataclass
@@ -40,28 +42,25 @@ class EViTConfig(MethodConfig):
     def validate(self, depth: int) -> None:
         super().validate(depth)
         if self.drop_blocks is not None:
-            self.drop_blocks = tuple(self.drop_blocks)
             check_blocks("drop_blocks", self.drop_blocks, depth)
-        self.fuse = bool(self.fuse)
 
 
-class EViT(Method):
+@register_method
+class EViT(Method[EViTConfig, None]):
     name = "evit"
     summary = "EViT: drop (or fuse) inattentive tokens at a few blocks"
     config_class = EViTConfig
+    variants = {"fuse": {"fuse": True}}
 
-    def schedule(self, config: MethodConfig, depth: int) -> list[Optional[float]]:
-        assert isinstance(config, EViTConfig)
+    def schedule(self, config: EViTConfig, depth: int) -> list[Optional[float]]:
         blocks = config.drop_blocks if config.drop_blocks is not None else quarter_blocks(depth)
         return [config.keep_ratio if i in blocks else None for i in range(depth)]
 
-    def reduce_block(
-        self, view: BlockView, x: Tensor, state: PassState, block: int, ratio: float, config: MethodConfig
-    ) -> Tensor:
-        assert isinstance(config, EViTConfig)
+    def reduce_block(self, view: BlockView, x: Tensor, state: PassState[None], block: int, ratio: float,
+                     config: EViTConfig) -> Tensor:
         p = state.num_prefix
         attention_tokens = x.shape[1]
-        x, cls_attn = attention_residual(view, x, with_cls_attention=True)
+        x, cls_attn = attention_residual(view, x, state.positions, with_cls_attention=True)
         assert cls_attn is not None
         state.record_scores(block, "cls_attention", cls_attn[:, p:])
         candidates = x.shape[1] - p

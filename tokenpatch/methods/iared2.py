@@ -24,18 +24,21 @@ shared hidden layer, one score per head, averaged) is our reading of the paper's
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import math
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backends.base import BlockView
-from ..engine import PassState, padded_block, refuse_export
+from ..core.blocks import BlockView
+from ..core.method import LossTerm, Method, MethodConfig, check_positive, require_class_token_pooling
+from ..core.ops import gather_tokens, padded_top_positions, prefix_positions
+from ..core.pieces import padded_block, refuse_export
+from ..core.registry import register_method
+from ..core.runner import last_training_outputs
+from ..core.state import PassState
 from ..errors import InvalidOptionError
-from ..ops import gather_tokens, prefix_positions
-from .base import Method, MethodConfig, require_class_token_pooling
-from .sait import padded_top_positions
 
 
 @dataclasses.dataclass
@@ -49,24 +52,25 @@ class IARed2Config(MethodConfig):
         threshold: inference keeps a patch when its keep probability is at least this; None
             keeps exactly ``ceil(keep_ratio * patches)`` per group, the most probable ones.
         heads: scores per patch that the interpreter averages; fixed at patch time.
+        kept_penalty: fine-tuning's lambda of :class:`PolicyGradientLoss`: reward given up per
+            unit of kept token fraction.
     """
 
     keep_ratio: float = 0.7
     groups: int = 4
     threshold: Optional[float] = 0.5
     heads: int = 4
+    kept_penalty: float = 0.5
 
     def validate(self, depth: int) -> None:
         super().validate(depth)
-        for name in ("groups", "heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidOptionError(f"{name} must be a positive integer, got {value!r}")
+        check_positive("groups", self.groups)
+        check_positive("heads", self.heads)
         if self.groups > depth:
             raise InvalidOptionError(f"groups must be at most the model's depth {depth}, got {self.groups}")
-        if self.threshold is not None and (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
-                                           or not 0 < self.threshold < 1):
+        if self.threshold is not None and not 0 < self.threshold < 1:
             raise InvalidOptionError(f"threshold must be None or a number in (0, 1), got {self.threshold!r}")
+        check_positive("kept_penalty", self.kept_penalty, allow_zero=True)
 
     def group_starts(self, depth: int) -> list[int]:
         """The first block of each group: [0, 3, 6, 9] for 4 groups of a 12-block model."""
@@ -95,27 +99,37 @@ class Interpreter(nn.Module):
         return self.heads(h).mean(dim=-1)
 
 
-class IARed2(Method):
+@register_method
+class IARed2(Method[IARed2Config, None]):
     name = "iared2"
     summary = "IA-RED²: interpreters drop patches before each block group (REINFORCE-trained, interpretable)"
     config_class = IARed2Config
     structural_options = frozenset({"groups", "heads"})
+    variants = {"top_k": {"threshold": None}}
 
-    def schedule(self, config: MethodConfig, depth: int) -> list[Optional[float]]:
+    def schedule(self, config: IARed2Config, depth: int) -> list[Optional[float]]:
         return [config.keep_ratio] * depth
 
-    def build_modules(self, config: MethodConfig, depth: int, width: int) -> nn.Module:
+    def build_modules(self, config: IARed2Config, depth: int, width: int) -> nn.Module:
         """One interpreter per group, keyed by the group's first block (``tokenpatch.3.*`` in state_dict)."""
-        assert isinstance(config, IARed2Config)
         return nn.ModuleDict({str(start): Interpreter(width, config.heads) for start in config.group_starts(depth)})
 
-    def check_compatible(self, config: MethodConfig, pools_class_token: bool) -> None:
+    def check_compatible(self, config: IARed2Config, pools_class_token: bool) -> None:
         require_class_token_pooling("iared2 pads each batch to its largest per-image token count", pools_class_token)
 
-    def reduce_block(
-        self, view: BlockView, x: Tensor, state: PassState, block: int, ratio: float, config: MethodConfig
-    ) -> Tensor:
-        assert isinstance(config, IARed2Config) and state.modules is not None
+    def fixed_token_counts(self, config: IARed2Config) -> bool:
+        return False
+
+    def training_losses(self, config: IARed2Config) -> list[tuple[float, LossTerm]]:
+        return [(1.0, PolicyGradientLoss(config.kept_penalty))]
+
+    def explanation_options(self, config: IARed2Config) -> Optional[dict[str, Any]]:
+        # a cap of ceil(r * n) with r just below 1 keeps all n patches, and the interpreters still run
+        return {"keep_ratio": math.nextafter(1.0, 0.0), "threshold": None}
+
+    def reduce_block(self, view: BlockView, x: Tensor, state: PassState[None], block: int, ratio: float,
+                     config: IARed2Config) -> Tensor:
+        assert state.modules is not None
         if str(block) in state.modules:  # the first block of a group
             refuse_export(self.name)
             x = self._drop(x, state, block, ratio, config, state.modules[str(block)])
@@ -150,3 +164,31 @@ class IARed2(Method):
         state.select(index)
         return gather_tokens(x, index)
 
+
+class PolicyGradientLoss(nn.Module):
+    """REINFORCE for ``iared2``'s interpreters (Williams, 1992; as IA-RED² trains its policy).
+
+    Each image's reward is ``-task_loss - penalty * kept_fraction``, where ``kept_fraction`` is
+    the share of the original patches its sampled decisions kept, averaged over the groups. The
+    loss is ``-mean((reward - baseline) * log_prob)`` with ``log_prob`` the log-probability of
+    all the image's sampled keep decisions and the batch's mean reward as the baseline (it
+    lowers the variance without biasing the gradient). Only the interpreters get gradients
+    from it: rewards are constants. Fine-tuning adds it with ``kept_penalty`` (an option of
+    ``iared2``) as the penalty.
+
+    Args:
+        penalty: lambda, the reward given up per unit of kept fraction; 0 rewards accuracy only
+            (the policy learns to keep tokens), large values reward dropping.
+    """
+
+    def __init__(self, penalty: float) -> None:
+        super().__init__()
+        self.penalty = penalty
+
+    def forward(self, model: nn.Module, task_loss: Tensor) -> Tensor:
+        """Scalar loss from this thread's last training-mode pass (``iared2``) and its (B,) per-image task loss."""
+        groups = last_training_outputs(model, "policy", "PolicyGradientLoss")
+        log_prob = torch.stack([lp for lp, _ in groups]).sum(dim=0)
+        kept = torch.stack([fraction for _, fraction in groups]).mean(dim=0)
+        reward = -task_loss.detach() - self.penalty * kept
+        return -((reward - reward.mean()) * log_prob).mean()

@@ -27,18 +27,20 @@ paper's 3: at matched MACs it measured about 0.7 points more top-1 on the shared
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Literal, Optional
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-from ..backends.base import BlockView
-from ..engine import PassState, attend, keep_tokens, mean_attention_logits, mlp_residual
-from ..errors import InvalidOptionError
-from ..ops import cls_attention, gather_heads, gather_tokens, scatter_tokens, top_k_positions
-from .base import Method, MethodConfig, check_choice
+from ..core.blocks import BlockView
+from ..core.method import LossTerm, Method, MethodConfig, check_block, check_positive
+from ..core.ops import cls_attention, gather_heads, gather_tokens, scatter_tokens, top_k_positions
+from ..core.pieces import attend, keep_tokens, mean_attention_logits, mlp_residual
+from ..core.registry import register_method
+from ..core.runner import last_training_outputs
+from ..core.state import PassState
 
-SCORES = ("fixed", "fresh", "previous", "carried")
-SCHEDULES = ("constant", "geometric")
+Score = Literal["fixed", "fresh", "previous", "carried"]
 
 
 @dataclasses.dataclass
@@ -52,19 +54,26 @@ class IdleConfig(MethodConfig):
         schedule: ``"constant"`` keeps r everywhere; ``"geometric"`` splits the reducing blocks
             into thirds keeping r, r**2, r**3 (the paper's schedule).
         score: how patches are ranked; see the module docstring.
+        cut_weight: fine-tuning weight of the token-cut loss (:class:`TokenCutLoss`; 0: off).
     """
 
     keep_ratio: float = 0.5
     start_block: Optional[int] = None
-    schedule: str = "constant"
-    score: str = "fixed"
+    schedule: Literal["constant", "geometric"] = "constant"
+    score: Score = "fixed"
+    cut_weight: float = 0.0
 
     def validate(self, depth: int) -> None:
         super().validate(depth)
-        check_choice("schedule", self.schedule, SCHEDULES)
-        check_choice("score", self.score, SCORES)
-        if self.start_block is not None and (not isinstance(self.start_block, int) or not 0 <= self.start_block < depth):
-            raise InvalidOptionError(f"start_block must be in [0, {depth}), got {self.start_block!r}")
+        check_block("start_block", self.start_block, depth)
+        check_positive("cut_weight", self.cut_weight, allow_zero=True)
+
+
+@dataclasses.dataclass
+class IdleState:
+    """Per pass: the scores the next reducing block ranks patches by (None before the first)."""
+
+    scores: Optional[Tensor] = None
 
 
 def default_start_block(depth: int) -> int:
@@ -83,52 +92,64 @@ def keep_ratios(config: IdleConfig, depth: int) -> list[Optional[float]]:
     return ratios
 
 
-class Idle(Method):
+@register_method
+class Idle(Method[IdleConfig, IdleState]):
     name = "idle"
     summary = "IdleViT: top-k tokens compute, the rest idle and can return"
     config_class = IdleConfig
+    variants = {"geometric": {"schedule": "geometric"}, "fresh": {"score": "fresh"}, "previous": {"score": "previous"},
+                "carried": {"score": "carried"}}
 
-    def schedule(self, config: MethodConfig, depth: int) -> list[Optional[float]]:
-        assert isinstance(config, IdleConfig)
+    def schedule(self, config: IdleConfig, depth: int) -> list[Optional[float]]:
         return keep_ratios(config, depth)
 
-    def reduce_block(
-        self, view: BlockView, x: Tensor, state: PassState, block: int, ratio: float, config: MethodConfig
-    ) -> Tensor:
-        assert isinstance(config, IdleConfig)
+    def start_pass(self, config: IdleConfig) -> IdleState:
+        return IdleState()
+
+    def training_signals(self, config: IdleConfig) -> frozenset[str]:
+        return frozenset({"attention"}) if config.cut_weight > 0 else frozenset()
+
+    def training_losses(self, config: IdleConfig) -> list[tuple[float, LossTerm]]:
+        return [(config.cut_weight, lambda model, task_loss: TokenCutLoss()(model))] if config.cut_weight > 0 else []
+
+    def reduce_block(self, view: BlockView, x: Tensor, state: PassState[IdleState], block: int, ratio: float,
+                     config: IdleConfig) -> Tensor:
         p = state.num_prefix
         keep = max(1, int(ratio * (x.shape[1] - p)))
-        if config.score == "fresh" or state.scores is None:
+        if config.score == "fresh" or state.own.scores is None:
             xn = view.norm1(x)
-            keys = view.key(xn)
-            scores = cls_attention(view.query(xn[:, :1]), keys, view.scale)[:, p:]
+            keys = view.key(xn, state.positions)
+            scores = cls_attention(view.query(xn[:, :1], state.positions[:, :1]), keys, view.scale)[:, p:]
             keep_positions = top_k_positions(scores, keep)
             selected, index = keep_tokens(x, state, keep_positions)
+            positions = state.positions.gather(1, index)
             xn_sel = gather_tokens(xn, index)
-            q, k, v = view.query(xn_sel), gather_heads(keys, index), view.value(xn_sel)
+            q, k, v = view.query(xn_sel, positions), gather_heads(keys, index), view.value(xn_sel)
         else:
-            scores = state.scores
+            scores = state.own.scores
             keep_positions = top_k_positions(scores, keep)
             selected, index = keep_tokens(x, state, keep_positions)
+            positions = state.positions.gather(1, index)
             xn_sel = view.norm1(selected)
-            q, k, v = view.qkv(xn_sel)
+            q, k, v = view.qkv(xn_sel, positions)
         state.record_scores(block, "cls_attention", scores)
         if config.score in ("previous", "carried"):
             new_attention = cls_attention(q[:, :, :1], k, view.scale)[:, p:]
-            state.scores = _updated_scores(config.score, scores, keep_positions, new_attention).detach()
+            state.own.scores = _updated_scores(config.score, scores, keep_positions, new_attention).detach()
         elif config.score == "fixed":
-            state.scores = scores.detach()
+            state.own.scores = scores.detach()
         if "attention" in state.collect:
             _leave_token_cut_inputs(view, x, state, index)
-        selected = mlp_residual(view, view.add_attention(selected, attend(view, q, k, v, xn_sel)))
+        attended = attend(view, q, k, v, xn_sel, query_positions=positions, key_positions=positions)
+        selected = mlp_residual(view, view.add_attention(selected, attended))
         state.record(block, index.shape[1], x.shape[1], computed=index)
         return scatter_tokens(x, index, selected)
 
 
 def _leave_token_cut_inputs(view: BlockView, x: Tensor, state: PassState, index: Tensor) -> None:
-    """For :class:`~tokenpatch.losses.TokenCutLoss`: all-token attention logits and the (B, N) selected mask."""
+    """For :class:`TokenCutLoss`: all-token attention logits and the (B, N) selected mask."""
     selected = x.new_zeros(x.shape[:2]).scatter(1, index, 1.0)
-    state.add_aux("token_cut", (mean_attention_logits(view, view.norm1(x)), selected))
+    state.add_aux("token_cut", (mean_attention_logits(view, view.norm1(x), state.positions), selected))
 
 
 def _updated_scores(rule: str, scores: Tensor, keep_positions: Tensor, new_selected: Tensor) -> Tensor:
@@ -145,3 +166,31 @@ def _updated_scores(rule: str, scores: Tensor, keep_positions: Tensor, new_selec
         mass = old_selected.sum(1, keepdim=True) / new_selected.sum(1, keepdim=True).clamp_min(1e-12)
         new_selected = 0.5 * (old_selected + new_selected * mass)
     return scores.scatter(1, keep_positions, new_selected)
+
+
+class TokenCutLoss(nn.Module):
+    """IdleViT's token-cut loss: attention should not cross between selected and idle tokens.
+
+    Xu et al., AJCAI 2023 (arXiv:2310.05654). At each reducing block the head-averaged
+    attention of all tokens, ``W = softmax(mean_h(q k^T))``, is split by the block's selection
+    into the selected set S and the idle set I, in the spirit of a normalised graph cut: the
+    attention mass each token sends across the cut (to the other set, the class token
+    excepted) is pushed to 0, and the mass a selected token keeps inside S is pushed to 1.
+    Selected tokens then lose little by attending within S only, which is what idle inference
+    does. Fine-tuning adds it with weight ``cut_weight`` (an option of ``idle``); it asks the
+    model to produce the all-token attention (an extra N x N map per reducing block, in
+    training only).
+    """
+
+    def forward(self, model: nn.Module) -> Tensor:
+        """Scalar loss from this thread's last training-mode pass of an ``idle`` model."""
+        terms = []
+        for logits, selected in last_training_outputs(model, "token_cut", "TokenCutLoss"):
+            weights = logits.softmax(dim=-1)  # (B, N, N)
+            rows, cols = selected.unsqueeze(2), selected.unsqueeze(1)
+            crossing = (rows - cols).abs()
+            crossing[:, :, 0] = 0.0  # every token may attend to the class token
+            across = (weights * crossing).sum(-1)
+            within_selected = (weights * rows * cols).sum(-1)
+            terms.append(across.pow(2).mean() + (within_selected - selected).pow(2).mean())
+        return torch.stack(terms).mean()

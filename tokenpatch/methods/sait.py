@@ -31,13 +31,13 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..backends.base import BlockView
-from ..engine import PassState, attention_residual, mlp_residual, padded_block, refuse_export
+from ..core.blocks import BlockView
+from ..core.method import Method, MethodConfig, check_block, check_positive, require_class_token_pooling
+from ..core.ops import gather_tokens, padded_top_positions, prefix_positions
+from ..core.pieces import attention_residual, mlp_residual, padded_block, refuse_export
+from ..core.registry import register_method
+from ..core.state import PassState
 from ..errors import InvalidOptionError
-from ..ops import gather_tokens, prefix_positions
-from .base import Method, MethodConfig, require_class_token_pooling
-
-MASS_ERROR = "mass must be None (fixed counts) or a number in (0, 1]"
 
 
 @dataclasses.dataclass
@@ -62,13 +62,10 @@ class SaiTConfig(MethodConfig):
 
     def validate(self, depth: int) -> None:
         super().validate(depth)
-        if self.prune_block is not None and (not isinstance(self.prune_block, int) or not 0 <= self.prune_block < depth):
-            raise InvalidOptionError(f"prune_block must be in [0, {depth}), got {self.prune_block!r}")
-        if self.mass is not None and (isinstance(self.mass, bool) or not isinstance(self.mass, (int, float))
-                                      or not 0 < self.mass <= 1):
-            raise InvalidOptionError(f"{MASS_ERROR}, got {self.mass!r}")
-        if isinstance(self.dense_every, bool) or not isinstance(self.dense_every, int) or self.dense_every < 0:
-            raise InvalidOptionError(f"dense_every must be an integer >= 0, got {self.dense_every!r}")
+        check_block("prune_block", self.prune_block, depth)
+        if self.mass is not None and not 0 < self.mass <= 1:
+            raise InvalidOptionError(f"mass must be None (fixed counts) or a number in (0, 1], got {self.mass!r}")
+        check_positive("dense_every", self.dense_every, allow_zero=True)
 
     def block(self, depth: int) -> int:
         """The prune block, default resolved."""
@@ -89,56 +86,49 @@ def mass_counts(scores: Tensor, mass: float) -> Tensor:
     return ((shares < mass).sum(dim=1) + 1).clamp(max=scores.shape[1])
 
 
-def padded_top_positions(scores: Tensor, counts: Tensor) -> Tensor:
-    """Top ``counts[b]`` positions of each row in ascending order, padded with the next-best ones.
+@dataclasses.dataclass
+class SaiTState:
+    """Per pass: whether the prune block has pruned yet."""
 
-    Args:
-        scores: (B, M) scores.
-        counts: (B,) tokens each row really keeps.
-
-    Returns:
-        (B, max(counts)) positions: row b's first ``counts[b]`` are its kept patches (ascending),
-        the rest padding.
-    """
-    width = int(counts.max())
-    best = scores.topk(width, dim=1).indices  # by descending score
-    padding = torch.arange(width, device=scores.device) >= counts.unsqueeze(1)
-    order = (best + padding * scores.shape[1]).sort(dim=1).indices  # real ones first, each part ascending
-    return best.gather(1, order)
+    pruned: bool = False
 
 
-class SaiT(Method):
+@register_method
+class SaiT(Method[SaiTConfig, SaiTState]):
     name = "sait"
     summary = "SaiT: prune once by importance, fixed or per-image counts; dense/sparse fine-tuning"
     config_class = SaiTConfig
+    variants = {"mass": {"mass": 0.8}}
 
-    def schedule(self, config: MethodConfig, depth: int) -> list[Optional[float]]:
-        assert isinstance(config, SaiTConfig)
+    def start_pass(self, config: SaiTConfig) -> SaiTState:
+        return SaiTState()
+
+    def fixed_token_counts(self, config: SaiTConfig) -> bool:
+        return config.mass is None
+
+    def schedule(self, config: SaiTConfig, depth: int) -> list[Optional[float]]:
         start = config.block(depth)
         return [config.keep_ratio if i >= start else None for i in range(depth)]
 
-    def check_compatible(self, config: MethodConfig, pools_class_token: bool) -> None:
-        assert isinstance(config, SaiTConfig)
+    def check_compatible(self, config: SaiTConfig, pools_class_token: bool) -> None:
         if config.mass is not None:
             require_class_token_pooling("sait with mass= pads each batch to its largest token count", pools_class_token,
                                         "; use fixed counts (mass=None)")
 
-    def training_overrides(self, config: MethodConfig, step: int) -> dict[str, Any]:
-        assert isinstance(config, SaiTConfig)
+    def training_overrides(self, config: SaiTConfig, step: int) -> dict[str, Any]:
         return {"keep_ratio": 1.0} if config.dense_every and step % config.dense_every == 0 else {}
 
-    def reduce_block(
-        self, view: BlockView, x: Tensor, state: PassState, block: int, ratio: float, config: MethodConfig
-    ) -> Tensor:
-        assert isinstance(config, SaiTConfig)
-        if state.scores is not None:  # the first reducing block pruned and left its scores
+    def reduce_block(self, view: BlockView, x: Tensor, state: PassState[SaiTState], block: int, ratio: float,
+                     config: SaiTConfig) -> Tensor:
+        if state.own.pruned:
             return self._after_prune(view, x, state, block)
         attention_tokens = x.shape[1]
-        x, cls_attn = attention_residual(view, x, with_cls_attention=True)
+        x, cls_attn = attention_residual(view, x, state.positions, with_cls_attention=True)
         assert cls_attn is not None
-        state.scores = cls_attn[:, state.num_prefix:].detach()
-        state.record_scores(block, "cls_attention", state.scores)
-        x = self._prune(x, state, state.scores, ratio, config.mass)
+        scores = cls_attn[:, state.num_prefix:].detach()
+        state.record_scores(block, "cls_attention", scores)
+        x = self._prune(x, state, scores, ratio, config.mass)
+        state.own.pruned = True
         state.record(block, attention_tokens, x.shape[1])
         return mlp_residual(view, x)
 

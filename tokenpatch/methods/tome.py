@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 from functools import lru_cache
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from ..backends.base import BlockView
-from ..engine import PassState, attention_with_projections, mlp_residual
+from ..core.blocks import BlockView
+from ..core.merging import arrange, bipartite_matching, destinations, merge_tokens
+from ..core.method import Method, MethodConfig, check_positive
+from ..core.pieces import attention_with_projections, mlp_residual
+from ..core.registry import register_method
+from ..core.state import PassState
 from ..errors import InvalidOptionError
-from ..merging import arrange, bipartite_matching, destinations, merge_tokens
-from .base import Method, MethodConfig
 
 #: schedule value marking a merging block under ``r=`` (a bipartite step keeps at least half)
 R_MODE_RATIO = 0.5
@@ -50,9 +52,14 @@ class ToMeConfig(MethodConfig):
 
     def validate(self, depth: int) -> None:
         super().validate(depth)
-        if self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0):
-            raise InvalidOptionError(f"r must be None or an integer >= 0 (tokens merged per block), got {self.r!r}")
-        self.proportional_attention = bool(self.proportional_attention)
+        check_positive("r", self.r, allow_zero=True)
+
+
+@dataclasses.dataclass
+class ToMeState:
+    """Per pass: (B, N) original tokens each current token stands for; None until a merge."""
+
+    sizes: Optional[Tensor] = None
 
 
 def remaining_fractions(decline: float, depth: int) -> list[float]:
@@ -85,27 +92,35 @@ def keep_ratio_schedule(keep_ratio: float, depth: int) -> tuple[float, ...]:
     return tuple(remaining_fractions(high, depth))
 
 
-class ToMe(Method):
+@register_method
+class ToMe(Method[ToMeConfig, ToMeState]):
     name = "tome"
     summary = "ToMe: merge similar tokens in every block (bipartite soft matching)"
     config_class = ToMeConfig
+    variants = {"r": {"r": 2}, "no_proportional_attention": {"proportional_attention": False}}
 
-    def schedule(self, config: MethodConfig, depth: int) -> list[Optional[float]]:
+    def start_pass(self, config: ToMeConfig) -> ToMeState:
+        return ToMeState()
+
+    def budget_options(self, config: ToMeConfig, keep_ratio: float) -> dict[str, Any]:
+        if config.r is not None:
+            raise InvalidOptionError("a MAC budget chooses tome's merges through keep_ratio; patch with r=None to use it")
+        return {"keep_ratio": keep_ratio}
+
+    def schedule(self, config: ToMeConfig, depth: int) -> list[Optional[float]]:
         """Per block, the share of the pass's patches left after it (under ``r=``, a marker)."""
-        assert isinstance(config, ToMeConfig)
         if config.keep_ratio >= 1.0:
             return [None] * depth
         if config.r is not None:
             return [R_MODE_RATIO if config.r > 0 else None] * depth
         return list(keep_ratio_schedule(config.keep_ratio, depth))
 
-    def reduce_block(
-        self, view: BlockView, x: Tensor, state: PassState, block: int, ratio: float, config: MethodConfig
-    ) -> Tensor:
-        assert isinstance(config, ToMeConfig)
+    def reduce_block(self, view: BlockView, x: Tensor, state: PassState[ToMeState], block: int, ratio: float,
+                     config: ToMeConfig) -> Tensor:
         p, attention_tokens = state.num_prefix, x.shape[1]
-        bias = state.sizes.log() if config.proportional_attention and state.sizes is not None else None
-        x, _, k, _ = attention_with_projections(view, x, key_bias=bias)
+        sizes = state.own.sizes
+        bias = sizes.log() if config.proportional_attention and sizes is not None else None
+        x, _, k, _ = attention_with_projections(view, x, state.positions, key_bias=bias)
         patches = int(x.shape[1]) - p  # int: shapes are tensors while fvcore traces
         r = min(self._merges(config, ratio, int(state.initial_patches), patches), patches // 2)
         if r > 0:
@@ -121,13 +136,13 @@ class ToMe(Method):
         return max(0, patches - max(1, round(ratio * initial)))
 
     @staticmethod
-    def _merge(x: Tensor, keys: Tensor, state: PassState, r: int) -> Tensor:
+    def _merge(x: Tensor, keys: Tensor, state: PassState[ToMeState], r: int) -> Tensor:
         """Merge ``r`` of the patches of (B, N, C) ``x``, matched on (B, N, D) ``keys``; update the state."""
         p, patches = state.num_prefix, int(x.shape[1]) - state.num_prefix
-        sizes = state.sizes if state.sizes is not None else x.new_ones(x.shape[:2])
+        sizes = state.own.sizes if state.own.sizes is not None else x.new_ones(x.shape[:2])
         matching = bipartite_matching(keys[:, p:], r)
         merged, merged_sizes = merge_tokens(x[:, p:], sizes[:, p:], matching)
-        state.sizes = torch.cat([sizes[:, :p], merged_sizes], dim=1)
+        state.own.sizes = torch.cat([sizes[:, :p], merged_sizes], dim=1)
         state.positions = torch.cat([state.positions[:, :p], arrange(state.positions[:, p:], matching)], dim=1)
         if state.trace is not None:  # which token carries each original patch, for explain
             groups = state.groups if state.groups is not None else torch.arange(patches, device=x.device).expand(x.shape[0], -1)

@@ -1,4 +1,4 @@
-"""Observe which tokens each block of a patched model computed on.
+"""What :func:`tokenpatch.trace` records: which tokens each block of a patched model computed on.
 
 Example::
 
@@ -10,11 +10,10 @@ Example::
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
-from torch import Tensor, nn
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -84,21 +83,3 @@ class Trace:
     def attention_tokens_per_block(self) -> list[int]:
         """Number of tokens each block's attention computed on, in block order."""
         return [r.attention_tokens for r in self.records]
-
-
-@contextmanager
-def trace(model: nn.Module) -> Iterator[Trace]:
-    """Record per-block token counts and positions of a patched model while the context is open.
-
-    Raises:
-        NotPatchedError: if ``model`` is not patched.
-    """
-    from .patcher import context_of  # local: patcher imports this module
-
-    ctx = context_of(model)
-    recorder = Trace()
-    previous, ctx.trace = ctx.trace, recorder
-    try:
-        yield recorder
-    finally:
-        ctx.trace = previous

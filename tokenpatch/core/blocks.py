@@ -1,15 +1,21 @@
-"""The common view of a ViT block and of a ViT model that the engine and the methods use.
+"""The interfaces between the engine and the model families: a block as pieces, a model as facts.
 
-A backend is the only code that knows a model family's module names. It turns one of that
-family's blocks into a :class:`BlockView`: the pieces of a pre-norm transformer block
-(norm, q/k/v projections, attention output projection, residual branches), which the engine
-composes into reduced-token forwards.
+A backend (``tokenpatch/backends/``) is the only code that knows a model family's module names.
+It implements :class:`Backend` for the family's models and turns one of their blocks into a
+:class:`BlockView`: the pieces of a pre-norm transformer block (norm, q/k/v projections,
+attention output projection, residual branches), which the methods compose into
+reduced-token forwards (:mod:`tokenpatch.core.pieces`).
+
+Projections take the tokens' original positions (``positions``, (B, N) indices into the
+sequence that entered block 0) so that families whose attention depends on where a token sits
+(rotary embeddings, relative position bias) can follow the tokens a method kept; families with
+absolute position embeddings ignore them.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -35,16 +41,19 @@ class BlockView(ABC):
         """Pre-attention norm, (B, N, C) -> (B, N, C)."""
 
     @abstractmethod
-    def qkv(self, xn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries, keys and values of all tokens, each (B, H, N, D), q/k norms applied."""
+    def qkv(self, xn: Tensor, positions: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of (B, N, C) ``xn``, each (B, H, N, D), q/k norms applied.
+
+        ``positions``: (B, N) original positions of the tokens (None: ``0..N-1``).
+        """
 
     @abstractmethod
-    def query(self, xn: Tensor) -> Tensor:
-        """Queries only, (B, N, C) -> (B, H, N, D)."""
+    def query(self, xn: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+        """Queries only, (B, N, C) -> (B, H, N, D); ``positions`` as in :meth:`qkv`."""
 
     @abstractmethod
-    def key(self, xn: Tensor) -> Tensor:
-        """Keys only, (B, N, C) -> (B, H, N, D)."""
+    def key(self, xn: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+        """Keys only, (B, N, C) -> (B, H, N, D); ``positions`` as in :meth:`qkv`."""
 
     @abstractmethod
     def value(self, xn: Tensor) -> Tensor:
@@ -53,6 +62,11 @@ class BlockView(ABC):
     @abstractmethod
     def attention_output(self, o: Tensor, xn: Tensor) -> Tensor:
         """Merge heads and project: (B, H, N, D) attention result -> (B, N, C) branch output."""
+
+    def attention_bias(self, query_positions: Optional[Tensor], key_positions: Optional[Tensor]) -> Optional[Tensor]:
+        """Additive (B, H, Nq, Nk) logit bias for these query and key positions (relative position
+        bias families), or None (the default: no bias)."""
+        return None
 
     @abstractmethod
     def add_attention(self, x: Tensor, y: Tensor) -> Tensor:
@@ -64,7 +78,11 @@ class BlockView(ABC):
 
 
 class Backend(ABC):
-    """Adapter for one model family (timm, Hugging Face transformers, ...)."""
+    """Adapter for one model family (timm, Hugging Face transformers, ...).
+
+    Implement it in one file under ``tokenpatch/backends/`` and add an instance to
+    ``tokenpatch.backends.BACKENDS`` (see CONTRIBUTING.md).
+    """
 
     name: str
     supported: str  # one sentence naming the model classes this backend patches
@@ -105,9 +123,9 @@ class Backend(ABC):
     def block_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         """The (B, N, C) tokens among a block call's arguments; reject arguments it can't honour."""
 
-    def run_original(self, block: nn.Module, x: Tensor) -> Tensor:
-        """The block's own, unpatched forward on (B, N, C) tokens."""
-        return type(block).forward(block, x)
+    def run_original(self, forward: Any, x: Tensor) -> Tensor:
+        """The block's own, unpatched ``forward`` (a bound callable) on (B, N, C) tokens."""
+        return forward(x)
 
     def block_output(self, x: Tensor) -> Any:
         """Wrap the reduced block's (B, N', C) result the way the family's blocks return it."""
@@ -116,3 +134,19 @@ class Backend(ABC):
     @abstractmethod
     def image_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         """The image tensor among a model call's arguments (for input checks)."""
+
+    @abstractmethod
+    def input_size(self, model: nn.Module) -> tuple[int, int]:
+        """The (H, W) image size the model takes by default."""
+
+    def logits(self, output: Any) -> Tensor:
+        """The (B, classes) logits in one of the family's model outputs."""
+        return output
+
+    @abstractmethod
+    def gradient_checkpointing(self, model: nn.Module) -> bool:
+        """True when the model re-runs its blocks in backward (activation checkpointing is on)."""
+
+    def disable_checkpointing_hint(self) -> str:
+        """How a user turns activation checkpointing off for this family."""
+        return "turn activation checkpointing off"

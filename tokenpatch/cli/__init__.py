@@ -1,59 +1,29 @@
 """Command line: ``tokenpatch audit MODEL`` measures what a patch buys (MACs and throughput);
-``tokenpatch finetune MODEL --data DIR`` self-distils a patched model (also under ``torchrun``)."""
+``tokenpatch finetune MODEL --data DIR`` self-distils a patched model (also under ``torchrun``);
+``tokenpatch explain MODEL IMAGE...`` draws what it computed. Argument parsing only: the work is
+in :mod:`tokenpatch.jobs`."""
 
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import json
 import sys
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from torch import nn
 
-from .api import available_methods, get_config, get_method_name, patch, set_keep_ratio, set_options
-from .budget import check_macs_ratio
-from .errors import TokenPatchError
-from .flops import count_macs
-from .methods.base import check_keep_ratio
-from .models import build_model, image_size, load_checkpoint
-from .report import format_table
-from .speed import compare_throughput, paired_speedup
-
-AUDIT_COLUMNS = ["method", "keep_ratio", "gmacs_unpatched", "gmacs", "reduction_%", "ideal_speedup",
-                 "img_s_unpatched", "img_s", "speedup"]
-
-
-def audit_rows(model: nn.Module, methods: Sequence[str], keep_ratio: Optional[float], batch_size: int,
-               repeats: int, device: str, options: Optional[dict[str, Any]] = None,
-               macs_ratio: Optional[float] = None) -> list[dict[str, Any]]:
-    """One row per method: MACs and measured throughput against the unpatched ``model``.
-
-    With ``macs_ratio`` each method's keep ratio is solved for that share of the unpatched MACs.
-    """
-    size = image_size(model)
-    shape = (1, 3, *size)
-    base_macs = count_macs(model, shape).total
-    patched = {m: patch(copy.deepcopy(model), m, keep_ratio=keep_ratio, macs_ratio=macs_ratio, **(options or {}))
-               for m in methods}
-    macs = {m: count_macs(p, shape).total for m, p in patched.items()}
-    timings = compare_throughput({"unpatched": model, **patched}, batch_size, size, repeats=repeats, device=device)
-    params = sum(p.numel() for p in model.parameters())
-    return [
-        {
-            "method": m, "keep_ratio": get_config(patched[m]).keep_ratio, "params": params,
-            "macs": macs[m], "macs_unpatched": base_macs,
-            "gmacs": macs[m] / 1e9, "gmacs_unpatched": base_macs / 1e9,
-            "reduction": 1.0 - macs[m] / base_macs, "reduction_%": 100.0 * (1.0 - macs[m] / base_macs),
-            "ideal_speedup": base_macs / macs[m],
-            "throughput": timings[m].median, "throughput_unpatched": timings["unpatched"].median,
-            "img_s": timings[m].median, "img_s_unpatched": timings["unpatched"].median,
-            "speedup": paired_speedup(timings[m], timings["unpatched"]),
-        }
-        for m in methods
-    ]
+from ..api import available_methods, get_config, get_method_name
+from ..backends.build import build_model, load_checkpoint
+from ..core.method import check_keep_ratio
+from ..core.options import parse_option_text
+from ..core.registry import get_method
+from ..errors import TokenPatchError
+from ..jobs.audit import AUDIT_COLUMNS, audit_rows
+from ..jobs.explain import patched_model, write_explanations
+from ..jobs.finetune import FinetuneJob, run_finetune_job
+from ..measure.budget import check_macs_ratio
+from ..measure.report import format_table
+from ..training.finetune import FinetuneConfig, is_main_process
 
 
 def _print_json(payload: dict[str, Any]) -> None:
@@ -69,8 +39,8 @@ def _audit(args: argparse.Namespace) -> int:
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint)
     keep_ratio = None if args.macs_ratio is not None else args.keep_ratio
-    rows = audit_rows(model, methods, keep_ratio, args.batch_size, args.repeats, args.device, dict(args.option),
-                      args.macs_ratio)
+    options = method_options(methods[0], args.option)
+    rows = audit_rows(model, methods, keep_ratio, args.batch_size, args.repeats, args.device, options, args.macs_ratio)
     header = {"model": args.model, "batch_size": args.batch_size, "device": args.device}
     if args.json:
         _print_json({**header, **rows[0]} if len(rows) == 1 else {**header, "results": rows})
@@ -81,37 +51,21 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def finetune_result(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the ``finetune`` command's job and return its result (scores before/after, MACs, sizes)."""
-    from . import finetune_job
-    from .checkpoint import save
-    from .train import FinetuneConfig, world_size
-
-    finetune_job.init_distributed()
-    torch.manual_seed(args.seed)
-    model = build_model(args.model)
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
-    options = dict(args.option)
-    patch(model, args.method, keep_ratio=args.keep_ratio, **options)
-    train, val = finetune_job.split_dataset(args.model, args.data, args.labels, args.val_fraction, args.seed, args.augment)
-    config = FinetuneConfig(steps=args.steps, lr=args.lr, label_weight=args.label_weight, eval_every=args.eval_every,
-                            module_lr=args.module_lr, ratio_weight=args.ratio_weight, cut_weight=args.cut_weight,
-                            feature_weight=args.feature_weight, temperature=args.temperature,
-                            kept_penalty=args.kept_penalty, train_backbone=not args.freeze_backbone,
-                            mixup=args.mixup)
-    result = finetune_job.run(model, train, finetune_job.held_out(model, val), config, args.batch_size, args.seed)
-    if args.out and finetune_job.is_main_process():
-        save(model, args.out)
-    return {"model": args.model, "method": args.method, "keep_ratio": args.keep_ratio, "options": options,
-            "world_size": world_size(), "augment": args.augment, "finetune_config": dataclasses.asdict(config),
-            **result, "out": args.out}
+def method_options(method: str, pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """``--option KEY=VALUE`` pairs read by the types of ``method``'s options (one-line errors)."""
+    config_class = get_method(method).config_class
+    return {key: parse_option_text(config_class, key, text) for key, text in pairs}
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from .train import is_main_process
-
-    result = finetune_result(args)
+    config = FinetuneConfig(steps=args.steps, lr=args.lr, label_weight=args.label_weight, eval_every=args.eval_every,
+                            module_lr=args.module_lr, feature_weight=args.feature_weight, temperature=args.temperature,
+                            train_backbone=not args.freeze_backbone, mixup=args.mixup)
+    job = FinetuneJob(model=args.model, data=args.data, method=args.method, keep_ratio=args.keep_ratio,
+                      options=method_options(args.method, args.option), checkpoint=args.checkpoint, labels=args.labels,
+                      val_fraction=args.val_fraction, augment=args.augment, batch_size=args.batch_size, seed=args.seed,
+                      out=args.out, config=config)
+    result = run_finetune_job(job)
     if not is_main_process():
         return 0
     if args.json:
@@ -125,30 +79,9 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def patched_from_arguments(args: argparse.Namespace) -> nn.Module:
-    """The model of ``args``, patched: from a ``tokenpatch.save`` checkpoint (its method and options,
-    changed by any ``--keep-ratio``/``--option`` given), or plain weights patched with ``--method``."""
-    from .checkpoint import is_checkpoint, load
-
-    model = build_model(args.model)
-    if not (args.checkpoint and is_checkpoint(args.checkpoint)):
-        if args.checkpoint:
-            load_checkpoint(model, args.checkpoint)
-        return patch(model, args.method or "idle", keep_ratio=args.keep_ratio or 0.5, **dict(args.option))
-    load(model, args.checkpoint)
-    if args.method not in (None, get_method_name(model)):
-        raise TokenPatchError(f"{args.checkpoint} holds a {get_method_name(model)!r} model; drop --method {args.method} "
-                              f"or give plain weights")
-    if args.keep_ratio is not None:
-        set_keep_ratio(model, args.keep_ratio)
-    set_options(model, **dict(args.option))
-    return model
-
-
 def _explain(args: argparse.Namespace) -> int:
-    from .explain_job import write_explanations
-
-    model = patched_from_arguments(args)
+    options = method_options(args.method or "idle", args.option) if args.option else {}
+    model = patched_model(args.model, args.checkpoint, args.method, args.keep_ratio, options)
     result = write_explanations(model, args.images, args.model, args.out)
     if args.json:
         options = get_config(model).to_dict()
@@ -176,23 +109,20 @@ _ratio = _ratio_argument(check_keep_ratio, "keep ratio")
 _macs_ratio = _ratio_argument(check_macs_ratio, "macs ratio")
 
 
-def _option(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with VALUE read as JSON when it parses (numbers, true/false, null, lists), else text."""
+def _option(text: str) -> tuple[str, str]:
+    """``KEY=VALUE``; the value is read by the option's declared type once the method is known."""
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. mass=0.9, got {text!r}")
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
-        parsed = value
-    return key, tuple(parsed) if isinstance(parsed, list) else parsed
+    return key, value
 
 
 def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="idle", choices=sorted(available_methods()))
     parser.add_argument("--keep-ratio", type=_ratio, default=0.5)
     parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                        help="a method option, e.g. --option mass=0.9 (sait) or --option schedule=geometric (idle); repeatable")
+                        help="a method option, read by its type: e.g. --option mass=0.9 (sait), --option fuse=true (evit), "
+                        "--option cut_weight=1.0 (idle's token-cut loss when fine-tuning); repeatable")
 
 
 def _positive(text: str) -> int:
@@ -229,15 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--batch-size", type=_positive, default=16)
     tune.add_argument("--lr", type=float, default=2e-5)
     tune.add_argument("--label-weight", type=float, default=0.0, help="cross-entropy weight when labels exist")
-    tune.add_argument("--module-lr", type=float, default=1e-3, help="learning rate of a method's new modules (dynamicvit)")
-    tune.add_argument("--ratio-weight", type=float, default=2.0, help="DynamicViT ratio-loss weight (dynamicvit)")
-    tune.add_argument("--cut-weight", type=float, default=0.0, help="IdleViT token-cut loss weight (idle; 0: off)")
+    tune.add_argument("--module-lr", type=float, default=1e-3,
+                      help="learning rate of a method's own new modules (predictors, interpreters)")
     tune.add_argument("--feature-weight", type=float, default=0.0,
                       help="weight of MSE between the student's and teacher's pooled features (0: off)")
-    tune.add_argument("--kept-penalty", type=float, default=0.5,
-                      help="iared2: reward given up per unit of kept token fraction (lambda)")
     tune.add_argument("--freeze-backbone", action="store_true",
-                      help="train only the method's own modules (iared2's interpreters, dynamicvit's predictors)")
+                      help="train only the method's own modules (predictors, interpreters), not the pretrained weights")
     tune.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
     tune.add_argument("--mixup", type=float, default=0.0,
                       help="mixup alpha for the training images (0: off; distillation only, no labels)")
@@ -267,11 +194,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (TokenPatchError, FileNotFoundError, RuntimeError, ValueError) as exc:
+    except (TokenPatchError, FileNotFoundError, RuntimeError, ValueError) as exc:  # user errors: one line, exit 2
         message = " ".join(str(exc).split())  # one line, even for torch's multi-line load errors
         print(f"tokenpatch: error: {message[:500]}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

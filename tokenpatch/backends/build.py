@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .errors import TokenPatchError
+from ..errors import TokenPatchError
 
 HF_PREFIX = "hf:"
 
@@ -64,14 +64,6 @@ def build_model(spec: str, img_size: Optional[int] = None) -> nn.Module:
     if spec.startswith(HF_PREFIX):
         return build_hf_model(spec[len(HF_PREFIX):], img_size)
     return build_timm_model(spec, img_size)
-
-
-def image_size(model: nn.Module) -> tuple[int, int]:
-    """The (H, W) input size a timm or transformers ViT expects."""
-    if hasattr(model, "patch_embed"):
-        return tuple(model.patch_embed.img_size)
-    size = model.config.image_size
-    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:

@@ -10,10 +10,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..backends import find_backend
 
-def logits_of(output: Any) -> Tensor:
-    """The logits tensor of a timm (tensor) or transformers (``.logits``) model output."""
-    return output.logits if hasattr(output, "logits") else output
+
+def logits_of(model: nn.Module, output: Any) -> Tensor:
+    """The (B, classes) logits in ``model``'s output (its backend knows where they are)."""
+    return find_backend(model).logits(output)
 
 
 @contextmanager
@@ -32,7 +34,7 @@ def predict(model: nn.Module, images: Tensor, batch_size: int = 50, progress: bo
     """Logits of ``model`` on (M, 3, H, W) ``images``, in eval mode, batch by batch: (M, classes)."""
     model.eval()
     batches = images.split(batch_size)
-    return torch.cat([logits_of(model(b)) for b in tqdm(batches, desc=desc, disable=not progress, leave=False)])
+    return torch.cat([logits_of(model, model(b)) for b in tqdm(batches, desc=desc, disable=not progress, leave=False)])
 
 
 @dataclass(frozen=True)

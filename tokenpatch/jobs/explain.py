@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from PIL import Image
 from torch import nn
 
-from .data import eval_transform, normalisation, timm_twin
-from .explanation import explain
-from .render import contact_sheet, panel, to_pixels
+from ..api import get_method_name, patch, set_options
+from ..backends.build import build_model, load_checkpoint
+from ..checkpoint import is_checkpoint, load
+from ..data import eval_transform, normalisation, timm_twin
+from ..errors import TokenPatchError
+from ..interpret.explanation import explain
+from ..interpret.render import contact_sheet, panel, to_pixels
 
 
 def load_image_files(paths: Sequence[str], transform: Callable) -> torch.Tensor:
@@ -48,3 +52,23 @@ def write_explanations(model: nn.Module, paths: Sequence[str], model_spec: str, 
     return {"images": list(paths), "files": written, "contact_sheet": str(sheet), "grid": list(explanation.grid),
             "patches_per_block": computed, "score_name": explanation.score_name,
             "merged": explanation.groups is not None}
+
+
+def patched_model(model_spec: str, checkpoint: Optional[str], method: Optional[str], keep_ratio: Optional[float],
+                  options: dict[str, Any]) -> nn.Module:
+    """The model ``model_spec`` names, patched: from a ``tokenpatch.save`` checkpoint (its method and
+    options, changed by any ``keep_ratio``/``options`` given), or plain weights patched with ``method``
+    (default ``idle`` at 0.5)."""
+    model = build_model(model_spec)
+    if not (checkpoint and is_checkpoint(checkpoint)):
+        if checkpoint:
+            load_checkpoint(model, checkpoint)
+        return patch(model, method or "idle", keep_ratio=keep_ratio or 0.5, **options)
+    load(model, checkpoint)
+    if method not in (None, get_method_name(model)):
+        raise TokenPatchError(f"{checkpoint} holds a {get_method_name(model)!r} model; drop --method {method} "
+                              f"or give plain weights")
+    changes = {**options, **({} if keep_ratio is None else {"keep_ratio": keep_ratio})}
+    if changes:
+        set_options(model, **changes)
+    return model

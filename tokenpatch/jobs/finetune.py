@@ -1,9 +1,14 @@
-"""The ``tokenpatch finetune`` job: data split, before/after evaluation, fine-tuning, saving."""
+"""The ``tokenpatch finetune`` job: data split, before/after evaluation, fine-tuning, saving.
+
+:func:`run_finetune_job` is the library half of the command (the CLI only parses arguments into
+a :class:`FinetuneJob`); benchmarks call it directly.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -11,11 +16,46 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from .data import image_dataset, load_images, transform_for
-from .evaluate import accuracy, predict
-from .flops import count_macs
-from .models import image_size
-from .train import FinetuneConfig, finetune, in_process_group, is_main_process, unpatched_behaviour
+from ..api import patch
+from ..backends.build import build_model, load_checkpoint
+from ..checkpoint import save
+from ..data import image_dataset, load_images, transform_for
+from ..measure.evaluate import accuracy, predict
+from ..measure.flops import count_macs
+from ..training.finetune import FinetuneConfig, finetune, in_process_group, is_main_process, unpatched_behaviour, world_size
+
+
+@dataclass
+class FinetuneJob:
+    """What ``tokenpatch finetune`` does, as data.
+
+    Attributes:
+        model: timm model name or ``hf:NAME`` (random weights unless ``checkpoint``).
+        data: image folder (flat, class sub-folders, or flat with ``labels.csv``).
+        method, keep_ratio, options: the patch.
+        checkpoint: weights of the unpatched model (.safetensors or torch state dict).
+        labels: a ``file,class_index`` CSV (default: ``data/labels.csv`` when present).
+        val_fraction: share of the images held out for evaluation.
+        augment: random resized crops and flips for the training images.
+        batch_size: images per step (per process under torchrun).
+        seed: seeds the split, the shuffling and the training.
+        out: save the fine-tuned patched model here (``tokenpatch.save`` format).
+        config: the optimisation options.
+    """
+
+    model: str
+    data: str
+    method: str = "idle"
+    keep_ratio: Optional[float] = 0.5
+    options: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Optional[str] = None
+    labels: Optional[str] = None
+    val_fraction: float = 0.2
+    augment: bool = False
+    batch_size: int = 16
+    seed: int = 0
+    out: Optional[str] = None
+    config: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 @dataclass
@@ -81,12 +121,29 @@ def run(model: nn.Module, train: Subset, val: HeldOut, config: FinetuneConfig, b
     before = val.evaluate(model.eval())
     loader = _loader(train, batch_size, seed)
     history = finetune(model, loader, config, evaluate=val.evaluate)
-    macs = count_macs(model, (1, 3, *image_size(model))).total
+    macs = count_macs(model).total
     with unpatched_behaviour(model):
-        macs_unpatched = count_macs(model, (1, 3, *image_size(model))).total
+        macs_unpatched = count_macs(model).total
     after = {k: v for k, v in history[-1].items() if k in before}  # empty off rank 0, which alone evaluates
     with unpatched_behaviour(model):
         after_dense = val.evaluate(model) if is_main_process() else {}
     return {"unpatched": val.scores(val.reference), "before": before, "after": after, "after_dense": after_dense,
             "macs": macs, "macs_unpatched": macs_unpatched, "steps": config.steps,
             "train_images": len(train), "val_images": len(val.images), "final_loss": history[-1]["loss"]}
+
+
+def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
+    """Patch, fine-tune and evaluate as ``job`` says; return the scores before/after, MACs and sizes."""
+    init_distributed()
+    torch.manual_seed(job.seed)
+    model = build_model(job.model)
+    if job.checkpoint:
+        load_checkpoint(model, job.checkpoint)
+    patch(model, job.method, keep_ratio=job.keep_ratio, **job.options)
+    train, val = split_dataset(job.model, job.data, job.labels, job.val_fraction, job.seed, job.augment)
+    result = run(model, train, held_out(model, val), job.config, job.batch_size, job.seed)
+    if job.out and is_main_process():
+        save(model, job.out)
+    return {"model": job.model, "method": job.method, "keep_ratio": job.keep_ratio, "options": job.options,
+            "world_size": world_size(), "augment": job.augment, "finetune_config": dataclasses.asdict(job.config),
+            **result, "out": job.out}

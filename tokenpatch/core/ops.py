@@ -122,3 +122,21 @@ def cls_attention(q_cls: Tensor, k: Tensor, scale: float, key_mask: Optional[Ten
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     return logits.softmax(dim=-1).mean(dim=1).squeeze(1)
+
+
+def padded_top_positions(scores: Tensor, counts: Tensor) -> Tensor:
+    """Top ``counts[b]`` positions of each row in ascending order, padded with the next-best ones.
+
+    Args:
+        scores: (B, M) scores.
+        counts: (B,) tokens each row really keeps.
+
+    Returns:
+        (B, max(counts)) positions: row b's first ``counts[b]`` are its kept patches (ascending),
+        the rest padding.
+    """
+    width = int(counts.max())
+    best = scores.topk(width, dim=1).indices  # by descending score
+    padding = torch.arange(width, device=scores.device) >= counts.unsqueeze(1)
+    order = (best + padding * scores.shape[1]).sort(dim=1).indices  # real ones first, each part ascending
+    return best.gather(1, order)

@@ -13,15 +13,14 @@ from contextlib import nullcontext
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from .backends import find_backend
+from ..backends import find_backend
+from ..core.runner import is_patched, trace
 from .evaluate import eval_mode
-from .patcher import is_patched
-from .trace import trace
 
 Shape = Sequence[int]
 
@@ -94,7 +93,7 @@ def _block_names(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, input_or_shape: Union[Tensor, Shape] = (1, 3, 224, 224)) -> MacReport:
+def count_macs(model: nn.Module, input_or_shape: Optional[Union[Tensor, Shape]] = None) -> MacReport:
     """Count the MACs of one eval-mode forward of ``model`` (patched or not).
 
     The count follows the data-dependent path actually taken (top-k sizes at the current keep
@@ -102,7 +101,8 @@ def count_macs(model: nn.Module, input_or_shape: Union[Tensor, Shape] = (1, 3, 2
 
     Args:
         model: a supported ViT, patched or not.
-        input_or_shape: an input batch, or its shape (random data of that shape is used).
+        input_or_shape: an input batch, or its shape (random data of that shape is used); None:
+            one image of the model's own input size.
 
     Returns:
         A :class:`MacReport`.
@@ -111,6 +111,8 @@ def count_macs(model: nn.Module, input_or_shape: Union[Tensor, Shape] = (1, 3, 2
         warnings.simplefilter("ignore", FutureWarning)
         from fvcore.nn import FlopCountAnalysis
 
+    if input_or_shape is None:
+        input_or_shape = (1, 3, *find_backend(model).input_size(model))
     x = as_input(model, input_or_shape)
     with eval_mode(model), (trace(model) if is_patched(model) else nullcontext()) as recorded:
         analysis = FlopCountAnalysis(model, x)

@@ -4,10 +4,10 @@ The teacher is a frozen copy of the model's weights as they were before fine-tun
 unpatched. It must be a copy: the same weights at ``keep_ratio=1.0`` would move with the
 student, and the two can then agree on anything (measured on the real DeiT-Tiny: top-1 fell
 from 72.0 to 11.6 % while the loss went to 0.02; see the README). The student is the patched model in train
-mode. Labels are optional: with none, the loss is the distillation term alone. Method losses
-join in when their weight is set: DynamicViT's ratio loss (``ratio_weight``, on by default; it
-only applies to ``dynamicvit``) and IdleViT's token-cut loss (``cut_weight``, for ``idle``);
-``iared2``'s REINFORCE loss always joins (its reward prices kept tokens by ``kept_penalty``).
+mode. Labels are optional: with none, the loss is the distillation term alone. The method's own
+losses join with the weights its options give them (``Method.training_losses``: e.g.
+DynamicViT's ratio loss with ``ratio_weight``, IdleViT's token-cut loss with ``cut_weight``,
+IA-RED²'s REINFORCE loss priced by ``kept_penalty``); set them with the method's options.
 Optional: a feature loss on the head's input (``feature_weight``), mixup of the training images
 (``mixup``; on the real DeiT-Tiny it turned 42 % into 75 % recovery of idle's drop on one split,
 40 % on another; see the README), and a frozen backbone (``train_backbone=False``). Options a
@@ -32,29 +32,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .api import get_config, set_keep_ratio, set_options, unpatch
-from .backends import find_backend
-from .errors import TokenPatchError
-from .evaluate import eval_mode, logits_of
-from .losses import DistillationLoss, FeatureDistillationLoss, PolicyGradientLoss, RatioLoss, TokenCutLoss
-from .patcher import context_of
+from ..backends import find_backend
+from ..core.runner import collecting, context_of, overriding, uninstall
+from ..errors import TokenPatchError
+from ..measure.evaluate import eval_mode, logits_of
+from .losses import DistillationLoss, FeatureDistillationLoss
 
 
 @contextmanager
 def unpatched_behaviour(model: nn.Module) -> Iterator[nn.Module]:
-    """Run a patched model as its unpatched self (keep ratio 1.0, eval mode, no grad), then restore."""
-    ratio = get_config(model).keep_ratio
-    set_keep_ratio(model, 1.0)
-    try:
-        with eval_mode(model), torch.no_grad():
-            yield model
-    finally:
-        set_keep_ratio(model, ratio)
+    """Run a patched model as its unpatched self (keep ratio 1.0, eval mode, no grad), then restore.
+
+    The keep ratio is overridden for this thread's passes only.
+    """
+    with overriding(model, keep_ratio=1.0), eval_mode(model), torch.no_grad():
+        yield model
 
 
 def frozen_teacher(model: nn.Module) -> nn.Module:
     """A frozen, unpatched copy of a patched ``model``'s current weights, in eval mode."""
-    teacher = unpatch(copy.deepcopy(model)).eval()
+    teacher = copy.deepcopy(model)
+    ctx = context_of(teacher)
+    uninstall(teacher, ctx.backend, ctx.modules)
+    teacher.eval()
     return teacher.requires_grad_(False)
 
 
@@ -73,12 +73,8 @@ class FinetuneConfig:
         eval_every: run the evaluation callback every this many steps (0: only at the end).
         module_lr: learning rate of the method's own new modules (DynamicViT's predictors),
             which start from scratch and need a larger one than the pretrained weights.
-        ratio_weight: weight of :class:`~tokenpatch.losses.RatioLoss` (``dynamicvit`` only).
-        cut_weight: weight of :class:`~tokenpatch.losses.TokenCutLoss` (``idle`` only; 0: off).
-        feature_weight: weight of :class:`~tokenpatch.losses.FeatureDistillationLoss` on the
-            features the classifier reads (any method; 0: off).
-        kept_penalty: lambda of :class:`~tokenpatch.losses.PolicyGradientLoss` (``iared2``): reward
-            given up per unit of kept token fraction.
+        feature_weight: weight of :class:`~tokenpatch.training.losses.FeatureDistillationLoss`
+            on the features the classifier reads (any method; 0: off).
         train_backbone: False trains only the method's own modules (e.g. ``iared2``'s
             interpreters) and leaves the pretrained weights as they are.
         mixup: alpha of mixup on the training images (0: off). Each batch is blended with a
@@ -97,10 +93,7 @@ class FinetuneConfig:
     label_weight: float = 0.0
     eval_every: int = 0
     module_lr: float = 1e-3
-    ratio_weight: float = 2.0
-    cut_weight: float = 0.0
     feature_weight: float = 0.0
-    kept_penalty: float = 0.5
     train_backbone: bool = True
     mixup: float = 0.0
 
@@ -154,9 +147,9 @@ def _logits_and_features(network: nn.Module, model: nn.Module, images: Tensor,
     """Logits of ``network`` (``model`` or a wrapper of it) on ``images`` and, when asked, the
     pooled features ``model``'s head read."""
     if not features:
-        return logits_of(network(images)), None
+        return logits_of(model, network(images)), None
     with head_features(model) as seen:
-        logits = logits_of(network(images))
+        logits = logits_of(model, network(images))
     return logits, seen[0]
 
 
@@ -178,41 +171,18 @@ def training_loss(model: nn.Module, teacher: nn.Module, images: Tensor, labels: 
     loss = task_loss.mean()
     if features:
         loss = loss + config.feature_weight * FeatureDistillationLoss()(student_features, target_features)
-    aux = context_of(model).aux
-    if "policy" in aux:
-        loss = loss + PolicyGradientLoss(config.kept_penalty)(model, task_loss)
-    if config.ratio_weight > 0 and "keep_fraction" in aux:
-        loss = loss + config.ratio_weight * RatioLoss()(model)
-    if config.cut_weight > 0 and "token_cut" in aux:
-        loss = loss + config.cut_weight * TokenCutLoss()(model)
+    ctx = context_of(model)
+    for weight, method_loss in ctx.method.training_losses(ctx.config):
+        loss = loss + weight * method_loss(model, task_loss)
     return loss
 
 
 @contextmanager
 def step_options(model: nn.Module, step: int) -> Iterator[None]:
-    """Apply the method's per-step option overrides (e.g. SaiT's dense steps) for one step."""
+    """Apply the method's per-step option overrides (e.g. SaiT's dense steps) for one step, in this thread."""
     ctx = context_of(model)
-    overrides = ctx.method.training_overrides(ctx.config, step)
-    if not overrides:
+    with overriding(model, **ctx.method.training_overrides(ctx.config, step)):
         yield
-        return
-    saved = {name: getattr(ctx.config, name) for name in overrides}
-    set_options(model, **overrides)
-    try:
-        yield
-    finally:
-        set_options(model, **saved)
-
-
-@contextmanager
-def collecting(model: nn.Module, signals: Iterable[str]) -> Iterator[None]:
-    """Ask the patched model's method to produce extra training signals while the context is open."""
-    ctx = context_of(model)
-    previous, ctx.collect = ctx.collect, ctx.collect | frozenset(signals)
-    try:
-        yield
-    finally:
-        ctx.collect = previous
 
 
 def _parameter_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, Any]]:
@@ -291,7 +261,9 @@ def finetune(model: nn.Module, batches: Iterable[Any], config: FinetuneConfig = 
     teacher = teacher if teacher is not None else frozen_teacher(model)
     groups = _parameter_groups(model, config)
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    with collecting(model, ["attention"] if config.cut_weight > 0 else []), frozen_backbone(model, not config.train_backbone):
+    ctx = context_of(model)
+    signals = ctx.method.training_signals(ctx.config)
+    with collecting(model, signals), frozen_backbone(model, not config.train_backbone):
         network = _distributed(model)  # after freezing: DDP syncs the parameters that require grad
         history = _steps(model, network, teacher, batches, config, optimizer, evaluate, progress)
     model.eval()

@@ -7,10 +7,10 @@ from typing import Any, Callable, Optional, Union
 
 from torch import Tensor, nn
 
-from .api import get_config, get_method_name, set_keep_ratio
-from .errors import InvalidOptionError
+from ..backends import find_backend
+from ..core.runner import context_of, overriding, reconfigure
+from ..errors import InvalidOptionError
 from .flops import as_input, count_macs
-from .models import image_size
 
 #: relative distance to the target MAC share that counts as a hit
 TOLERANCE = 0.01
@@ -49,8 +49,11 @@ def set_macs_ratio(model: nn.Module, macs_ratio: float, macs_input: Optional[Uni
                    tolerance: float = TOLERANCE) -> BudgetFit:
     """Set a patched model's keep ratio so that its MACs are ``macs_ratio`` of the unpatched MACs.
 
-    Bisection on the keep ratio, counting MACs with :func:`~tokenpatch.flops.count_macs` (the
-    unpatched count is the same model at keep ratio 1.0, which every method makes dense). Methods
+    Bisection on the keep ratio, counting MACs with :func:`~tokenpatch.measure.flops.count_macs`
+    (the unpatched count is the same model at keep ratio 1.0, which every method makes dense);
+    the method maps each keep ratio to its options (``Method.budget_options``). The trials run
+    in this thread only; other threads keep using the model's options until the fitted ratio is
+    set, atomically, at the end. Methods
     whose token counts depend on the image (``ats``, ``sait`` with ``mass``, ``iared2`` with a
     threshold) are fitted on ``macs_input``: pass real images for a budget that holds on real data.
 
@@ -65,31 +68,34 @@ def set_macs_ratio(model: nn.Module, macs_ratio: float, macs_input: Optional[Uni
         The :class:`BudgetFit`; the model keeps its fitted keep ratio.
 
     Raises:
-        InvalidOptionError: ``macs_ratio`` out of range, ``tome`` with ``r`` set, or no keep
-            ratio within ``tolerance`` (the message names the nearest share reachable); the
-            model's keep ratio is then left as it was.
+        InvalidOptionError: ``macs_ratio`` out of range, options the method can't fit to a budget
+            (``tome`` with ``r`` set), or no keep ratio within ``tolerance`` (the message names the
+            nearest share reachable); the model's options are then left as they were.
     """
     target = check_macs_ratio(macs_ratio)
-    if getattr(get_config(model), "r", None) is not None:
-        raise InvalidOptionError("macs_ratio chooses tome's merges through keep_ratio; patch with r=None to use it")
-    images = as_input(model, macs_input if macs_input is not None else (1, 3, *image_size(model)))
-    previous = get_config(model).keep_ratio
-    set_keep_ratio(model, 1.0)
-    base = mean_macs_per_image(model, images)
+    ctx = context_of(model)
+    config = ctx.settings.config
 
-    def share(keep: float) -> float:
-        set_keep_ratio(model, keep)
-        return mean_macs_per_image(model, images) / base
+    def knobs(keep: float) -> dict[str, Any]:
+        return ctx.method.budget_options(config, keep)
 
-    tried = _bisect(share, target, tolerance)
+    knobs(1.0)  # the method refuses options it can't fit before anything is counted
+    shape = (1, 3, *find_backend(model).input_size(model))
+    images = as_input(model, macs_input if macs_input is not None else shape)
+
+    def macs_at(keep: float) -> float:
+        with overriding(model, **knobs(keep)):
+            return mean_macs_per_image(model, images)
+
+    base = macs_at(1.0)
+    tried = _bisect(lambda keep: macs_at(keep) / base, target, tolerance)
     keep = min(tried, key=lambda k: abs(tried[k] - target))
     if abs(tried[keep] - target) > tolerance * target:
-        set_keep_ratio(model, previous)
         raise InvalidOptionError(
-            f"{get_method_name(model)} can't reach macs_ratio={target} within {tolerance:.0%}: the nearest share of "
+            f"{ctx.method.name} can't reach macs_ratio={target} within {tolerance:.0%}: the nearest share of "
             f"the unpatched MACs is {tried[keep]:.3f} (keep_ratio={keep:.4f})"
         )
-    set_keep_ratio(model, keep)
+    reconfigure(model, **knobs(keep))
     return BudgetFit(keep_ratio=keep, macs_ratio=tried[keep], target=target)
 
 

@@ -16,11 +16,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .backends import find_backend
-from .errors import TokenPatchError
-from .evaluate import eval_mode
-from .patcher import context_of, is_patched
-from .trace import Trace, trace
+from ..backends import find_backend
+from ..core.records import Trace
+from ..core.registry import METHODS
+from ..core.runner import context_of, is_patched, overriding, trace
+from ..errors import TokenPatchError
+from ..measure.evaluate import eval_mode, predict
 
 
 @dataclass
@@ -133,25 +134,30 @@ def explain(model: nn.Module, images: Tensor) -> Explanation:
                        None if groups is None else groups.view(batch, -1, rows, cols))
 
 
-def keep_probability_map(model: nn.Module, images: Tensor) -> Tensor:
-    """(B, gh, gw) ``iared2``'s interpreter heatmap: mean keep probability over the groups.
+def score_map(model: nn.Module, images: Tensor) -> Tensor:
+    """(B, gh, gw) the method's own per-patch scores, averaged over the blocks that score.
 
-    The interpreters score every patch of a pass that drops none (so every group sees the whole
-    image), and the map is the mean of their probabilities; the IA-RED² explanation. The
-    model's options are restored afterwards.
+    The pass runs under the options the method names for this
+    (``Method.explanation_options``), in which every scoring block sees every patch; for
+    ``iared2`` this is the interpreters' heatmap, the mean keep probability over the groups
+    (the IA-RED² explanation). The options are overridden for this call only.
+
+    Raises:
+        NotPatchedError; TokenPatchError when the method records no scores to map.
     """
-    from .api import get_config, get_method_name, set_options
-
-    if get_method_name(model) != "iared2":
-        raise TokenPatchError(f"keep_probability_map needs an iared2 model, got {get_method_name(model)!r}")
-    config = get_config(model)
-    # a cap of ceil(r * n) with r just below 1 keeps all n patches, and the interpreters still run
-    set_options(model, keep_ratio=math.nextafter(1.0, 0.0), threshold=None)
-    try:
+    ctx = context_of(model)
+    options = ctx.method.explanation_options(ctx.config)
+    if options is None:
+        raise TokenPatchError(f"{ctx.method.name!r} has no per-patch score map; methods with one: "
+                              f"{', '.join(methods_with_score_maps())}")
+    with overriding(model, **options):
         scores = explain(model, images).scores
-    finally:
-        set_options(model, keep_ratio=config.keep_ratio, threshold=config.threshold)
     return torch.stack(list(scores.values())).mean(dim=0)
+
+
+def methods_with_score_maps() -> list[str]:
+    """Registered methods whose scores explain every patch (:func:`score_map`)."""
+    return sorted(name for name, m in METHODS.items() if m.explanation_options(m.config_class()) is not None)
 
 
 @torch.no_grad()
@@ -231,8 +237,6 @@ def deletion_curve(model: nn.Module, images: Tensor, importance: Tensor, steps: 
         (B, steps + 1) probability of each image's originally predicted class, from nothing to
         everything deleted.
     """
-    from .evaluate import predict
-
     batch, rows, cols = importance.shape
     order = importance.flatten(1).argsort(dim=1, descending=True)
     predicted = predict(model, images, batch_size).argmax(dim=1)

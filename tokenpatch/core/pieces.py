@@ -1,0 +1,188 @@
+"""The reduced-token block pieces every method composes.
+
+A method's block forward is a short composition of these functions: score, select
+(``ops.top_k_positions``), compute on the selected tokens (:func:`attention_residual`,
+:func:`mlp_residual`), then write back, drop, fuse or merge. At inference the attention always
+runs on ``F.scaled_dot_product_attention``; class-token scores come from
+:func:`~tokenpatch.core.ops.cls_attention`, never from a materialised N x N map. Only the
+training-mode pieces (:func:`masked_block`, :func:`mean_attention_logits`) build that map,
+because their losses or differentiable masks need it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import TokenPatchError
+from .blocks import BlockView
+from .ops import cls_attention, gather_tokens, prefix_positions
+from .registry import fixed_count_methods
+from .state import PassState
+
+
+def attend(view: BlockView, q: Tensor, k: Tensor, v: Tensor, xn: Tensor, key_mask: Optional[Tensor] = None,
+           key_bias: Optional[Tensor] = None, query_positions: Optional[Tensor] = None,
+           key_positions: Optional[Tensor] = None) -> Tensor:
+    """Multi-head attention on SDPA plus the output projection.
+
+    Args:
+        q: (B, H, Nq, D) queries; k, v: (B, H, Nk, D).
+        xn: (B, Nq, C) normed query tokens (some blocks gate the output on them).
+        key_mask: (B, Nk) bool, False for padding keys no query may attend to; None: all keys.
+        key_bias: (B, Nk) float added to every query's logit for each key (ToMe's log-size
+            bias); None: no bias. Passed to SDPA as an additive mask, so SDPA still runs.
+        query_positions, key_positions: (B, Nq) and (B, Nk) original positions, for families
+            whose attention has a position bias (:meth:`BlockView.attention_bias`).
+
+    Returns:
+        (B, Nq, C) attention-branch output, before the residual.
+    """
+    mask = view.attention_bias(query_positions, key_positions)
+    if key_bias is not None:
+        bias = key_bias[:, None, None, :].to(q.dtype)
+        mask = bias if mask is None else mask + bias
+    if key_mask is not None:
+        keep = key_mask[:, None, None, :]
+        mask = keep if mask is None else mask.masked_fill(~keep, float("-inf"))
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=view.attn_dropout, scale=view.scale)
+    return view.attention_output(o, xn)
+
+
+def attention_with_projections(view: BlockView, x: Tensor, positions: Optional[Tensor] = None,
+                               key_mask: Optional[Tensor] = None,
+                               key_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """First half of a block on all tokens, ``x + attn(norm1(x))``, also returning q, k and v.
+
+    Args:
+        x: (B, N, C) tokens.
+        positions: (B, N) their original positions (``state.positions``); None: ``0..N-1``.
+        key_mask, key_bias: see :func:`attend`.
+
+    Returns:
+        (B, N, C) tokens after the attention residual, and the (B, H, N, D) queries, keys and
+        values it used (methods score tokens on them).
+    """
+    xn = view.norm1(x)
+    q, k, v = view.qkv(xn, positions)
+    return view.add_attention(x, attend(view, q, k, v, xn, key_mask, key_bias, positions, positions)), q, k, v
+
+
+def attention_residual(view: BlockView, x: Tensor, positions: Optional[Tensor] = None, with_cls_attention: bool = False,
+                       key_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """First half of a block on all tokens of ``x``: ``x + attn(norm1(x))``.
+
+    Args:
+        x: (B, N, C) tokens; the class token is at position 0.
+        positions: (B, N) their original positions; None: ``0..N-1``.
+        with_cls_attention: also return the class token's head-averaged attention.
+        key_mask: (B, N) bool, False for padding tokens (see :func:`attend`).
+
+    Returns:
+        (B, N, C) tokens after the attention residual, and (B, N) class-token attention over
+        all N tokens (or None; padding keys get 0).
+    """
+    x, q, k, _ = attention_with_projections(view, x, positions, key_mask)
+    scores = cls_attention(q[:, :, :1], k, view.scale, key_mask) if with_cls_attention else None
+    return x, scores
+
+
+def policy_softmax(logits: Tensor, key_keep: Tensor, eps: float = 1e-6) -> Tensor:
+    """Attention probabilities over the kept keys only, differentiable in a soft or hard keep mask.
+
+    DynamicViT's masked attention (Rao et al., NeurIPS 2021): ``exp(logits) * keep`` normalised
+    per query, where every token always keeps itself so that no row is empty. Dropped tokens
+    still compute, but nothing attends to them. Used in training, where tokens are masked
+    rather than removed so that gradients reach the keep decisions.
+
+    Args:
+        logits: (B, H, N, N) attention logits.
+        key_keep: (B, N) keep mask in [0, 1] over all N tokens (prefix tokens 1).
+
+    Returns:
+        (B, H, N, N) probabilities, rows summing to 1.
+    """
+    n = logits.shape[-1]
+    eye = torch.eye(n, dtype=logits.dtype, device=logits.device)
+    keep = key_keep[:, None, None, :].to(logits.dtype) * (1 - eye) + eye
+    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp() * keep
+    return (weights + eps / n) / (weights.sum(dim=-1, keepdim=True) + eps)
+
+
+def masked_block(view: BlockView, x: Tensor, key_keep: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+    """A whole block on all tokens with attention restricted to kept keys (:func:`policy_softmax`).
+
+    Materialises the (B, H, N, N) map, so it is for training-mode passes only.
+
+    Args:
+        x: (B, N, C) tokens.
+        key_keep: (B, N) keep mask over all tokens.
+        positions: (B, N) original positions of the tokens; None: ``0..N-1``.
+
+    Returns:
+        (B, N, C) tokens.
+    """
+    xn = view.norm1(x)
+    q, k, v = view.qkv(xn, positions)
+    logits = (q * view.scale) @ k.transpose(-2, -1)
+    bias = view.attention_bias(positions, positions)
+    probs = policy_softmax(logits if bias is None else logits + bias, key_keep)
+    probs = F.dropout(probs, view.attn_dropout, training=view.attn_dropout > 0)
+    return mlp_residual(view, view.add_attention(x, view.attention_output(probs @ v, xn)))
+
+
+def mean_attention_logits(view: BlockView, xn: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+    """(B, N, N) head-averaged attention logits of normed tokens ``xn`` (B, N, C) at (B, N) ``positions``, for training losses."""
+    logits = (view.query(xn, positions) * view.scale) @ view.key(xn, positions).transpose(-2, -1)
+    bias = view.attention_bias(positions, positions)
+    return (logits if bias is None else logits + bias).mean(dim=1)
+
+
+def mlp_residual(view: BlockView, x: Tensor) -> Tensor:
+    """Second half of a block: ``x + mlp(norm2(x))``, (B, N, C) -> (B, N, C)."""
+    return view.mlp_residual(x)
+
+
+def full_block(view: BlockView, x: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+    """A whole block on all (B, N, C) tokens at (B, N) ``positions``, composed from the pieces;
+    equals the block's own forward when the tokens are the whole sequence."""
+    return mlp_residual(view, attention_residual(view, x, positions)[0])
+
+
+def padded_block(view: BlockView, x: Tensor, state: PassState) -> Tensor:
+    """A whole block on a batch that may be padded: keys past ``state.counts[b]`` are masked out.
+
+    With no padding (``state.counts`` None) this is :func:`full_block`. Padding tokens still
+    compute, but no real token attends to them, so a sample's output is its output alone.
+    """
+    if state.counts is None:
+        return full_block(view, x, state.positions)
+    return mlp_residual(view, attention_residual(view, x, state.positions, key_mask=state.real_tokens(x.shape[1]))[0])
+
+
+def refuse_export(method: str) -> None:
+    """Raise a clear error when ``torch.export`` (also behind ONNX export) traces a pass whose
+    token counts are computed from the image: a data-dependent shape it cannot express."""
+    if torch.compiler.is_exporting():
+        raise TokenPatchError(
+            f"{method} keeps a per-image number of tokens (computed from the data), which cannot be exported "
+            f"with torch.export or ONNX; export a method whose counts are fixed: {', '.join(fixed_count_methods())}"
+        )
+
+
+def keep_tokens(x: Tensor, state: PassState, keep_positions: Tensor) -> tuple[Tensor, Tensor]:
+    """Prefix tokens plus the patches at ``keep_positions``.
+
+    Args:
+        x: (B, N, C) tokens.
+        keep_positions: (B, K) positions of patches to keep, counted from the first patch.
+
+    Returns:
+        (B, P + K, C) kept tokens and their (B, P + K) positions in ``x``.
+    """
+    prefix = prefix_positions(x.shape[0], state.num_prefix, x.device)
+    index = torch.cat([prefix, keep_positions + state.num_prefix], dim=1)
+    return gather_tokens(x, index), index

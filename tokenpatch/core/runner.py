@@ -1,0 +1,342 @@
+"""Installing and removing the patched forwards, and running a pass through them.
+
+A patched model keeps its class, modules, parameters and buffers. Only instance attributes
+are added: each block's ``forward`` becomes a ``functools.partial`` routing through the
+method (picklable, deep-copyable and traceable by ``torch.export``), the model's ``forward`` gains input checks, and ``_tokenpatch`` holds the shared
+:class:`PatchContext`. Removing them restores the class forwards exactly. A method with
+trainable parts (e.g. DynamicViT's predictors) adds them as one submodule named ``tokenpatch``,
+so they appear in ``state_dict`` under the ``tokenpatch.`` prefix; ``unpatch`` removes it.
+
+Forward wrappers installed before patching: a module whose ``forward`` was wrapped the way
+Hugging Face accelerate does it (the wrapper in ``forward``, the wrapped forward in
+``_old_forward``: device placement and offload hooks) keeps its wrapper; the patch replaces
+``_old_forward`` and ``unpatch`` puts the original back. Any other instance-level ``forward`` is
+refused with an error naming the module: the patch could not run inside it.
+
+Re-entrancy: nothing on the model changes during a forward. The options live in an immutable
+:class:`Settings` snapshot that a configuration change replaces whole; a pass takes the
+snapshot when it starts and keeps its own :class:`~tokenpatch.core.state.PassState`, in
+thread-local storage, so one patched model serves many threads. ``trace``, per-thread option
+overrides, training signals and the training pass's outputs for the losses are per thread too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+from torch import Tensor, nn
+
+from ..errors import InputShapeError, InvalidOptionError, NotPatchedError, TokenPatchError, UnsupportedModelError
+from .blocks import Backend
+from .method import Method, MethodConfig
+from .records import Trace
+from .state import PassState
+
+CONTEXT_ATTR = "_tokenpatch"
+INDEX_ATTR = "_tokenpatch_index"
+SAVED_ATTR = "_tokenpatch_saved_forward"
+MODULES_NAME = "tokenpatch"
+#: where accelerate-style hooks keep the forward they wrap
+WRAPPED_FORWARD = "_old_forward"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """One consistent configuration: the method's options and the per-block plan derived from them."""
+
+    config: MethodConfig
+    plan: tuple[Optional[float], ...]
+
+
+def build_config(method: Method, keep_ratio: Optional[float], options: dict[str, Any]) -> MethodConfig:
+    """``method``'s options dataclass from keyword options (validated later, against a depth).
+
+    Raises:
+        InvalidOptionError: an option the method does not have.
+    """
+    fields = {f.name for f in dataclasses.fields(method.config_class)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        valid = ", ".join(sorted(fields - {"keep_ratio"})) or "none"
+        raise InvalidOptionError(f"unknown option(s) {unknown} for method {method.name!r}; valid options: {valid}")
+    if keep_ratio is not None:
+        options = {**options, "keep_ratio": keep_ratio}
+    return method.config_class(**options)
+
+
+class PatchContext:
+    """What a patched model and its blocks share: backend, method, settings, per-thread pass data.
+
+    Attributes:
+        modules: the method's trainable modules (registered on the model), or None.
+    """
+
+    def __init__(self, backend: Backend, method: Method, config: MethodConfig, num_prefix: int, depth: int,
+                 pools_class_token: bool = True) -> None:
+        self.backend = backend
+        self.pools_class_token = pools_class_token
+        self.method = method
+        self.num_prefix = num_prefix
+        self.depth = depth
+        self.modules: Optional[nn.Module] = None  # set by patch() once the options are validated
+        self.local = threading.local()
+        self.settings = self.settle(config)
+
+    # Pickling and deepcopy carry the configuration, never a thread's pass data.
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "local"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.local = threading.local()
+
+    @property
+    def config(self) -> MethodConfig:
+        """The options passes started now use (this thread's override, if any)."""
+        return self.current_settings().config
+
+    def settle(self, config: MethodConfig) -> Settings:
+        """Validate ``config`` for this model and derive its plan (the context is unchanged)."""
+        config.validate(self.depth)
+        self.method.check_compatible(config, self.pools_class_token)
+        return Settings(config, tuple(self.method.schedule(config, self.depth)))
+
+    def set_config(self, config: MethodConfig) -> None:
+        """Validate and adopt ``config`` for passes that start after this call (atomic)."""
+        self.settings = self.settle(config)
+
+    def with_options(self, base: MethodConfig, options: dict[str, Any]) -> MethodConfig:
+        """A copy of ``base`` with ``options`` changed (not validated yet)."""
+        fixed = sorted(set(options) & self.method.structural_options)
+        if fixed:
+            raise InvalidOptionError(
+                f"option(s) {fixed} of {self.method.name!r} are fixed at patch time; re-patch to change them")
+        return build_config(self.method, None, {**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)},
+                                                 **options})
+
+    def current_settings(self) -> Settings:
+        """The settings a pass started now in this thread uses."""
+        return getattr(self.local, "override", None) or self.settings
+
+    def begin_pass(self, x: Tensor) -> PassState:
+        """This thread's new pass, whose first block receives (B, N, C) ``x``."""
+        settings = self.current_settings()
+        state = PassState.start(x, self.num_prefix, self.depth, settings.config, list(settings.plan),
+                                self.method.start_pass(settings.config), getattr(self.local, "trace", None),
+                                self.modules, getattr(self.local, "collect", frozenset()))
+        self.local.state = state
+        return state
+
+    def end_pass(self, state: PassState, training: bool) -> None:
+        """Release a finished pass; a training pass leaves its outputs for the losses."""
+        if training:
+            self.local.aux = state.aux
+        if getattr(self.local, "state", None) is state:
+            self.local.state = None
+
+    def run_block(self, block: nn.Module, index: int, x: Tensor) -> Tensor:
+        """Forward of block ``index`` on (B, N, C) tokens under this thread's pass."""
+        state = getattr(self.local, "state", None)
+        if index == 0 or state is None:  # every pass enters through block 0
+            state = self.begin_pass(x)
+        ratio = state.plan[index]
+        if ratio is None or ratio >= 1.0:
+            out = self.backend.run_original(original_forward(block), x)
+            state.record(index, x.shape[1], out.shape[1])
+        else:
+            out = self.method.reduce_block(self.backend.view(block), x, state, index, ratio, state.config)
+        if index == self.depth - 1:
+            self.end_pass(state, block.training)
+        return out
+
+
+def context_of(model: nn.Module) -> PatchContext:
+    """The model's :class:`PatchContext`, or :class:`NotPatchedError`."""
+    ctx = model.__dict__.get(CONTEXT_ATTR) if isinstance(model, nn.Module) else None
+    if ctx is None:
+        raise NotPatchedError(f"{type(model).__name__} is not patched; call tokenpatch.patch(model, ...) first")
+    return ctx
+
+
+def is_patched(model: nn.Module) -> bool:
+    """True if ``model`` carries a tokenpatch patch."""
+    return isinstance(model, nn.Module) and CONTEXT_ATTR in model.__dict__
+
+
+def check_images(images: Any) -> None:
+    """Raise :class:`InputShapeError` unless ``images`` is a (B, C, H, W) tensor."""
+    if not isinstance(images, Tensor):
+        raise InputShapeError(f"expected an image tensor of shape (B, C, H, W), got {type(images).__name__}")
+    if images.ndim != 4:
+        raise InputShapeError(f"expected images of shape (B, C, H, W), got a {images.ndim}-D tensor of shape {tuple(images.shape)}")
+
+
+def _block_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    ctx: PatchContext = block.__dict__[CONTEXT_ATTR]
+    x = ctx.backend.block_input(args, dict(kwargs))
+    return ctx.backend.block_output(ctx.run_block(block, block.__dict__[INDEX_ATTR], x))
+
+
+def _model_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    ctx: PatchContext = model.__dict__[CONTEXT_ATTR]
+    check_images(ctx.backend.image_input(args, kwargs))
+    if model.training and ctx.backend.gradient_checkpointing(model):
+        raise TokenPatchError(
+            "gradient checkpointing re-runs blocks during backward, which a patched model's per-pass token "
+            f"state does not allow; {ctx.backend.disable_checkpointing_hint()}"
+        )
+    ctx.local.aux = {}
+    previous = getattr(ctx.local, "state", None)
+    ctx.local.state = None  # a fresh pass, even if a block-level pass of this thread was left open
+    try:
+        return original_forward(model)(*args, **kwargs)
+    finally:
+        ctx.local.state = previous
+
+
+def original_forward(module: nn.Module) -> Any:
+    """The forward the patch wraps: the class forward, or the one an accelerate-style hook wraps."""
+    saved = module.__dict__.get(SAVED_ATTR)
+    if saved is not None and WRAPPED_FORWARD in module.__dict__:
+        return saved
+    return type(module).forward.__get__(module)
+
+
+def _slot(module: nn.Module, where: str) -> str:
+    """The attribute the patched forward goes in: ``forward``, or ``_old_forward`` under a hook."""
+    if WRAPPED_FORWARD in module.__dict__:
+        return WRAPPED_FORWARD
+    if "forward" in module.__dict__:
+        raise UnsupportedModelError(
+            f"{where} ({type(module).__name__}) has an instance-level forward wrapper installed before patching; "
+            "tokenpatch can't run inside it: patch first and wrap afterwards, or remove the wrapper "
+            f"(accelerate-style hooks that keep the wrapped forward in {WRAPPED_FORWARD} are supported)"
+        )
+    return "forward"
+
+
+def _install_forward(module: nn.Module, forward: Callable[..., Any], where: str) -> None:
+    """Put ``forward`` bound to ``module`` in its slot: a ``functools.partial`` of a module-level
+    function, which pickles, deep-copies and traces (``torch.export`` reads its ``func``)."""
+    slot = _slot(module, where)
+    if slot == WRAPPED_FORWARD:
+        module.__dict__[SAVED_ATTR] = module.__dict__[WRAPPED_FORWARD]
+    module.__dict__[slot] = functools.partial(forward, module)
+
+
+def _is_ours(forward: Any) -> bool:
+    return isinstance(forward, functools.partial) and forward.func in (_block_forward, _model_forward)
+
+
+def _remove_forward(module: nn.Module) -> None:
+    if SAVED_ATTR in module.__dict__:
+        module.__dict__[WRAPPED_FORWARD] = module.__dict__.pop(SAVED_ATTR)
+    elif _is_ours(module.__dict__.get("forward")):
+        del module.__dict__["forward"]
+    module.__dict__.pop(CONTEXT_ATTR, None)
+    module.__dict__.pop(INDEX_ATTR, None)
+
+
+def install(model: nn.Module, ctx: PatchContext) -> None:
+    """Attach ``ctx`` and the patched forwards to ``model`` and its blocks (all or nothing)."""
+    try:
+        for index, block in enumerate(ctx.backend.blocks(model)):
+            _install_forward(block, _block_forward, f"block {index}")
+            block.__dict__[CONTEXT_ATTR] = ctx
+            block.__dict__[INDEX_ATTR] = index
+        if ctx.modules is not None:
+            if MODULES_NAME in model._modules:
+                raise TokenPatchError(f"{type(model).__name__} already has a submodule named {MODULES_NAME!r}")
+            model.add_module(MODULES_NAME, ctx.modules)
+        _install_forward(model, _model_forward, "the model")
+        model.__dict__[CONTEXT_ATTR] = ctx
+    except Exception:
+        uninstall(model, ctx.backend, ctx.modules)
+        raise
+
+
+def uninstall(model: nn.Module, backend: Backend, modules: Optional[nn.Module]) -> None:
+    """Remove everything :func:`install` added (attributes, the method's modules); safe on a partly patched model."""
+    for module in [*backend.blocks(model), model]:
+        _remove_forward(module)
+    if modules is not None and model._modules.get(MODULES_NAME) is modules:
+        del model._modules[MODULES_NAME]
+
+
+def reconfigure(model: nn.Module, **options: Any) -> None:
+    """Change a patched model's options for the passes that start after this call (atomic).
+
+    Raises:
+        NotPatchedError, InvalidOptionError (unknown, fixed or out-of-range option; nothing changes).
+    """
+    ctx = context_of(model)
+    ctx.set_config(ctx.with_options(ctx.settings.config, options))
+
+
+@contextmanager
+def overriding(model: nn.Module, **options: Any) -> Iterator[MethodConfig]:
+    """Run this thread's passes with ``options`` changed while the context is open.
+
+    Other threads keep the model's own options; the override is built from the options set
+    when the context opens. Yields the overriding config.
+    """
+    ctx = context_of(model)
+    settings = ctx.settle(ctx.with_options(ctx.current_settings().config, options))
+    previous = getattr(ctx.local, "override", None)
+    ctx.local.override = settings
+    try:
+        yield settings.config
+    finally:
+        ctx.local.override = previous
+
+
+@contextmanager
+def trace(model: nn.Module) -> Iterator[Trace]:
+    """Record per-block token counts and positions of a patched model's passes in this thread.
+
+    The :class:`~tokenpatch.core.records.Trace` holds the most recent pass made inside the
+    context by the thread that opened it; passes of other threads are not recorded.
+
+    Raises:
+        NotPatchedError: if ``model`` is not patched.
+    """
+    ctx = context_of(model)
+    recorder = Trace()
+    previous = getattr(ctx.local, "trace", None)
+    ctx.local.trace = recorder
+    try:
+        yield recorder
+    finally:
+        ctx.local.trace = previous
+
+
+@contextmanager
+def collecting(model: nn.Module, signals: frozenset[str]) -> Iterator[None]:
+    """Ask the method to produce extra training signals in this thread's passes while open."""
+    ctx = context_of(model)
+    previous = getattr(ctx.local, "collect", frozenset())
+    ctx.local.collect = previous | frozenset(signals)
+    try:
+        yield
+    finally:
+        ctx.local.collect = previous
+
+
+def last_training_outputs(model: nn.Module, name: str, wanted_by: str) -> list:
+    """What this thread's last training-mode pass left under ``name`` for a loss.
+
+    Raises:
+        TokenPatchError: the pass left none (not a training pass, or a method that makes none).
+    """
+    ctx = context_of(model)
+    values = getattr(ctx.local, "aux", {}).get(name)
+    if not values:
+        raise TokenPatchError(
+            f"{wanted_by} found no {name!r} inputs from the last forward pass of this {ctx.method.name!r} model; "
+            f"it needs a training-mode pass (model.train()) of a method that produces them"
+        )
+    return values

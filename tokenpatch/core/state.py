@@ -1,0 +1,120 @@
+"""The state one forward pass carries from block to block; it lives in the pass, never on the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Generic, Optional, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from .records import BlockRecord, ScoreRecord, Trace
+
+OwnT = TypeVar("OwnT")
+
+
+@dataclass
+class PassState(Generic[OwnT]):
+    """What one forward pass carries from block to block.
+
+    A pass starts when block 0 runs and owns everything it changes, so passes in different
+    threads never share state. The options and schedule are a snapshot taken at the start: a
+    configuration change made during the pass applies to the passes that start after it.
+
+    Attributes:
+        num_prefix: number of prefix tokens P (class token first).
+        num_tokens: tokens N entering block 0.
+        depth: blocks in the model.
+        config: the method's options for this pass.
+        plan: per block, the keep ratio the method applies (None: the block runs unchanged).
+        positions: (B, N) original position of each current token; -1 for tokens that are not
+            one patch (e.g. EViT's fused token).
+        own: the method's own per-pass state (:meth:`~tokenpatch.core.method.Method.start_pass`).
+        counts: (B,) real tokens per sample when samples keep different numbers of tokens and
+            the batch is padded, or None. Shared by the padding pieces
+            (:func:`~tokenpatch.core.pieces.padded_block`) and the trace.
+        groups: (B, N - P at the start) for each original patch, the index among the current
+            patches of the token that carries it, once a method merged tokens (only kept while
+            a trace is open); None before.
+        trace: where to record per-block token counts, or None.
+        modules: the method's own trained modules (e.g. DynamicViT's predictors), or None.
+        collect: names of training signals the losses asked for (e.g. ``"attention"``).
+        aux: what a training pass leaves for the losses, by name.
+    """
+
+    num_prefix: int
+    num_tokens: int
+    depth: int
+    config: Any
+    plan: list[Optional[float]]
+    positions: Tensor
+    own: OwnT = None  # type: ignore[assignment]
+    counts: Optional[Tensor] = None
+    groups: Optional[Tensor] = None
+    trace: Optional[Trace] = None
+    modules: Optional[nn.Module] = None
+    collect: frozenset[str] = frozenset()
+    aux: dict[str, list] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, x: Tensor, num_prefix: int, depth: int, config: Any, plan: list[Optional[float]], own: Any = None,
+              trace: Optional[Trace] = None, modules: Optional[nn.Module] = None,
+              collect: frozenset[str] = frozenset()) -> "PassState":
+        """State for a pass whose first block receives ``x`` of shape (B, N, C)."""
+        b, n, _ = x.shape
+        positions = torch.arange(n, device=x.device).expand(b, n)
+        if trace is not None:
+            trace.records.clear()
+            trace.scores.clear()
+            trace.input_tokens = n
+        return cls(num_prefix=num_prefix, num_tokens=n, depth=depth, config=config, plan=plan, positions=positions,
+                   own=own, trace=trace, modules=modules, collect=collect)
+
+    @property
+    def initial_patches(self) -> int:
+        """Patch tokens of the pass's first block (before any reduction)."""
+        return self.num_tokens - self.num_prefix
+
+    def add_aux(self, name: str, value: object) -> None:
+        """Leave ``value`` under ``name`` for the training losses."""
+        self.aux.setdefault(name, []).append(value)
+
+    def record(self, block: int, attention_tokens: int, output_tokens: int, computed: Optional[Tensor] = None) -> None:
+        """Log one block's work if a trace is open.
+
+        Args:
+            computed: (B, M) indices into the current tokens whose MLP ran; None means all.
+        """
+        if self.trace is not None:
+            positions = self.positions if computed is None else self.positions.gather(1, computed)
+            counts = None if self.counts is None else self.counts.detach()
+            groups = None if self.groups is None else self.groups.detach()
+            self.trace.records.append(BlockRecord(block, int(attention_tokens), int(positions.shape[1]), int(output_tokens),
+                                                  positions.detach(), counts, groups))
+
+    def record_scores(self, block: int, name: str, values: Tensor, real: Optional[Tensor] = None) -> None:
+        """Log per-token scores of the current patch tokens if a trace is open.
+
+        Args:
+            values: (B, M) scores of the current patches (the tokens after the prefix).
+            real: (B, M) bool, False for padding; None: all real.
+        """
+        if self.trace is not None:
+            positions = self.positions[:, self.num_prefix:]
+            if real is not None:
+                positions = positions.masked_fill(~real, -1)
+            self.trace.scores.append(ScoreRecord(block, name, positions.detach(), values.detach()))
+
+    def real_tokens(self, n: int) -> Optional[Tensor]:
+        """(B, n) bool, False for the padding of a padded batch of n tokens; None when unpadded."""
+        return None if self.counts is None else torch.arange(n, device=self.counts.device) < self.counts.unsqueeze(1)
+
+    def patch_counts(self, x: Tensor) -> Tensor:
+        """(B,) real patches of each sample of the current (B, N, C) tokens ``x``, padding excluded."""
+        if self.counts is None:
+            return torch.full((x.shape[0],), x.shape[1] - self.num_prefix, device=x.device)
+        return self.counts - self.num_prefix
+
+    def select(self, index: Tensor) -> None:
+        """Keep only the tokens at ``index`` (B, K) in the tracked positions (tokens were dropped)."""
+        self.positions = torch.gather(self.positions, 1, index)

@@ -1,0 +1,60 @@
+"""The method-independent training losses: distillation of logits and of pooled features.
+
+:class:`DistillationLoss` compares logits with the unpatched teacher's;
+:class:`FeatureDistillationLoss` compares the features the classifier reads (see
+:func:`tokenpatch.training.head_features`). A method's own losses live in its file and read
+what this thread's last training-mode pass left behind, so they are called with the model
+after its forward::
+
+    from tokenpatch.methods.dynamicvit import RatioLoss
+
+    logits = model(images)
+    loss = distill(logits, teacher_logits) + 2.0 * RatioLoss()(model)
+
+Those are ``RatioLoss`` (``tokenpatch.methods.dynamicvit``), ``TokenCutLoss``
+(``tokenpatch.methods.idle``) and ``PolicyGradientLoss`` (``tokenpatch.methods.iared2``);
+:func:`tokenpatch.training.finetune` adds them by itself, weighted by the method's options.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+
+class DistillationLoss(nn.Module):
+    """KL divergence from the teacher's to the student's softened class distribution.
+
+    ``T**2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch
+    (Hinton et al., 2015), as in DeiT's and the token-reduction papers' soft distillation.
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        """(B, classes) logits of both -> scalar loss."""
+        return self.per_sample(student_logits, teacher_logits).mean()
+
+    def per_sample(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        """(B, classes) logits of both -> (B,) loss of each sample."""
+        t = self.temperature
+        return F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
+                        reduction="none", log_target=True).sum(dim=-1) * t * t
+
+
+class FeatureDistillationLoss(nn.Module):
+    """Mean squared error between the student's and the teacher's pooled features.
+
+    The features are what the classifier reads (the final class token after the last norm, or
+    the pooled tokens), (B, C) each; :func:`tokenpatch.train.head_features` captures them. A
+    denser signal than the logits' KL alone, in the spirit of DynamicViT's and EViT's token
+    distillation, applied to the one token every method keeps.
+    """
+
+    def forward(self, student_features: Tensor, teacher_features: Tensor) -> Tensor:
+        """(B, C) features of both -> scalar loss."""
+        return F.mse_loss(student_features, teacher_features)
