@@ -11,6 +11,8 @@ import pytest
 import timm
 import torch
 
+import tokenpatch  # noqa: F401  (registers the built-in methods)
+from tokenpatch.core.registry import METHODS
 from tokenpatch.data import data_dir
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -29,6 +31,29 @@ SMALL_MODELS = {
     "img_96": ("deit_tiny_patch16_224", {"img_size": 96}),
     "dynamic_img_size": ("deit_tiny_patch16_224", {"dynamic_img_size": True}),
 }
+
+
+# (method, options): every registered method with its defaults, then each of its variants.
+METHOD_CASES = [(name, {}) for name in sorted(METHODS)] + [
+    (name, options) for name in sorted(METHODS) for options in METHODS[name].variants.values()
+]
+
+
+def case_id(case) -> str:
+    """A readable test id for a (method, options) case."""
+    name, options = case
+    return name + "".join(f"-{k}={v}" for k, v in options.items())
+
+
+def fixed_counts(case) -> bool:
+    """True when the case keeps image-independent token counts (traceable, exportable)."""
+    name, options = case
+    return METHODS[name].fixed_token_counts(METHODS[name].config_class(**options))
+
+
+def pads_batches(case) -> bool:
+    """True when the case pads batches to per-image counts (refused for average-pooling models)."""
+    return not fixed_counts(case)
 
 
 def make_model(key: str, depth: int = 4, **overrides) -> torch.nn.Module:

@@ -6,17 +6,17 @@ import torch
 import tokenpatch
 from tokenpatch.errors import TokenPatchError
 
-from conftest import images, make_model
+from conftest import METHOD_CASES, fixed_counts, images, make_model
 
-EXPORTABLE = [("idle", {}), ("evit", {}), ("evit", {"fuse": True}), ("tome", {}), ("tome", {"r": 4}), ("dynamicvit", {})]
+EXPORTABLE = [case for case in METHOD_CASES if fixed_counts(case)]
+PER_IMAGE = [case for case in METHOD_CASES if not fixed_counts(case)]
 
 
 def patched(method, options, key="deit_tiny_distilled"):
     return tokenpatch.patch(make_model(key, img_size=96), method, keep_ratio=0.5, **options)
 
 
-@pytest.mark.parametrize("method, options", EXPORTABLE + [("sait", {"mass": 0.8}), ("ats", {})],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize("method, options", METHOD_CASES, ids=lambda v: str(v))
 def test_torch_compile_gives_the_same_outputs(method, options):
     torch._dynamo.reset()  # a fresh compile cache: earlier tests' models would pile up guards on shared code
     model = patched(method, options)
@@ -37,7 +37,7 @@ def test_torch_export_runs_the_reduced_forward(method, options):
     assert torch.allclose(program.module()(other), model(other), atol=1e-5)
 
 
-@pytest.mark.parametrize("method, options", [("ats", {}), ("sait", {"mass": 0.8}), ("iared2", {})], ids=lambda v: str(v))
+@pytest.mark.parametrize("method, options", PER_IMAGE, ids=lambda v: str(v))
 def test_export_of_per_image_token_counts_is_a_clear_error(method, options):
     model = patched(method, options)
     with pytest.raises(TokenPatchError, match="per-image number of tokens.*cannot be exported"):

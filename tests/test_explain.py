@@ -11,13 +11,9 @@ from tokenpatch.interpret.explanation import (attention_maps, attention_rollout,
                                 explain, score_map)
 from tokenpatch.interpret.render import colour, contact_sheet, merged, panel, to_pixels
 
-from conftest import images, make_model
+from conftest import METHOD_CASES, images, make_model
 
-VARIANTS = [("idle", {}), ("evit", {"fuse": True}), ("dynamicvit", {}), ("sait", {"mass": 0.8}), ("iared2", {}),
-            ("tome", {}), ("ats", {"sample_blocks": (1, 2)})]
-
-
-@pytest.mark.parametrize("method, options", VARIANTS, ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("method, options", METHOD_CASES, ids=lambda v: v if isinstance(v, str) else "")
 def test_maps_have_the_grid_shape_and_their_counts_match_the_trace(method, options):
     model = tokenpatch.patch(make_model("deit_tiny", depth=4, img_size=96), method, keep_ratio=0.5, **options)
     x = images(model, batch=3)

@@ -11,35 +11,13 @@ import tokenpatch
 from tokenpatch.backends import find_backend
 from tokenpatch.core.pieces import full_block
 
-from conftest import SMALL_MODELS, images, make_model
-
-METHOD_VARIANTS = [
-    ("idle", {}),
-    ("idle", {"schedule": "geometric"}),
-    ("idle", {"score": "fresh"}),
-    ("idle", {"score": "carried"}),
-    ("evit", {}),
-    ("evit", {"fuse": True}),
-    ("dynamicvit", {}),
-    ("sait", {}),
-    ("sait", {"mass": 0.9}),
-    ("iared2", {}),
-    ("iared2", {"threshold": None}),
-    ("tome", {}),
-    ("tome", {"proportional_attention": False}),
-    ("ats", {}),
-]
-
-
-def variant_id(v):
-    return v[0] + "".join(f"-{k}={val}" for k, val in v[1].items())
-
+from conftest import METHOD_CASES, SMALL_MODELS, case_id, images, make_model, pads_batches
 
 @pytest.mark.parametrize("key", SMALL_MODELS)
-@pytest.mark.parametrize("variant", METHOD_VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("variant", METHOD_CASES, ids=case_id)
 def test_keep_ratio_one_reproduces_unpatched_logits(key, variant):
     method, options = variant
-    if key == "avg_pool" and ("mass" in options or method in ("iared2", "ats")):
+    if key == "avg_pool" and pads_batches(variant):
         pytest.skip("padding per-image counts is refused for average pooling (tested in test_methods.py)")
     model = make_model(key)
     x = images(model)
@@ -132,7 +110,7 @@ def test_default_schedules_for_twelve_blocks():
     assert [i for i, r in enumerate(t.records) if r.attention_tokens != r.mlp_tokens] == [3, 6, 9]
 
 
-@pytest.mark.parametrize("variant", METHOD_VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("variant", METHOD_CASES, ids=case_id)
 @settings(max_examples=8, deadline=None)
 @given(data=st.data())
 def test_a_sample_does_not_depend_on_its_batch(variant, data):
@@ -146,14 +124,16 @@ def test_a_sample_does_not_depend_on_its_batch(variant, data):
 
 
 @pytest.mark.parametrize("key", ["deit_tiny", "deit3_layerscale", "qk_norm", "deit_tiny_distilled"])
-@pytest.mark.parametrize("variant", [("idle", {}), ("idle", {"score": "fresh"}), ("evit", {"fuse": True}),
-                                     ("dynamicvit", {}), ("sait", {"mass": 0.9}), ("tome", {}), ("ats", {})], ids=variant_id)
+@pytest.mark.parametrize("variant", METHOD_CASES, ids=case_id)
 def test_train_mode_gradients_reach_every_used_parameter(key, variant):
     method, options = variant
     model = make_model(key, drop_path_rate=0.1)
     tokenpatch.patch(model, method, keep_ratio=0.5, **options).train()
     out = model(images(model, batch=4))
-    (out[0] if isinstance(out, tuple) else out).square().mean().backward()
+    per_sample = (out[0] if isinstance(out, tuple) else out).square().mean(dim=1)
+    ctx = model._tokenpatch
+    method_losses = [w * loss(model, per_sample) for w, loss in ctx.method.training_losses(ctx.config)]
+    (per_sample.mean() + sum(method_losses)).backward()  # the method's own losses train its own modules
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert missing == []
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())

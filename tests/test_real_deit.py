@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import tokenpatch
+from tokenpatch.core.registry import METHODS
 from tokenpatch.data import IMAGENET_SAMPLE, LabelledImages, eval_transform, load_deit_tiny, load_images
 from tokenpatch.measure.evaluate import accuracy, predict
 
@@ -16,7 +17,7 @@ def deit_and_images(shared_data):
     return model, x, y, predict(model, x)
 
 
-@pytest.mark.parametrize("method", ["idle", "evit", "dynamicvit", "sait", "iared2", "tome", "ats"])
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_keep_ratio_one_reproduces_unpatched_top1(deit_and_images, method):
     model, x, y, reference = deit_and_images
     tokenpatch.patch(model, method, keep_ratio=1.0)

@@ -16,6 +16,9 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from .backends import find_backend
+from .backends.build import timm_twin
+
 DATA_ENV = "TOKENPATCH_DATA"
 DEIT_TINY_WEIGHTS = "weights/deit_tiny_patch16_224.safetensors"
 IMAGENET_SAMPLE = "imagenet-sample"
@@ -95,29 +98,23 @@ def image_dataset(root: PathLike, labels_csv: Optional[PathLike] = None, transfo
 
 
 def eval_transform(model: nn.Module) -> Callable:
-    """timm's evaluation transform for ``model``'s pretrained config (resize, crop, normalise)."""
-    from timm.data import create_transform, resolve_data_config
+    """The evaluation transform of ``model``'s data config (resize, crop, normalise; its backend
+    knows the config), built with timm's ``create_transform``."""
+    from timm.data import create_transform
 
-    return create_transform(**resolve_data_config(model=model))
+    return create_transform(**find_backend(model).data_config(model))
 
 
 def train_transform(model: nn.Module) -> Callable:
     """Light training augmentation for ``model``'s input config: random resized crop (scale 0.35-1)
     and horizontal flip, no colour or erasing. With self-distillation the teacher sees the same
     augmented image, so no labels are needed and the student does not memorise a small folder."""
-    from timm.data import create_transform, resolve_data_config
+    from timm.data import create_transform
 
-    config = resolve_data_config(model=model)
+    config = find_backend(model).data_config(model)
     return create_transform(input_size=config["input_size"], is_training=True, scale=(0.35, 1.0), hflip=0.5,
                             color_jitter=0.0, auto_augment=None, re_prob=0.0, interpolation=config["interpolation"],
                             mean=config["mean"], std=config["std"])
-
-
-def timm_twin(model_spec: str) -> nn.Module:
-    """The timm model a ``tokenpatch`` model spec names (``hf:NAME``: its timm twin), for input configs."""
-    from .backends.build import HF_PREFIX, build_timm_model
-
-    return build_timm_model(model_spec[len(HF_PREFIX):] if model_spec.startswith(HF_PREFIX) else model_spec)
 
 
 def transform_for(model_spec: str, training: bool = False) -> Callable:
@@ -127,10 +124,8 @@ def transform_for(model_spec: str, training: bool = False) -> Callable:
 
 
 def normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) per RGB channel that a timm ``model``'s pretrained inputs are normalised with."""
-    from timm.data import resolve_data_config
-
-    config = resolve_data_config(model=model)
+    """(mean, std) per RGB channel that ``model``'s pretrained inputs are normalised with."""
+    config = find_backend(model).data_config(model)
     return tuple(config["mean"]), tuple(config["std"])
 
 

@@ -76,3 +76,8 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("model", state.get("state_dict", state))
     model.load_state_dict(state, strict=True)
+
+
+def timm_twin(model_spec: str) -> nn.Module:
+    """The timm model a ``tokenpatch`` model spec names (``hf:NAME``: its timm twin), for input configs."""
+    return build_timm_model(model_spec[len(HF_PREFIX):] if model_spec.startswith(HF_PREFIX) else model_spec)

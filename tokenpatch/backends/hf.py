@@ -162,6 +162,16 @@ class HFBackend(Backend):
         size = model.config.image_size
         return (size, size) if isinstance(size, int) else tuple(size)
 
+    def data_config(self, model: nn.Module) -> dict[str, Any]:
+        # The preprocessing of a transformers checkpoint lives in its image processor's file, not
+        # in the model or its config; guessing it (the processor class defaults) would be wrong
+        # for real checkpoints, so say where to get it.
+        raise TokenPatchError(
+            f"{type(model).__name__} does not carry its input preprocessing (a transformers checkpoint keeps it in "
+            "its image processor's config): build the transform from that processor, or use the hf:NAME model "
+            "spec, whose preprocessing comes from timm's NAME"
+        )
+
     def logits(self, output: Any) -> Tensor:
         return output.logits if hasattr(output, "logits") else output
 

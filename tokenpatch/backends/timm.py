@@ -16,6 +16,7 @@ from ..core.blocks import Backend, BlockView
 from ..errors import TokenPatchError, UnsupportedModelError
 
 try:  # timm is a hard dependency, but keep the import error readable.
+    from timm.data import resolve_data_config
     from timm.layers import Attention as TimmAttention
     from timm.models.vision_transformer import Block as TimmBlock
     from timm.models.vision_transformer import VisionTransformer
@@ -141,6 +142,9 @@ class TimmBackend(Backend):
 
     def input_size(self, model: nn.Module) -> tuple[int, int]:
         return tuple(model.patch_embed.img_size)
+
+    def data_config(self, model: nn.Module) -> dict[str, Any]:
+        return resolve_data_config(model=model)
 
     def gradient_checkpointing(self, model: nn.Module) -> bool:
         return bool(getattr(model, "grad_checkpointing", False))

@@ -139,6 +139,11 @@ class Backend(ABC):
     def input_size(self, model: nn.Module) -> tuple[int, int]:
         """The (H, W) image size the model takes by default."""
 
+    @abstractmethod
+    def data_config(self, model: nn.Module) -> dict[str, Any]:
+        """How the model's inputs are prepared, as timm's data config: ``input_size`` (C, H, W),
+        ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``."""
+
     def logits(self, output: Any) -> Tensor:
         """The (B, classes) logits in one of the family's model outputs."""
         return output

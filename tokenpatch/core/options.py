@@ -12,6 +12,7 @@ checks every value against its field's type before the method's own range checks
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -24,7 +25,9 @@ _NONE_WORDS = ("none", "null")
 _BOOL_WORDS = {"true": True, "false": False}
 
 
+@functools.lru_cache(maxsize=None)
 def _field_types(config_class: type) -> dict[str, Any]:
+    """Field name -> declared type of a config dataclass (resolved once per class)."""
     hints = typing.get_type_hints(config_class)
     return {f.name: hints[f.name] for f in dataclasses.fields(config_class)}
 

@@ -10,9 +10,9 @@ from PIL import Image
 from torch import nn
 
 from ..api import get_method_name, patch, set_options
-from ..backends.build import build_model, load_checkpoint
+from ..backends.build import build_model, load_checkpoint, timm_twin
 from ..checkpoint import is_checkpoint, load
-from ..data import eval_transform, normalisation, timm_twin
+from ..data import eval_transform, normalisation
 from ..errors import TokenPatchError
 from ..interpret.explanation import explain
 from ..interpret.render import contact_sheet, panel, to_pixels

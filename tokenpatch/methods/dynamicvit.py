@@ -8,14 +8,14 @@ patches, and a dropped token stays dropped.
 
 - Training mode: keep decisions are sampled with a straight-through Gumbel-softmax and
   multiplied into the previous stage's mask; nothing is removed, instead every later block's
-  attention ignores masked keys (:func:`~tokenpatch.engine.policy_softmax`), so gradients reach
-  the predictors. Each stage leaves its kept fraction for :class:`~tokenpatch.losses.RatioLoss`.
+  attention ignores masked keys (:func:`~tokenpatch.core.pieces.policy_softmax`), so gradients reach
+  the predictors. Each stage leaves its kept fraction for :class:`RatioLoss`.
 - Eval mode: the top-k tokens by predicted keep probability are gathered; later blocks run on
   the kept tokens only.
 
 The predictors are new parameters: they live in the model as ``model.tokenpatch`` (keys
 ``tokenpatch.<stage>.*`` in ``state_dict``) and are saved and loaded with it. Untrained, they
-rank tokens at random, so this method needs :func:`tokenpatch.train.finetune`.
+rank tokens at random, so this method needs :func:`tokenpatch.training.finetune`.
 """
 
 from __future__ import annotations

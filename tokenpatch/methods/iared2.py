@@ -9,9 +9,9 @@ probabilities are the explanation: a per-patch map of what the model needs
 
 - Training mode: keep decisions are sampled (Bernoulli per patch) and the dropped patches are
   really removed, so the pass costs what the decisions save. The decisions are not
-  differentiable; :class:`~tokenpatch.losses.PolicyGradientLoss` trains the interpreters with
+  differentiable; :class:`PolicyGradientLoss` trains the interpreters with
   REINFORCE on the reward ``-loss - penalty * kept_fraction`` (see
-  :func:`tokenpatch.train.finetune`, ``kept_penalty``).
+  :func:`tokenpatch.training.finetune`, priced by the option ``kept_penalty``).
 - Eval mode: deterministic: a patch is kept when its probability reaches ``threshold``, at most
   ``keep_ratio`` of the group's incoming patches (the most probable ones).
 

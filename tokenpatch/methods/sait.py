@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..core.blocks import BlockView
 from ..core.method import Method, MethodConfig, check_block, check_positive, require_class_token_pooling
-from ..core.ops import gather_tokens, padded_top_positions, prefix_positions
+from ..core.ops import gather_tokens, padded_top_positions, prefix_positions, top_k_positions
 from ..core.pieces import attention_residual, mlp_residual, padded_block, refuse_export
 from ..core.registry import register_method
 from ..core.state import PassState
@@ -136,12 +136,13 @@ class SaiT(Method[SaiTConfig, SaiTState]):
     def _prune(x: Tensor, state: PassState, scores: Tensor, ratio: float, mass: Optional[float]) -> Tensor:
         p, patches = state.num_prefix, scores.shape[1]
         cap = math.ceil(ratio * patches)
-        counts = torch.full((x.shape[0],), cap, device=x.device)
-        if mass is not None:
+        if mass is None:  # a fixed count: no data-dependent width, so the pass stays exportable
+            keep = top_k_positions(scores, cap)
+        else:
             refuse_export("sait with mass")
             counts = mass_counts(scores, mass).clamp(max=cap)
             state.counts = counts + p
-        keep = padded_top_positions(scores, counts)
+            keep = padded_top_positions(scores, counts)
         index = torch.cat([prefix_positions(x.shape[0], p, x.device), keep + p], dim=1)
         state.select(index)
         return gather_tokens(x, index)

@@ -50,7 +50,7 @@ class FeatureDistillationLoss(nn.Module):
     """Mean squared error between the student's and the teacher's pooled features.
 
     The features are what the classifier reads (the final class token after the last norm, or
-    the pooled tokens), (B, C) each; :func:`tokenpatch.train.head_features` captures them. A
+    the pooled tokens), (B, C) each; :func:`tokenpatch.training.head_features` captures them. A
     denser signal than the logits' KL alone, in the spirit of DynamicViT's and EViT's token
     distillation, applied to the one token every method keeps.
     """
