@@ -3,7 +3,7 @@
 ``toy_norm`` keeps, from ``start_block`` on, the patches whose features have the largest norm
 (a stand-in for a user's own scoring rule) and drops the rest once. Nothing in ``tokenpatch/``
 knows about it: registering it is all it takes for patch, unpatch, set_keep_ratio, save/load,
-trace, MAC counting and budgets, fine-tuning, pickling and threads.
+trace, MAC counting and budgets, fine-tuning, explanation, pickling and threads.
 """
 
 from __future__ import annotations
@@ -93,6 +93,9 @@ def test_the_toy_is_listed_while_registered_and_the_tools_accept_it():
     assert abs(fit.macs_ratio - 0.8) <= 0.01 * 0.8
     history = finetune(model, [images(model, batch=4)], FinetuneConfig(steps=2), progress=False)
     assert len(history) >= 1 and math.isfinite(history[-1]["loss"])
+    explanation = tokenpatch.explain(model, images(model, batch=2))
+    assert explanation.computed.shape == (2, 4, 4, 4)
+    assert explanation.computed[:, 0].all() and not explanation.computed[:, 1].all()
 
 
 def test_registering_checks_the_class_and_refuses_a_taken_name():

@@ -1,14 +1,21 @@
-"""The built-in methods, one file per paper; importing this package registers them all."""
+"""The built-in methods, one file per paper; importing this package imports every module in it,
+and each registers its method (a new file here is a new method, with no other edit)."""
 
 from __future__ import annotations
 
-from .ats import ATS, ATSConfig
-from .dynamicvit import DynamicViT, DynamicViTConfig
-from .evit import EViT, EViTConfig
-from .iared2 import IARed2, IARed2Config
-from .idle import Idle, IdleConfig
-from .sait import SaiT, SaiTConfig
-from .tome import ToMe, ToMeConfig
+import importlib
+import pkgutil
 
-__all__ = ["ATS", "ATSConfig", "DynamicViT", "DynamicViTConfig", "EViT", "EViTConfig", "IARed2", "IARed2Config",
-           "Idle", "IdleConfig", "SaiT", "SaiTConfig", "ToMe", "ToMeConfig"]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+# The option classes of the first methods, importable from here and from ``tokenpatch``.
+from .ats import ATSConfig  # noqa: E402
+from .dynamicvit import DynamicViTConfig  # noqa: E402
+from .evit import EViTConfig  # noqa: E402
+from .iared2 import IARed2Config  # noqa: E402
+from .idle import IdleConfig  # noqa: E402
+from .sait import SaiTConfig  # noqa: E402
+from .tome import ToMeConfig  # noqa: E402
+
+__all__ = ["ATSConfig", "DynamicViTConfig", "EViTConfig", "IARed2Config", "IdleConfig", "SaiTConfig", "ToMeConfig"]
