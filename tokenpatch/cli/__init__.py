@@ -121,8 +121,8 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="idle", choices=sorted(available_methods()))
     parser.add_argument("--keep-ratio", type=_ratio, default=0.5)
     parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                        help="a method option, read by its type: e.g. --option mass=0.9 (sait), --option fuse=true (evit), "
-                        "--option cut_weight=1.0 (idle's token-cut loss when fine-tuning); repeatable")
+                        help="a method option (its loss weights included), read by the option's declared type: "
+                        "true/false, none, numbers, [lists]; e.g. --option fuse=true; repeatable")
 
 
 def _positive(text: str) -> int:

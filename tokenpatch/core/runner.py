@@ -125,7 +125,7 @@ class PatchContext:
     def begin_pass(self, x: Tensor) -> PassState:
         """This thread's new pass, whose first block receives (B, N, C) ``x``."""
         settings = self.current_settings()
-        state = PassState.start(x, self.num_prefix, self.depth, settings.config, list(settings.plan),
+        state = PassState.start(x, self.num_prefix, self.depth, settings.config, settings.plan,
                                 self.method.start_pass(settings.config), getattr(self.local, "trace", None),
                                 self.modules, getattr(self.local, "collect", frozenset()))
         self.local.state = state

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Generic, Optional, TypeVar
+from typing import Any, Generic, Optional, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +46,7 @@ class PassState(Generic[OwnT]):
     num_tokens: int
     depth: int
     config: Any
-    plan: list[Optional[float]]
+    plan: Sequence[Optional[float]]
     positions: Tensor
     own: OwnT = None  # type: ignore[assignment]
     counts: Optional[Tensor] = None
@@ -57,7 +57,7 @@ class PassState(Generic[OwnT]):
     aux: dict[str, list] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, x: Tensor, num_prefix: int, depth: int, config: Any, plan: list[Optional[float]], own: Any = None,
+    def start(cls, x: Tensor, num_prefix: int, depth: int, config: Any, plan: Sequence[Optional[float]], own: Any = None,
               trace: Optional[Trace] = None, modules: Optional[nn.Module] = None,
               collect: frozenset[str] = frozenset()) -> "PassState":
         """State for a pass whose first block receives ``x`` of shape (B, N, C)."""
