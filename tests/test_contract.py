@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("evit", "fuse", 0, "fuse must be True or False, got 0"),
     ("idle", "start_block", True, "start_block must be an integer or None, got True"),
     ("idle", "schedule", 1, "schedule must be one of 'constant', 'geometric', got 1"),
-    ("evit", "drop_blocks", (1, True), r"drop_blocks must be a list of an integer or None"),
+    ("evit", "drop_blocks", (1, True), r"drop_blocks must be a list of integers or None, got \(1, True\)"),
     ("sait", "mass", "0.9", "mass must be a number or None, got '0.9'"),
     ("tome", "r", 2.0, "r must be an integer or None, got 2.0"),
 ])

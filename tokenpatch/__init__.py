@@ -8,9 +8,9 @@
 from .api import available_methods, get_config, get_method_name, patch, set_keep_ratio, set_options, unpatch
 from .checkpoint import load, load_config, save, save_config
 from .core.method import Method, MethodConfig
+from .core.records import BlockRecord, ScoreRecord, Trace
 from .core.registry import register_method, unregister_method
 from .core.runner import is_patched, trace
-from .core.records import BlockRecord, ScoreRecord, Trace
 from .errors import (
     AlreadyPatchedError,
     InputShapeError,

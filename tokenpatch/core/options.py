@@ -22,6 +22,7 @@ from typing import Any, Literal, Union
 from ..errors import InvalidOptionError
 
 _NONE_WORDS = ("none", "null")
+_PLURALS = {bool: "bools", int: "integers", float: "numbers", str: "strings"}
 _BOOL_WORDS = {"true": True, "false": False}
 
 
@@ -39,7 +40,7 @@ def _describe(kind: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(_describe(a) for a in args)
     if origin is tuple:
-        return f"a list of {_describe(args[0])}"
+        return f"a list of {_PLURALS.get(args[0], _describe(args[0]))}"
     return {bool: "True or False", int: "an integer", float: "a number", str: "a string", type(None): "None"}.get(
         kind, getattr(kind, "__name__", str(kind)))
 
