@@ -11,7 +11,8 @@ from . import methods as _builtin_methods  # noqa: F401  (registers the built-in
 from .backends import find_backend
 from .core.method import MethodConfig
 from .core.registry import METHODS, get_method
-from .core.runner import PatchContext, build_config, context_of, install, is_patched, reconfigure, uninstall
+from .core.runner import (PatchContext, build_config, context_of, install, is_patched, reconfigure, remove_patch,
+                          uninstall)
 from .errors import AlreadyPatchedError, InvalidOptionError
 from .measure.budget import set_macs_ratio
 
@@ -82,8 +83,7 @@ def unpatch(model: ModelT) -> ModelT:
     Raises:
         NotPatchedError: if the model is not patched.
     """
-    ctx = context_of(model)
-    uninstall(model, ctx.backend, ctx.modules)
+    remove_patch(model)
     return model
 
 

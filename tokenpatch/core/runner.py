@@ -267,6 +267,16 @@ def uninstall(model: nn.Module, backend: Backend, modules: Optional[nn.Module]) 
         del model._modules[MODULES_NAME]
 
 
+def remove_patch(model: nn.Module) -> None:
+    """Restore a patched model's original forwards and drop the method's modules.
+
+    Raises:
+        NotPatchedError: if the model is not patched.
+    """
+    ctx = context_of(model)
+    uninstall(model, ctx.backend, ctx.modules)
+
+
 def reconfigure(model: nn.Module, **options: Any) -> None:
     """Change a patched model's options for the passes that start after this call (atomic).
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..backends import find_backend
-from ..core.runner import collecting, context_of, overriding, uninstall
+from ..core.runner import collecting, context_of, overriding, remove_patch
 from ..errors import TokenPatchError
 from ..measure.evaluate import eval_mode, logits_of
 from .losses import DistillationLoss, FeatureDistillationLoss
@@ -52,10 +52,8 @@ def unpatched_behaviour(model: nn.Module) -> Iterator[nn.Module]:
 def frozen_teacher(model: nn.Module) -> nn.Module:
     """A frozen, unpatched copy of a patched ``model``'s current weights, in eval mode."""
     teacher = copy.deepcopy(model)
-    ctx = context_of(teacher)
-    uninstall(teacher, ctx.backend, ctx.modules)
-    teacher.eval()
-    return teacher.requires_grad_(False)
+    remove_patch(teacher)
+    return teacher.eval().requires_grad_(False)
 
 
 @dataclass

@@ -18,7 +18,6 @@ Those are ``RatioLoss`` (``tokenpatch.methods.dynamicvit``), ``TokenCutLoss``
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
