@@ -21,7 +21,7 @@ import argparse
 import sys
 import time
 
-from tokenpatch.core.options import parse_option_text
+from tokenpatch.core.options import parse_options
 from tokenpatch.core.registry import get_method
 from tokenpatch.data import DEIT_TINY_WEIGHTS, IMAGENET_SAMPLE, data_dir
 from tokenpatch.jobs.finetune import FinetuneJob, run_finetune_job
@@ -49,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     root = data_dir(args.data)
     if root is None:
         parser.error("give --data or set TOKENPATCH_DATA")
-    config_class = get_method(args.method).config_class
-    options = {key: parse_option_text(config_class, key, value)
-               for key, _, value in (text.partition("=") for text in args.option)}
+    pairs = [(key, value) for key, _, value in (text.partition("=") for text in args.option)]
+    options = parse_options(get_method(args.method).config_class, pairs)
     started = time.time()
     config = FinetuneConfig(steps=args.steps, lr=args.lr, module_lr=args.module_lr, mixup=args.mixup,
                             feature_weight=args.feature_weight, temperature=args.temperature)

@@ -15,7 +15,7 @@ import torch
 from ..api import available_methods, get_config, get_method_name
 from ..backends.build import build_model, load_checkpoint
 from ..core.method import check_keep_ratio
-from ..core.options import parse_option_text
+from ..core.options import parse_options
 from ..core.registry import get_method
 from ..errors import TokenPatchError
 from ..jobs.audit import AUDIT_COLUMNS, audit_rows
@@ -53,8 +53,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 def method_options(method: str, pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """``--option KEY=VALUE`` pairs read by the types of ``method``'s options (one-line errors)."""
-    config_class = get_method(method).config_class
-    return {key: parse_option_text(config_class, key, text) for key, text in pairs}
+    return parse_options(get_method(method).config_class, pairs)
 
 
 def _finetune(args: argparse.Namespace) -> int:

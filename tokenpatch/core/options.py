@@ -17,7 +17,7 @@ import json
 import math
 import types
 import typing
-from typing import Any, Literal, Union
+from typing import Any, Literal, Sequence, Union
 
 from ..errors import InvalidOptionError
 
@@ -114,3 +114,8 @@ def parse_option_text(config_class: type, name: str, text: str) -> Any:
     except json.JSONDecodeError:
         return text
     return tuple(parsed) if isinstance(parsed, list) else parsed
+
+
+def parse_options(config_class: type, pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """Command-line ``(KEY, VALUE)`` text pairs as options of ``config_class`` (see :func:`parse_option_text`)."""
+    return {name: parse_option_text(config_class, name, text) for name, text in pairs}

@@ -127,18 +127,22 @@ def masked_block(view: BlockView, x: Tensor, key_keep: Tensor, positions: Option
     """
     xn = view.norm1(x)
     q, k, v = view.qkv(xn, positions)
-    logits = (q * view.scale) @ k.transpose(-2, -1)
-    bias = view.attention_bias(positions, positions)
-    probs = policy_softmax(logits if bias is None else logits + bias, key_keep)
+    probs = policy_softmax(attention_logits(view, q, k, positions), key_keep)
     probs = F.dropout(probs, view.attn_dropout, training=view.attn_dropout > 0)
     return mlp_residual(view, view.add_attention(x, view.attention_output(probs @ v, xn)))
 
 
+def attention_logits(view: BlockView, q: Tensor, k: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+    """(B, H, N, N) attention logits of (B, H, N, D) queries and keys of tokens at (B, N)
+    ``positions``, position bias included; materialised, so for training-mode pieces only."""
+    logits = (q * view.scale) @ k.transpose(-2, -1)
+    bias = view.attention_bias(positions, positions)
+    return logits if bias is None else logits + bias
+
+
 def mean_attention_logits(view: BlockView, xn: Tensor, positions: Optional[Tensor] = None) -> Tensor:
     """(B, N, N) head-averaged attention logits of normed tokens ``xn`` (B, N, C) at (B, N) ``positions``, for training losses."""
-    logits = (view.query(xn, positions) * view.scale) @ view.key(xn, positions).transpose(-2, -1)
-    bias = view.attention_bias(positions, positions)
-    return (logits if bias is None else logits + bias).mean(dim=1)
+    return attention_logits(view, view.query(xn, positions), view.key(xn, positions), positions).mean(dim=1)
 
 
 def mlp_residual(view: BlockView, x: Tensor) -> Tensor:
