@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import tokenpatch
+from tokenpatch.core.ops import gather_tokens
 from tokenpatch.core.registry import get_method
 from tokenpatch.errors import InvalidOptionError, TokenPatchError
 
@@ -80,7 +81,8 @@ class MethodContract:
         tokenpatch.unpatch(model)
         assert torch.equal(model(x), reference)
         assert set(model.state_dict()) == keys and not tokenpatch.is_patched(model)
-        assert "forward" not in model.__dict__ and all("forward" not in b.__dict__ for b in model.blocks)
+        assert not {"forward", "forward_intermediates"} & set(model.__dict__)
+        assert all("forward" not in b.__dict__ for b in model.blocks)
 
     def test_a_sample_gives_the_same_output_alone_and_in_a_batch(self, case):
         model = patched(case)
@@ -197,3 +199,30 @@ class MethodContract:
                 with pytest.raises(InvalidOptionError, match=f"{name} must be"):
                     tokenpatch.patch(model, case[0], **{**case[1], name: value})
                 assert not tokenpatch.is_patched(model)
+
+    def test_dense_outputs_are_the_full_grid_and_change_nothing_downstream(self, case):
+        model = make_model("deit_tiny", depth=6)
+        x = images(model, batch=2)
+        final_ref, intermediates_ref = model.forward_intermediates(x, indices=[1, 3, 5])
+        tokenpatch.patch(model, case[0], keep_ratio=0.5, **case[1])
+        final, intermediates = model.forward_intermediates(x, indices=[1, 3, 5])
+        assert final.shape == final_ref.shape == model.forward_features(x).shape
+        assert [t.shape for t in intermediates] == [t.shape for t in intermediates_ref]
+        # every block returned the grid here; the blocks after it went on from the reduced tokens
+        assert torch.allclose(final, model.forward_features(x), atol=1e-5)
+        assert torch.allclose(model.forward_head(final), model(x), atol=1e-5)
+        layers = model.get_intermediate_layers(x, n=2, reshape=True)
+        assert [tuple(t.shape) for t in layers] == [(2, 192, 4, 4)] * 2
+        assert not torch.allclose(final, final_ref, atol=1e-4)  # it did reduce
+
+    def test_the_grid_holds_each_output_token_at_its_original_position(self, case):
+        x = images(make_model("deit_tiny"), batch=2)
+        reduced = patched(case, outputs="reduced")
+        tokens = reduced.forward_features(x)
+        positions = tokenpatch.output_positions(reduced)
+        assert positions.shape == tokens.shape[:2]
+        grid = patched(case).forward_features(x)
+        assert grid.shape[1] == 17
+        known = positions >= 0
+        assert known[:, 0].all()  # the class token
+        assert torch.allclose(gather_tokens(grid, positions.clamp(min=0))[known], tokens[known], atol=1e-5)

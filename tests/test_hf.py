@@ -69,8 +69,11 @@ def test_labels_interpolated_positions_and_hidden_states():
     model = tokenpatch.patch(build("ViTForImageClassification"), "evit", keep_ratio=0.5)
     out = model(torch.randn(3, 3, 64, 64), labels=torch.tensor([0, 1, 2]), output_hidden_states=True)
     assert out.loss is not None and torch.isfinite(out.loss)
-    # hidden_states[i] is the input of block i (then the last block's output): lengths shrink with evit.
-    assert [h.shape[1] for h in out.hidden_states] == [17, 17, 9, 5, 3]
+    # hidden_states[i] is the input of block i (then the last block's output): every one the full grid.
+    assert [h.shape[1] for h in out.hidden_states] == [17] * 5
+    reduced = tokenpatch.patch(build("ViTForImageClassification"), "evit", keep_ratio=0.5, outputs="reduced")
+    out = reduced(torch.randn(3, 3, 64, 64), output_hidden_states=True)
+    assert [h.shape[1] for h in out.hidden_states] == [17, 17, 9, 5, 3]  # with outputs="reduced" they shrink
     bigger = model(torch.randn(1, 3, 96, 96), interpolate_pos_encoding=True)
     assert bigger.logits.shape == (1, 5)
 

@@ -65,8 +65,9 @@ class NormPrune(tokenpatch.Method[NormConfig, NormState]):
         if not state.own.dropped:
             p = state.num_prefix
             keep = max(1, math.ceil(ratio * (x.shape[1] - p)))
-            x, index = keep_tokens(x, state, top_k_positions(x[:, p:].norm(dim=-1), keep))
-            state.select(index)
+            kept, index = keep_tokens(x, state, top_k_positions(x[:, p:].norm(dim=-1), keep))
+            state.select(index, x)
+            x = kept
             state.own.dropped = True
         state.record(block, x.shape[1], x.shape[1])
         return full_block(view, x, state.positions)

@@ -10,7 +10,7 @@ from .checkpoint import load, load_config, save, save_config
 from .core.method import Method, MethodConfig
 from .core.records import BlockRecord, ScoreRecord, Trace
 from .core.registry import register_method, unregister_method
-from .core.runner import is_patched, trace
+from .core.runner import is_patched, output_positions, trace
 from .errors import (
     AlreadyPatchedError,
     InputShapeError,
@@ -43,6 +43,7 @@ __all__ = [
     "get_method_name",
     "is_patched",
     "trace",
+    "output_positions",
     "explain",
     "Explanation",
     "save",

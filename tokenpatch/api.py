@@ -25,7 +25,8 @@ def available_methods() -> dict[str, str]:
 
 
 def patch(model: ModelT, method: str = "idle", keep_ratio: Optional[float] = None, *,
-          macs_ratio: Optional[float] = None, macs_input: Optional[Any] = None, **options: Any) -> ModelT:
+          macs_ratio: Optional[float] = None, macs_input: Optional[Any] = None, outputs: str = "full",
+          **options: Any) -> ModelT:
     """Make ``model`` compute on fewer tokens, in place.
 
     The model keeps its class, parameters and ``state_dict``; only its forward changes.
@@ -41,6 +42,12 @@ def patch(model: ModelT, method: str = "idle", keep_ratio: Optional[float] = Non
             :func:`tokenpatch.set_macs_ratio`).
         macs_input: (B, 3, H, W) images (or a shape) the MACs are counted on for ``macs_ratio``;
             matters for methods whose token counts follow the image (ats, sait with mass, iared2).
+        outputs: what callers that read tokens get (``forward_features``, timm's
+            ``forward_intermediates``, transformers' ``last_hidden_state``/``hidden_states``):
+            ``"full"`` (default) every original token in its order, dropped tokens as they left
+            and merged ones copied to each patch they stand for; ``"reduced"`` the method's
+            tokens, whose original positions :func:`output_positions` gives. The classifier
+            output is the method's own either way.
         **options: method options, e.g. ``schedule="geometric"`` for ``idle`` or ``fuse=True``
             for ``evit``; unknown names and values of the wrong type are an error.
 
@@ -62,7 +69,7 @@ def patch(model: ModelT, method: str = "idle", keep_ratio: Optional[float] = Non
     config = build_config(chosen, keep_ratio, options)
     depth = len(backend.blocks(model))
     ctx = PatchContext(backend, chosen, config, backend.num_prefix_tokens(model), depth,
-                       pools_class_token=backend.pools_class_token(model))  # validates the options
+                       pools_class_token=backend.pools_class_token(model), outputs=outputs)  # validates the options
     ctx.modules = chosen.build_modules(ctx.config, depth, backend.embed_dim(model))
     if ctx.modules is not None:
         reference = next(model.parameters())

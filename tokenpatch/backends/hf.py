@@ -136,10 +136,10 @@ class HFBackend(Backend):
             f"{type(model).__name__} has no classification head (classifier); use a *ForImageClassification model"
         )
 
-    def view(self, block: nn.Module) -> BlockView:
+    def view(self, block: nn.Module, extra: dict[str, Any]) -> BlockView:
         return HFBlockView(block)
 
-    def block_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    def block_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         x = args[0] if args else kwargs["hidden_states"]
         attention_mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
         if attention_mask is not None:
@@ -153,7 +153,7 @@ class HFBackend(Backend):
                 "subsets of tokens, so there is no full attention map to return; use tokenpatch.trace(model) to "
                 "see which tokens each block computed"
             )
-        return x
+        return x, {}
 
     def image_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         return args[0] if args else kwargs.get("pixel_values")
@@ -171,6 +171,12 @@ class HFBackend(Backend):
             "its image processor's config): build the transform from that processor, or use the hf:NAME model "
             "spec, whose preprocessing comes from timm's NAME"
         )
+
+    def returned_blocks(self, model: nn.Module, kwargs: dict[str, Any]) -> str:
+        if kwargs.get("output_hidden_states", model.config.output_hidden_states):
+            return "all"
+        # a base model returns its last_hidden_state; a task model only the head's output
+        return "last" if _base_model(model) is model else "head"
 
     def logits(self, output: Any) -> Tensor:
         return output.logits if hasattr(output, "logits") else output

@@ -24,6 +24,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without timm
     raise ImportError("tokenpatch's timm backend needs timm>=1.0.20 (pip install timm)") from exc
 
 
+def refuse_masks(attn_mask: Optional[Tensor], is_causal: bool) -> None:
+    """Raise a clear error for the attention-mask arguments of a timm block call."""
+    if attn_mask is not None or is_causal:
+        raise TokenPatchError(
+            "a patched timm block does not support attn_mask or is_causal: token reduction "
+            "changes the sequence length the mask was built for; unpatch the model to use masks"
+        )
+
+
 class TimmBlockView(BlockView):
     """A timm ``Block`` with a standard ``Attention`` as composable pieces."""
 
@@ -123,19 +132,14 @@ class TimmBackend(Backend):
     def head(self, model: nn.Module) -> nn.Module:
         return model.head
 
-    def view(self, block: nn.Module) -> BlockView:
+    def view(self, block: nn.Module, extra: dict[str, Any]) -> BlockView:
         return TimmBlockView(block)
 
-    def block_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    def block_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         x, *rest = args if args else (kwargs.pop("x"),)
-        attn_mask = rest[0] if rest else kwargs.get("attn_mask")
-        is_causal = rest[1] if len(rest) > 1 else kwargs.get("is_causal", False)
-        if attn_mask is not None or is_causal:
-            raise TokenPatchError(
-                "a patched timm block does not support attn_mask or is_causal: token reduction "
-                "changes the sequence length the mask was built for; unpatch the model to use masks"
-            )
-        return x
+        refuse_masks(rest[0] if rest else kwargs.get("attn_mask"),
+                     rest[1] if len(rest) > 1 else kwargs.get("is_causal", False))
+        return x, {}
 
     def image_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         return args[0] if args else kwargs["x"]
@@ -145,6 +149,13 @@ class TimmBackend(Backend):
 
     def data_config(self, model: nn.Module) -> dict[str, Any]:
         return resolve_data_config(model=model)
+
+    def returned_blocks(self, model: nn.Module, kwargs: dict[str, Any]) -> str:
+        # global_pool='' without an attention pool: forward returns (per-token outputs of) every token
+        return "last" if model.global_pool == "" and getattr(model, "attn_pool", None) is None else "head"
+
+    def all_block_outputs(self, model: nn.Module) -> tuple[str, ...]:
+        return ("forward_intermediates",)  # get_intermediate_layers calls it
 
     def gradient_checkpointing(self, model: nn.Module) -> bool:
         return bool(getattr(model, "grad_checkpointing", False))

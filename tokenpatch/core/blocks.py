@@ -30,6 +30,9 @@ class BlockView(ABC):
     num_heads: int
     head_dim: int
     scale: float
+    #: True when attention depends on where tokens sit (rotary embeddings, relative position
+    #: bias): a block that runs on fewer tokens must then run from these pieces, with positions
+    uses_positions: bool = False
 
     @property
     @abstractmethod
@@ -116,16 +119,18 @@ class Backend(ABC):
         """The classifier; its input is the pooled (B, C) feature the logits are computed from."""
 
     @abstractmethod
-    def view(self, block: nn.Module) -> BlockView:
-        """The block as a :class:`BlockView`."""
+    def view(self, block: nn.Module, extra: dict[str, Any]) -> BlockView:
+        """The block as a :class:`BlockView`, for one call with the ``extra`` arguments
+        :meth:`block_input` returned (e.g. the rotary table)."""
 
     @abstractmethod
-    def block_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-        """The (B, N, C) tokens among a block call's arguments; reject arguments it can't honour."""
+    def block_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        """The (B, N, C) tokens among a block call's arguments, and the other arguments the block
+        needs (by keyword, e.g. ``rope``); reject arguments it can't honour."""
 
-    def run_original(self, forward: Any, x: Tensor) -> Tensor:
+    def run_original(self, forward: Any, x: Tensor, extra: dict[str, Any]) -> Tensor:
         """The block's own, unpatched ``forward`` (a bound callable) on (B, N, C) tokens."""
-        return forward(x)
+        return forward(x, **extra)
 
     def block_output(self, x: Tensor) -> Any:
         """Wrap the reduced block's (B, N', C) result the way the family's blocks return it."""
@@ -143,6 +148,18 @@ class Backend(ABC):
     def data_config(self, model: nn.Module) -> dict[str, Any]:
         """How the model's inputs are prepared, as timm's data config: ``input_size`` (C, H, W),
         ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``."""
+
+    def returned_blocks(self, model: nn.Module, kwargs: dict[str, Any]) -> str:
+        """Which block outputs a call ``model(**kwargs)`` returns to its caller: ``"head"`` (only
+        what the head computes from the last block, which then sees the method's own tokens),
+        ``"last"`` (the last block's tokens, e.g. a feature model's ``last_hidden_state``) or
+        ``"all"`` (every block's, e.g. ``hidden_states``). Those come back as the full grid."""
+        return "head"
+
+    def all_block_outputs(self, model: nn.Module) -> tuple[str, ...]:
+        """Names of the model's methods that return every block's output (timm's
+        ``forward_intermediates``): the patch makes each of those outputs the full grid."""
+        return ()
 
     def logits(self, output: Any) -> Tensor:
         """The (B, classes) logits in one of the family's model outputs."""

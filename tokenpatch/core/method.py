@@ -134,6 +134,13 @@ class Method(ABC, Generic[ConfigT, StateT]):
                      config: ConfigT) -> Tensor:
         """Forward of a reducing block: (B, N, C) tokens in, (B, N', C) tokens out."""
 
+    def restore_grid(self, x: Tensor, state: "PassState[StateT]") -> Tensor:
+        """The full (B, N, C) token grid behind a block's (B, M, C) output ``x``, for callers that
+        read every token (dense features, intermediates): by default each current token at its
+        original position and each dropped token as it left (:meth:`PassState.to_grid`); a merging
+        method copies a merged token to every position it stands for."""
+        return state.to_grid(x)
+
     def start_pass(self, config: ConfigT) -> StateT:
         """A fresh per-pass state of the method (``state.own`` in :meth:`reduce_block`); None by default."""
         return None  # type: ignore[return-value]

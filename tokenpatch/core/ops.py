@@ -140,3 +140,38 @@ def padded_top_positions(scores: Tensor, counts: Tensor) -> Tensor:
     padding = torch.arange(width, device=scores.device) >= counts.unsqueeze(1)
     order = (best + padding * scores.shape[1]).sort(dim=1).indices  # real ones first, each part ascending
     return best.gather(1, order)
+
+
+def write_grid(grid: Tensor, tokens: Tensor, positions: Tensor) -> Tensor:
+    """Write tokens into the full token grid at their original positions, out of place.
+
+    Args:
+        grid: (B, N, C) one row per original token.
+        tokens: (B, M, C) current tokens.
+        positions: (B, M) original position of each token; -1 for tokens that are not one
+            original token (a fused token, padding), which are skipped.
+
+    Returns:
+        (B, N, C): ``grid`` with ``out[b, positions[b, i]] = tokens[b, i]`` where positions >= 0.
+    """
+    b, n, c = grid.shape
+    # skipped tokens land in one spare row past the grid, which is then cut off
+    padded = torch.cat([grid, grid.new_zeros(b, 1, c)], dim=1)
+    index = positions.masked_fill(positions < 0, n).unsqueeze(-1).expand(-1, -1, c)
+    return padded.scatter(1, index, tokens.to(grid.dtype))[:, :n]
+
+
+def read_grid(grid: Tensor, positions: Tensor, fallback: Tensor) -> Tensor:
+    """The current tokens out of a full token grid (the inverse of :func:`write_grid`).
+
+    Args:
+        grid: (B, N, C) one row per original token.
+        positions: (B, M) original positions; -1 where the token is not in the grid.
+        fallback: (B, M, C) values for the tokens at position -1.
+
+    Returns:
+        (B, M, C).
+    """
+    known = positions >= 0
+    read = gather_tokens(grid, positions.clamp(min=0))
+    return torch.where(known.unsqueeze(-1), read, fallback.to(read.dtype))

@@ -13,6 +13,14 @@ Hugging Face accelerate does it (the wrapper in ``forward``, the wrapped forward
 ``_old_forward`` and ``unpatch`` puts the original back. Any other instance-level ``forward`` is
 refused with an error naming the module: the patch could not run inside it.
 
+Dense outputs: a caller that reads block outputs (``forward_features``, timm's
+``forward_intermediates``, a transformers ``last_hidden_state`` or ``hidden_states``) gets the
+full token grid, every original token in its order (:meth:`Method.restore_grid`), while the
+blocks after it go on with the reduced tokens. The backend says which block outputs a model
+call returns (:meth:`Backend.returned_blocks`); a call that returns only the head's output
+restores nothing, so the head sees the method's own tokens. ``outputs="reduced"`` returns the
+reduced tokens everywhere instead, with their positions in :func:`output_positions`.
+
 Re-entrancy: nothing on the model changes during a forward. The options live in an immutable
 :class:`Settings` snapshot that a configuration change replaces whole; a pass takes the
 snapshot when it starts and keeps its own :class:`~tokenpatch.core.state.PassState`, in
@@ -33,6 +41,7 @@ from torch import Tensor, nn
 from ..errors import InputShapeError, InvalidOptionError, NotPatchedError, TokenPatchError, UnsupportedModelError
 from .blocks import Backend
 from .method import Method, MethodConfig
+from .pieces import padded_block
 from .records import Trace
 from .state import PassState
 
@@ -42,6 +51,8 @@ SAVED_ATTR = "_tokenpatch_saved_forward"
 MODULES_NAME = "tokenpatch"
 #: where accelerate-style hooks keep the forward they wrap
 WRAPPED_FORWARD = "_old_forward"
+#: what block outputs dense-output callers get: every original token, or the reduced tokens
+OUTPUTS = ("full", "reduced")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +87,10 @@ class PatchContext:
     """
 
     def __init__(self, backend: Backend, method: Method, config: MethodConfig, num_prefix: int, depth: int,
-                 pools_class_token: bool = True) -> None:
+                 pools_class_token: bool = True, outputs: str = "full") -> None:
+        if outputs not in OUTPUTS:
+            raise InvalidOptionError(f"outputs must be one of {', '.join(OUTPUTS)}, got {outputs!r}")
+        self.outputs = outputs
         self.backend = backend
         self.pools_class_token = pools_class_token
         self.method = method
@@ -127,9 +141,16 @@ class PatchContext:
         settings = self.current_settings()
         state = PassState.start(x, self.num_prefix, self.depth, settings.config, settings.plan,
                                 self.method.start_pass(settings.config), getattr(self.local, "trace", None),
-                                self.modules, getattr(self.local, "collect", frozenset()))
+                                self.modules, getattr(self.local, "collect", frozenset()), self.grid_from())
         self.local.state = state
         return state
+
+    def grid_from(self) -> int:
+        """The first block whose output the current call reads as the full grid (``depth``: none)."""
+        if self.outputs == "reduced":
+            return self.depth
+        returned = getattr(self.local, "returned", "last")  # blocks called directly: the last output is read
+        return {"head": self.depth, "last": self.depth - 1, "all": 0}[returned]
 
     def end_pass(self, state: PassState, training: bool) -> None:
         """Release a finished pass; a training pass leaves its outputs for the losses."""
@@ -138,20 +159,39 @@ class PatchContext:
         if getattr(self.local, "state", None) is state:
             self.local.state = None
 
-    def run_block(self, block: nn.Module, index: int, x: Tensor) -> Tensor:
-        """Forward of block ``index`` on (B, N, C) tokens under this thread's pass."""
+    def run_block(self, block: nn.Module, index: int, x: Tensor, extra: dict[str, Any]) -> Tensor:
+        """Forward of block ``index`` on (B, N, C) tokens (and the block's ``extra`` arguments)
+        under this thread's pass."""
         state = getattr(self.local, "state", None)
         if index == 0 or state is None:  # every pass enters through block 0
             state = self.begin_pass(x)
+        elif state.grid_tokens is not None:  # the previous block returned the full grid
+            x = state.from_grid(x)
         ratio = state.plan[index]
         if ratio is None or ratio >= 1.0:
-            out = self.backend.run_original(original_forward(block), x)
+            out = self.untouched_block(block, x, extra, state)
             state.record(index, x.shape[1], out.shape[1])
         else:
-            out = self.method.reduce_block(self.backend.view(block), x, state, index, ratio, state.config)
+            out = self.method.reduce_block(self.backend.view(block, extra), x, state, index, ratio, state.config)
+        if index >= state.grid_from:
+            grid = self.method.restore_grid(out, state)
+            state.grid_tokens = None if grid is out else out
+            out = grid
+        if self.outputs == "reduced":
+            self.local.output_positions = state.grid_positions(out.shape[1])
         if index == self.depth - 1:
             self.end_pass(state, block.training)
         return out
+
+
+    def untouched_block(self, block: nn.Module, x: Tensor, extra: dict[str, Any], state: PassState) -> Tensor:
+        """A block the schedule leaves alone: its own forward, or, once tokens left and its
+        attention depends on where tokens sit, the same block from pieces at their positions."""
+        if x.shape[1] != state.num_tokens:
+            view = self.backend.view(block, extra)
+            if view.uses_positions:
+                return padded_block(view, x, state)
+        return self.backend.run_original(original_forward(block), x, extra)
 
 
 def context_of(model: nn.Module) -> PatchContext:
@@ -177,25 +217,41 @@ def check_images(images: Any) -> None:
 
 def _block_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     ctx: PatchContext = block.__dict__[CONTEXT_ATTR]
-    x = ctx.backend.block_input(args, dict(kwargs))
-    return ctx.backend.block_output(ctx.run_block(block, block.__dict__[INDEX_ATTR], x))
+    x, extra = ctx.backend.block_input(args, dict(kwargs))
+    return ctx.backend.block_output(ctx.run_block(block, block.__dict__[INDEX_ATTR], x, extra))
 
 
 def _model_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     ctx: PatchContext = model.__dict__[CONTEXT_ATTR]
+    ctx.local.aux = {}
+    with _model_call(model, ctx, args, kwargs, ctx.backend.returned_blocks(model, kwargs)):
+        return original_forward(model)(*args, **kwargs)
+
+
+def _all_blocks_call(model: nn.Module, name: str, *args: Any, **kwargs: Any) -> Any:
+    """A model method that returns every block's output (timm's ``forward_intermediates``)."""
+    ctx: PatchContext = model.__dict__[CONTEXT_ATTR]
+    with _model_call(model, ctx, args, kwargs, "all"):
+        return getattr(type(model), name)(model, *args, **kwargs)
+
+
+@contextmanager
+def _model_call(model: nn.Module, ctx: PatchContext, args: tuple[Any, ...], kwargs: dict[str, Any],
+                returned: str) -> Iterator[None]:
+    """Check a model-level call and run it as a fresh pass whose caller reads ``returned`` block outputs."""
     check_images(ctx.backend.image_input(args, kwargs))
     if model.training and ctx.backend.gradient_checkpointing(model):
         raise TokenPatchError(
             "gradient checkpointing re-runs blocks during backward, which a patched model's per-pass token "
             f"state does not allow; {ctx.backend.disable_checkpointing_hint()}"
         )
-    ctx.local.aux = {}
-    previous = getattr(ctx.local, "state", None)
-    ctx.local.state = None  # a fresh pass, even if a block-level pass of this thread was left open
+    previous = getattr(ctx.local, "state", None), getattr(ctx.local, "returned", "last")
+    # a fresh pass, even if a block-level pass of this thread was left open
+    ctx.local.state, ctx.local.returned = None, returned
     try:
-        return original_forward(model)(*args, **kwargs)
+        yield
     finally:
-        ctx.local.state = previous
+        ctx.local.state, ctx.local.returned = previous
 
 
 def original_forward(module: nn.Module) -> Any:
@@ -206,37 +262,39 @@ def original_forward(module: nn.Module) -> Any:
     return type(module).forward.__get__(module)
 
 
-def _slot(module: nn.Module, where: str) -> str:
-    """The attribute the patched forward goes in: ``forward``, or ``_old_forward`` under a hook."""
-    if WRAPPED_FORWARD in module.__dict__:
+def _slot(module: nn.Module, where: str, name: str) -> str:
+    """The attribute the patched ``name`` goes in: itself, or ``_old_forward`` for a hooked forward."""
+    if name == "forward" and WRAPPED_FORWARD in module.__dict__:
         return WRAPPED_FORWARD
-    if "forward" in module.__dict__:
+    if name in module.__dict__:
         raise UnsupportedModelError(
-            f"{where} ({type(module).__name__}) has an instance-level forward wrapper installed before patching; "
+            f"{where} ({type(module).__name__}) has an instance-level {name} wrapper installed before patching; "
             "tokenpatch can't run inside it: patch first and wrap afterwards, or remove the wrapper "
             f"(accelerate-style hooks that keep the wrapped forward in {WRAPPED_FORWARD} are supported)"
         )
-    return "forward"
+    return name
 
 
-def _install_forward(module: nn.Module, forward: Callable[..., Any], where: str) -> None:
-    """Put ``forward`` bound to ``module`` in its slot: a ``functools.partial`` of a module-level
-    function, which pickles, deep-copies and traces (``torch.export`` reads its ``func``)."""
-    slot = _slot(module, where)
+def _install_forward(module: nn.Module, forward: Callable[..., Any], where: str, name: str = "forward",
+                     *extra: Any) -> None:
+    """Put ``forward`` bound to ``module`` (and ``extra``) in the slot of method ``name``: a
+    ``functools.partial`` of a module-level function, which pickles, deep-copies and traces
+    (``torch.export`` reads its ``func``)."""
+    slot = _slot(module, where, name)
     if slot == WRAPPED_FORWARD:
         module.__dict__[SAVED_ATTR] = module.__dict__[WRAPPED_FORWARD]
-    module.__dict__[slot] = functools.partial(forward, module)
+    module.__dict__[slot] = functools.partial(forward, module, *extra)
 
 
 def _is_ours(forward: Any) -> bool:
-    return isinstance(forward, functools.partial) and forward.func in (_block_forward, _model_forward)
+    return isinstance(forward, functools.partial) and forward.func in (_block_forward, _model_forward, _all_blocks_call)
 
 
 def _remove_forward(module: nn.Module) -> None:
     if SAVED_ATTR in module.__dict__:
         module.__dict__[WRAPPED_FORWARD] = module.__dict__.pop(SAVED_ATTR)
-    elif _is_ours(module.__dict__.get("forward")):
-        del module.__dict__["forward"]
+    for name in [k for k, v in module.__dict__.items() if _is_ours(v)]:
+        del module.__dict__[name]
     module.__dict__.pop(CONTEXT_ATTR, None)
     module.__dict__.pop(INDEX_ATTR, None)
 
@@ -253,6 +311,8 @@ def install(model: nn.Module, ctx: PatchContext) -> None:
                 raise TokenPatchError(f"{type(model).__name__} already has a submodule named {MODULES_NAME!r}")
             model.add_module(MODULES_NAME, ctx.modules)
         _install_forward(model, _model_forward, "the model")
+        for name in ctx.backend.all_block_outputs(model):
+            _install_forward(model, _all_blocks_call, "the model", name, name)
         model.__dict__[CONTEXT_ATTR] = ctx
     except Exception:
         uninstall(model, ctx.backend, ctx.modules)
@@ -334,6 +394,28 @@ def collecting(model: nn.Module, signals: frozenset[str]) -> Iterator[None]:
         yield
     finally:
         ctx.local.collect = previous
+
+
+def output_positions(model: nn.Module) -> Tensor:
+    """Where the tokens a block returned last in this thread came from, for ``outputs="reduced"``.
+
+    Returns:
+        (B, N') original position of each token of the last block output of this thread's latest
+        pass (0 is the first prefix token); -1 for a token that is no single original token
+        (EViT's fused token, the padding of a padded batch).
+
+    Raises:
+        NotPatchedError; TokenPatchError: the model returns the full grid (``outputs="full"``:
+        the positions are simply ``0..N-1``) or this thread has run no pass yet.
+    """
+    ctx = context_of(model)
+    if ctx.outputs != "reduced":
+        raise TokenPatchError('output_positions needs a model patched with outputs="reduced"; with outputs="full" '
+                              "every block output a caller reads is the full grid, in the original order")
+    positions = getattr(ctx.local, "output_positions", None)
+    if positions is None:
+        raise TokenPatchError("output_positions: this thread has not run the patched model yet")
+    return positions
 
 
 def last_training_outputs(model: nn.Module, name: str, wanted_by: str) -> list:

@@ -8,6 +8,7 @@ from typing import Any, Generic, Optional, Sequence, TypeVar
 import torch
 from torch import Tensor, nn
 
+from .ops import read_grid, write_grid
 from .records import BlockRecord, ScoreRecord, Trace
 
 OwnT = TypeVar("OwnT")
@@ -40,6 +41,12 @@ class PassState(Generic[OwnT]):
         modules: the method's own trained modules (e.g. DynamicViT's predictors), or None.
         collect: names of training signals the losses asked for (e.g. ``"attention"``).
         aux: what a training pass leaves for the losses, by name.
+        grid_from: blocks with this index or higher return the full token grid (every original
+            token, in order: what dense-output callers see); ``depth``: none does.
+        last_states: (B, N, C) the state each original token had when it last left the
+            sequence (kept only when some block returns the grid), or None.
+        grid_tokens: the current tokens behind the grid the previous block returned, which the
+            next block continues from; None when that block returned them as they are.
     """
 
     num_prefix: int
@@ -55,12 +62,16 @@ class PassState(Generic[OwnT]):
     modules: Optional[nn.Module] = None
     collect: frozenset[str] = frozenset()
     aux: dict[str, list] = field(default_factory=dict)
+    grid_from: int = 0
+    last_states: Optional[Tensor] = None
+    grid_tokens: Optional[Tensor] = None
 
     @classmethod
     def start(cls, x: Tensor, num_prefix: int, depth: int, config: Any, plan: Sequence[Optional[float]], own: Any = None,
               trace: Optional[Trace] = None, modules: Optional[nn.Module] = None,
-              collect: frozenset[str] = frozenset()) -> "PassState":
-        """State for a pass whose first block receives ``x`` of shape (B, N, C)."""
+              collect: frozenset[str] = frozenset(), grid_from: Optional[int] = None) -> "PassState":
+        """State for a pass whose first block receives ``x`` of shape (B, N, C); ``grid_from``:
+        the first block whose output is the full grid (None: the last block)."""
         b, n, _ = x.shape
         positions = torch.arange(n, device=x.device).expand(b, n)
         if trace is not None:
@@ -68,7 +79,8 @@ class PassState(Generic[OwnT]):
             trace.scores.clear()
             trace.input_tokens = n
         return cls(num_prefix=num_prefix, num_tokens=n, depth=depth, config=config, plan=plan, positions=positions,
-                   own=own, trace=trace, modules=modules, collect=collect)
+                   own=own, trace=trace, modules=modules, collect=collect,
+                   grid_from=depth - 1 if grid_from is None else grid_from)
 
     @property
     def initial_patches(self) -> int:
@@ -115,6 +127,44 @@ class PassState(Generic[OwnT]):
             return torch.full((x.shape[0],), x.shape[1] - self.num_prefix, device=x.device)
         return self.counts - self.num_prefix
 
-    def select(self, index: Tensor) -> None:
-        """Keep only the tokens at ``index`` (B, K) in the tracked positions (tokens were dropped)."""
+    @property
+    def keeps_grid(self) -> bool:
+        """True when some block of this pass returns the full grid, so dropped tokens are remembered."""
+        return self.grid_from < self.depth
+
+    def select(self, index: Tensor, tokens: Tensor, counts: Optional[Tensor] = None) -> None:
+        """Tokens were dropped: keep only those at (B, K) ``index`` of (B, N, C) ``tokens``.
+
+        Updates the positions (and remembers the dropped tokens' last states when a block
+        returns the full grid).
+
+        Args:
+            counts: (B,) real tokens per sample among the kept ones when the batch is padded
+                (becomes :attr:`counts`); None: unpadded.
+        """
+        if self.keeps_grid:
+            grid = self.last_states if self.last_states is not None else tokens.new_zeros(
+                tokens.shape[0], self.num_tokens, tokens.shape[2])
+            self.last_states = write_grid(grid, tokens, self.grid_positions(tokens.shape[1]))
         self.positions = torch.gather(self.positions, 1, index)
+        self.counts = counts
+
+    def grid_positions(self, n: int) -> Tensor:
+        """(B, n) original positions of the current n tokens, -1 for padding and fused tokens."""
+        real = self.real_tokens(n)
+        return self.positions if real is None else self.positions.masked_fill(~real, -1)
+
+    def to_grid(self, x: Tensor) -> Tensor:
+        """The full (B, N, C) grid for current tokens ``x`` (B, M, C): each original token at its
+        position, the current ones from ``x``, the dropped ones as they left."""
+        if self.last_states is None and x.shape[1] == self.num_tokens:
+            return x  # every token is still in the sequence, in order
+        grid = self.last_states if self.last_states is not None else x.new_zeros(x.shape[0], self.num_tokens, x.shape[2])
+        return write_grid(grid, x, self.grid_positions(x.shape[1]))
+
+    def from_grid(self, grid: Tensor) -> Tensor:
+        """The current tokens again out of the (B, N, C) grid a block returned (a caller may have
+        changed it between blocks); tokens outside the grid come from :attr:`grid_tokens`."""
+        assert self.grid_tokens is not None
+        tokens, self.grid_tokens = self.grid_tokens, None
+        return read_grid(grid, self.grid_positions(tokens.shape[1]), tokens)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backends import find_backend
+from ..core.pieces import attention_logits
 from ..core.records import Trace
 from ..core.registry import METHODS
 from ..core.runner import context_of, is_patched, overriding, trace
@@ -176,9 +177,10 @@ def attention_maps(model: nn.Module, images: Tensor) -> Tensor:
     maps: list[Tensor] = []
 
     def capture(block: nn.Module, args: tuple, kwargs: dict) -> None:
-        view = backend.view(block)
-        q, k, _ = view.qkv(view.norm1(backend.block_input(args, dict(kwargs))))
-        maps.append(((q * view.scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1))
+        x, extra = backend.block_input(args, dict(kwargs))
+        view = backend.view(block, extra)
+        q, k, _ = view.qkv(view.norm1(x))
+        maps.append(attention_logits(view, q, k).softmax(dim=-1).mean(dim=1))
 
     handles = [b.register_forward_pre_hook(capture, with_kwargs=True) for b in backend.blocks(model)]
     try:

@@ -116,7 +116,6 @@ class ATS(Method[ATSConfig, None]):
         attention_tokens = x.shape[1]
         x, scores = self._attend_and_score(view, x, state, block)
         hit = inverse_transform_sample(scores, (ratio * state.patch_counts(x)).ceil().long().clamp(min=1))
-        state.counts = hit.sum(dim=1) + state.num_prefix
         x = self._keep(x, state, hit)
         state.record(block, attention_tokens, x.shape[1])
         return mlp_residual(view, x)
@@ -134,8 +133,8 @@ class ATS(Method[ATSConfig, None]):
     @staticmethod
     def _keep(x: Tensor, state: PassState, hit: Tensor) -> Tensor:
         """Prefix plus the hit patches of (B, N, C) ``x``, padded to the batch's largest count."""
-        p = state.num_prefix
-        keep = padded_top_positions(hit.to(x.dtype), state.counts - p)
+        p, counts = state.num_prefix, hit.sum(dim=1)
+        keep = padded_top_positions(hit.to(x.dtype), counts)
         index = torch.cat([prefix_positions(x.shape[0], p, x.device), keep + p], dim=1)
-        state.select(index)
+        state.select(index, x, counts + p)
         return gather_tokens(x, index)

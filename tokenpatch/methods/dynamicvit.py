@@ -142,7 +142,7 @@ class DynamicViT(Method[DynamicViTConfig, DynamicViTState]):
             return x
         log_probs = predictor(x[:, p:], x.new_ones(x.shape[0], patches))
         kept, index = keep_tokens(x, state, top_k_positions(log_probs[..., 0], keep))
-        state.select(index)
+        state.select(index, x)
         return kept
 
     @staticmethod

@@ -69,7 +69,7 @@ class EViT(Method[EViTConfig, None]):
             patch_attn = cls_attn[:, p:]
             keep_positions = top_k_positions(patch_attn, keep)
             kept, index = keep_tokens(x, state, keep_positions)
-            state.select(index)
+            state.select(index, x)
             if config.fuse:
                 kept = torch.cat([kept, self._fused_token(x[:, p:], patch_attn, keep_positions)], dim=1)
                 state.positions = torch.cat([state.positions, state.positions.new_full((x.shape[0], 1), -1)], dim=1)

@@ -159,9 +159,8 @@ class IARed2(Method[IARed2Config, None]):
         # decided patches first (most probable first), then the rest, padding last
         order = logits.detach() + 1e4 * keep - 2e4 * ~real
         positions = padded_top_positions(order, counts)
-        state.counts = counts + p
         index = torch.cat([prefix_positions(x.shape[0], p, x.device), positions + p], dim=1)
-        state.select(index)
+        state.select(index, x, counts + p)
         return gather_tokens(x, index)
 
 

@@ -135,16 +135,15 @@ class SaiT(Method[SaiTConfig, SaiTState]):
     @staticmethod
     def _prune(x: Tensor, state: PassState, scores: Tensor, ratio: float, mass: Optional[float]) -> Tensor:
         p, patches = state.num_prefix, scores.shape[1]
-        cap = math.ceil(ratio * patches)
+        cap, counts = math.ceil(ratio * patches), None
         if mass is None:  # a fixed count: no data-dependent width, so the pass stays exportable
             keep = top_k_positions(scores, cap)
         else:
             refuse_export("sait with mass")
             counts = mass_counts(scores, mass).clamp(max=cap)
-            state.counts = counts + p
             keep = padded_top_positions(scores, counts)
         index = torch.cat([prefix_positions(x.shape[0], p, x.device), keep + p], dim=1)
-        state.select(index)
+        state.select(index, x, None if counts is None else counts + p)
         return gather_tokens(x, index)
 
     @staticmethod

@@ -25,6 +25,7 @@ from torch import Tensor
 from ..core.blocks import BlockView
 from ..core.merging import arrange, bipartite_matching, destinations, merge_tokens
 from ..core.method import Method, MethodConfig, check_positive
+from ..core.ops import gather_tokens
 from ..core.pieces import attention_with_projections, mlp_residual
 from ..core.registry import register_method
 from ..core.state import PassState
@@ -128,6 +129,13 @@ class ToMe(Method[ToMeConfig, ToMeState]):
         state.record(block, attention_tokens, x.shape[1])
         return mlp_residual(view, x)
 
+    def restore_grid(self, x: Tensor, state: PassState[ToMeState]) -> Tensor:
+        """Each merged token copied back to every patch it stands for."""
+        if state.groups is None:
+            return state.to_grid(x)
+        p = state.num_prefix
+        return torch.cat([x[:, :p], gather_tokens(x[:, p:], state.groups)], dim=1)
+
     @staticmethod
     def _merges(config: ToMeConfig, ratio: float, initial: int, patches: int) -> int:
         """Tokens this block merges: ``r``, or down to its share of the pass's initial patches."""
@@ -144,7 +152,7 @@ class ToMe(Method[ToMeConfig, ToMeState]):
         merged, merged_sizes = merge_tokens(x[:, p:], sizes[:, p:], matching)
         state.own.sizes = torch.cat([sizes[:, :p], merged_sizes], dim=1)
         state.positions = torch.cat([state.positions[:, :p], arrange(state.positions[:, p:], matching)], dim=1)
-        if state.trace is not None:  # which token carries each original patch, for explain
+        if state.trace is not None or state.keeps_grid:  # which token carries each patch: explain, dense outputs
             groups = state.groups if state.groups is not None else torch.arange(patches, device=x.device).expand(x.shape[0], -1)
             state.groups = destinations(matching, patches).gather(1, groups)
         return torch.cat([x[:, :p], merged], dim=1)
