@@ -101,8 +101,8 @@ def test_bad_option_values_leave_the_model_unpatched(method, options, match):
     "build, match",
     [
         (lambda: timm.create_model("resnet10t", pretrained=False, num_classes=10), "cannot patch ResNet"),
-        (lambda: timm.create_model("vit_medium_patch16_gap_240", pretrained=False, depth=2, img_size=64),
-         "VisionTransformer has no class token"),
+        (lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(1, 1, 1, 1)),
+         "cannot patch SwinTransformer"),
         (lambda: timm.create_model("vit_small_patch16_224", pretrained=False, depth=2, img_size=64,
                                    block_fn=timm.models.vision_transformer.ResPostBlock),
          r"blocks\[0\] is ResPostBlock"),
@@ -176,7 +176,7 @@ def test_available_methods_lists_idle_and_evit():
 
 def test_config_serialises_to_json_ready_dict():
     model = tokenpatch.patch(make_model("deit_tiny"), "evit", keep_ratio=0.6, drop_blocks=(1, 2), fuse=True)
-    assert tokenpatch.get_config(model).to_dict() == {"keep_ratio": 0.6, "drop_blocks": [1, 2], "fuse": True}
+    assert tokenpatch.get_config(model).to_dict() == {"keep_ratio": 0.6, "scorer": "auto", "drop_blocks": [1, 2], "fuse": True}
 
 
 def test_block_masks_are_refused_on_a_patched_model():

@@ -33,7 +33,7 @@ def test_config_round_trips_through_json(tmp_path):
     model = tokenpatch.patch(make_model("deit_tiny"), "evit", keep_ratio=0.6, drop_blocks=(1, 3))
     tokenpatch.save_config(model, tmp_path / "config.json")
     assert tokenpatch.load_config(tmp_path / "config.json") == {
-        "method": "evit", "options": {"keep_ratio": 0.6, "drop_blocks": [1, 3], "fuse": False}}
+        "method": "evit", "options": {"keep_ratio": 0.6, "scorer": "auto", "drop_blocks": [1, 3], "fuse": False}}
 
 
 def test_load_refuses_plain_files_and_patched_models(tmp_path):

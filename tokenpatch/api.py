@@ -67,10 +67,9 @@ def patch(model: ModelT, method: str = "idle", keep_ratio: Optional[float] = Non
         )
     backend = find_backend(model)
     config = build_config(chosen, keep_ratio, options)
-    depth = len(backend.blocks(model))
-    ctx = PatchContext(backend, chosen, config, backend.num_prefix_tokens(model), depth,
-                       pools_class_token=backend.pools_class_token(model), outputs=outputs)  # validates the options
-    ctx.modules = chosen.build_modules(ctx.config, depth, backend.embed_dim(model))
+    facts = backend.facts(model)
+    ctx = PatchContext(backend, chosen, config, facts, outputs=outputs)  # validates the options
+    ctx.modules = chosen.build_modules(ctx.config, facts.depth, backend.embed_dim(model))
     if ctx.modules is not None:
         reference = next(model.parameters())
         ctx.modules.to(device=reference.device, dtype=reference.dtype).train(model.training)

@@ -1,4 +1,4 @@
-"""Backend for timm's ``VisionTransformer`` family (ViT, DeiT, DeiT-III, distilled DeiT, registers).
+"""Backend for timm's ``VisionTransformer`` family (ViT, DeiT, DeiT-III, distilled DeiT, registers, SigLIP, ``*_gap_*``).
 
 Read against timm 1.0.31: ``timm.models.vision_transformer.Block`` (``norm1``, ``attn``, ``ls1``,
 ``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2``) and ``timm.layers.Attention``
@@ -56,7 +56,7 @@ class TimmBlockView(BlockView):
 
     def _project(self, xn: Tensor, part: int) -> Tensor:
         # One third of the fused qkv linear: rows [part*W, (part+1)*W) of its weight.
-        width = self.attn.attn_dim
+        width = self.attn.qkv.weight.shape[0] // 3
         rows = slice(part * width, (part + 1) * width)
         bias = self.attn.qkv.bias
         return self._heads(F.linear(xn, self.attn.qkv.weight[rows], None if bias is None else bias[rows]))
@@ -79,8 +79,10 @@ class TimmBlockView(BlockView):
 
     def attention_output(self, o: Tensor, xn: Tensor) -> Tensor:
         b, _, n, _ = o.shape
-        y = self.attn.norm(o.transpose(1, 2).reshape(b, n, self.attn.attn_dim))
-        if self.attn.gate is not None:
+        y = o.transpose(1, 2).reshape(b, n, -1)
+        if hasattr(self.attn, "norm"):  # timm Attention's optional scale norm
+            y = self.attn.norm(y)
+        if getattr(self.attn, "gate", None) is not None:
             y = y * self.attn.gate(xn).sigmoid()
         return self.attn.proj_drop(self.attn.proj(y))
 
@@ -97,7 +99,7 @@ class TimmBackend(Backend):
     name = "timm"
     supported = (
         "timm VisionTransformer models (vit_*, deit_*, deit3_*, *_distilled_*, *_reg*) whose blocks "
-        "are timm.models.vision_transformer.Block with timm.layers.Attention and that have a class token"
+        "are timm.models.vision_transformer.Block with timm.layers.Attention"
     )
 
     def claims(self, model: nn.Module) -> bool:
@@ -105,11 +107,6 @@ class TimmBackend(Backend):
 
     def check(self, model: nn.Module) -> None:
         name = type(model).__name__
-        if getattr(model, "cls_token", None) is None:
-            raise UnsupportedModelError(
-                f"{name} has no class token (class_token=False); tokenpatch scores tokens by "
-                f"class-token attention. Supported: {self.supported}."
-            )
         for i, block in enumerate(model.blocks):
             if type(block) is not TimmBlock or type(block.attn) is not TimmAttention:
                 raise UnsupportedModelError(
@@ -122,6 +119,9 @@ class TimmBackend(Backend):
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return int(model.num_prefix_tokens)
+
+    def has_class_token(self, model: nn.Module) -> bool:
+        return getattr(model, "cls_token", None) is not None
 
     def embed_dim(self, model: nn.Module) -> int:
         return int(model.embed_dim)

@@ -15,9 +15,28 @@ absolute position embeddings ignore them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a method may ask about the model it patches.
+
+    Attributes:
+        num_prefix: tokens before the patches (class, distillation, registers).
+        depth: transformer blocks.
+        class_token: True when the first prefix token is a class token (SigLIP and ``*_gap_*``
+            models have none: their prefix, if any, is registers).
+        pools_class_token: True when the head reads only prefix tokens.
+    """
+
+    num_prefix: int
+    depth: int
+    class_token: bool
+    pools_class_token: bool
 
 
 class BlockView(ABC):
@@ -104,7 +123,16 @@ class Backend(ABC):
 
     @abstractmethod
     def num_prefix_tokens(self, model: nn.Module) -> int:
-        """Tokens before the patches (class, distillation, registers); the first is the class token."""
+        """Tokens before the patches (class, distillation, registers)."""
+
+    def has_class_token(self, model: nn.Module) -> bool:
+        """True when the first prefix token is a class token."""
+        return True
+
+    def facts(self, model: nn.Module) -> ModelFacts:
+        """The :class:`ModelFacts` of ``model``."""
+        return ModelFacts(self.num_prefix_tokens(model), len(self.blocks(model)), self.has_class_token(model),
+                          self.pools_class_token(model))
 
     @abstractmethod
     def embed_dim(self, model: nn.Module) -> int:

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Literal, Optional, Sequence, TypeVar
 
 from torch import Tensor, nn
 
 from ..errors import InvalidOptionError
-from .blocks import BlockView
+from .blocks import BlockView, ModelFacts
 from .options import coerce_fields
 
 if TYPE_CHECKING:  # the pass state names the method's types only in annotations
@@ -80,9 +80,32 @@ class MethodConfig:
         coerce_fields(self)
         self.keep_ratio = check_keep_ratio(self.keep_ratio)
 
+    def check_model(self, facts: ModelFacts) -> None:
+        """Raise :class:`InvalidOptionError` if an option can't apply to a model with these facts."""
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready options (tuples become lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass
+class ScoringConfig(MethodConfig):
+    """Options of a method that scores patches by the attention one query pays them.
+
+    Attributes:
+        scorer: whose attention: ``"class_token"`` the class token's (the papers' rule);
+            ``"mean_query"`` the mean of the patches' queries, which needs no class token
+            (SigLIP, ``*_gap_*``): its attention estimates the attention each patch receives
+            from all patches, measured against the class token's in the README; ``"auto"``
+            the class token where the model has one, else the mean query.
+    """
+
+    scorer: Literal["auto", "class_token", "mean_query"] = "auto"
+
+    def check_model(self, facts: ModelFacts) -> None:
+        if self.scorer == "class_token" and not facts.class_token:
+            raise InvalidOptionError("scorer='class_token' needs a class token and this model has none; "
+                                     "use scorer='auto' or 'mean_query'")
 
 
 def require_class_token_pooling(why: str, pools_class_token: bool, advice: str = "") -> None:
@@ -153,8 +176,8 @@ class Method(ABC, Generic[ConfigT, StateT]):
         """
         return None
 
-    def check_compatible(self, config: ConfigT, pools_class_token: bool) -> None:
-        """Raise :class:`InvalidOptionError` if ``config`` can't work on a model with this pooling."""
+    def check_compatible(self, config: ConfigT, facts: ModelFacts) -> None:
+        """Raise :class:`InvalidOptionError` if ``config`` can't work on a model with these facts."""
 
     def training_overrides(self, config: ConfigT, step: int) -> dict[str, Any]:
         """Options to use for fine-tuning step ``step`` (1-based) instead of ``config``'s; {} for none."""

@@ -3,8 +3,8 @@
 A method's block forward is a short composition of these functions: score, select
 (``ops.top_k_positions``), compute on the selected tokens (:func:`attention_residual`,
 :func:`mlp_residual`), then write back, drop, fuse or merge. At inference the attention always
-runs on ``F.scaled_dot_product_attention``; class-token scores come from
-:func:`~tokenpatch.core.ops.cls_attention`, never from a materialised N x N map. Only the
+runs on ``F.scaled_dot_product_attention``; attention scores come from
+:func:`patch_scores` (one query's attention), never from a materialised N x N map. Only the
 training-mode pieces (:func:`masked_block`, :func:`mean_attention_logits`) build that map,
 because their losses or differentiable masks need it.
 """
@@ -71,23 +71,50 @@ def attention_with_projections(view: BlockView, x: Tensor, positions: Optional[T
     return view.add_attention(x, attend(view, q, k, v, xn, key_mask, key_bias, positions, positions)), q, k, v
 
 
-def attention_residual(view: BlockView, x: Tensor, positions: Optional[Tensor] = None, with_cls_attention: bool = False,
-                       key_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """First half of a block on all tokens of ``x``: ``x + attn(norm1(x))``.
+def attention_residual(view: BlockView, x: Tensor, positions: Optional[Tensor] = None,
+                       key_mask: Optional[Tensor] = None) -> Tensor:
+    """First half of a block on all (B, N, C) tokens of ``x`` at (B, N) ``positions``:
+    ``x + attn(norm1(x))``; ``key_mask`` as in :func:`attend`."""
+    return attention_with_projections(view, x, positions, key_mask)[0]
+
+
+#: the trace's name for the scores each scorer gives (``ScoringConfig.scorer``)
+SCORE_NAMES = {"class_token": "cls_attention", "mean_query": "mean_query_attention"}
+
+
+def scorer_rule(scorer: str, state: PassState) -> str:
+    """``"class_token"`` or ``"mean_query"``: the rule ``scorer`` (``"auto"`` included) means for this model."""
+    if scorer == "auto":
+        return "class_token" if state.class_token else "mean_query"
+    return scorer
+
+
+def patch_scores(view: BlockView, q: Tensor, k: Tensor, state: PassState, scorer: str,
+                 key_mask: Optional[Tensor] = None) -> Tensor:
+    """Head-averaged attention one scoring query pays every patch, without the N x N map.
+
+    The query is the class token's (``"class_token"``) or the mean of the real patches' queries
+    (``"mean_query"``: a token that attends like the average patch, so its attention tracks the
+    attention each patch receives; no class token needed). See :func:`scorer_rule`.
 
     Args:
-        x: (B, N, C) tokens; the class token is at position 0.
-        positions: (B, N) their original positions; None: ``0..N-1``.
-        with_cls_attention: also return the class token's head-averaged attention.
-        key_mask: (B, N) bool, False for padding tokens (see :func:`attend`).
+        q: (B, H, N, D) queries of the current tokens (with ``"class_token"``, (B, H, 1, D) of
+            the class token alone is enough).
+        k: (B, H, N, D) keys of the current tokens.
+        key_mask: (B, N) bool, False for padding (left out of the mean and of the softmax).
 
     Returns:
-        (B, N, C) tokens after the attention residual, and (B, N) class-token attention over
-        all N tokens (or None; padding keys get 0).
+        (B, N - P) scores of the patches (softmax over all N keys, then averaged over heads).
     """
-    x, q, k, _ = attention_with_projections(view, x, positions, key_mask)
-    scores = cls_attention(q[:, :, :1], k, view.scale, key_mask) if with_cls_attention else None
-    return x, scores
+    p = state.num_prefix
+    if scorer_rule(scorer, state) == "class_token":
+        query = q[:, :, :1]
+    elif key_mask is None:
+        query = q[:, :, p:].mean(dim=2, keepdim=True)
+    else:
+        weights = key_mask[:, None, p:, None].to(q.dtype)
+        query = (q[:, :, p:] * weights).sum(dim=2, keepdim=True) / weights.sum(dim=2, keepdim=True).clamp_min(1)
+    return cls_attention(query, k, view.scale, key_mask)[:, p:]
 
 
 def policy_softmax(logits: Tensor, key_keep: Tensor, eps: float = 1e-6) -> Tensor:
@@ -153,7 +180,7 @@ def mlp_residual(view: BlockView, x: Tensor) -> Tensor:
 def full_block(view: BlockView, x: Tensor, positions: Optional[Tensor] = None) -> Tensor:
     """A whole block on all (B, N, C) tokens at (B, N) ``positions``, composed from the pieces;
     equals the block's own forward when the tokens are the whole sequence."""
-    return mlp_residual(view, attention_residual(view, x, positions)[0])
+    return mlp_residual(view, attention_residual(view, x, positions))
 
 
 def padded_block(view: BlockView, x: Tensor, state: PassState) -> Tensor:
@@ -164,7 +191,7 @@ def padded_block(view: BlockView, x: Tensor, state: PassState) -> Tensor:
     """
     if state.counts is None:
         return full_block(view, x, state.positions)
-    return mlp_residual(view, attention_residual(view, x, state.positions, key_mask=state.real_tokens(x.shape[1]))[0])
+    return mlp_residual(view, attention_residual(view, x, state.positions, key_mask=state.real_tokens(x.shape[1])))
 
 
 def refuse_export(method: str) -> None:

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Optional
 from torch import Tensor, nn
 
 from ..errors import InputShapeError, InvalidOptionError, NotPatchedError, TokenPatchError, UnsupportedModelError
-from .blocks import Backend
+from .blocks import Backend, ModelFacts
 from .method import Method, MethodConfig
 from .pieces import padded_block
 from .records import Trace
@@ -86,16 +86,16 @@ class PatchContext:
         modules: the method's trainable modules (registered on the model), or None.
     """
 
-    def __init__(self, backend: Backend, method: Method, config: MethodConfig, num_prefix: int, depth: int,
-                 pools_class_token: bool = True, outputs: str = "full") -> None:
+    def __init__(self, backend: Backend, method: Method, config: MethodConfig, facts: ModelFacts,
+                 outputs: str = "full") -> None:
         if outputs not in OUTPUTS:
             raise InvalidOptionError(f"outputs must be one of {', '.join(OUTPUTS)}, got {outputs!r}")
         self.outputs = outputs
         self.backend = backend
-        self.pools_class_token = pools_class_token
+        self.facts = facts
         self.method = method
-        self.num_prefix = num_prefix
-        self.depth = depth
+        self.num_prefix = facts.num_prefix
+        self.depth = facts.depth
         self.modules: Optional[nn.Module] = None  # set by patch() once the options are validated
         self.local = threading.local()
         self.settings = self.settle(config)
@@ -116,7 +116,8 @@ class PatchContext:
     def settle(self, config: MethodConfig) -> Settings:
         """Validate ``config`` for this model and derive its plan (the context is unchanged)."""
         config.validate(self.depth)
-        self.method.check_compatible(config, self.pools_class_token)
+        config.check_model(self.facts)
+        self.method.check_compatible(config, self.facts)
         return Settings(config, tuple(self.method.schedule(config, self.depth)))
 
     def set_config(self, config: MethodConfig) -> None:
@@ -141,7 +142,8 @@ class PatchContext:
         settings = self.current_settings()
         state = PassState.start(x, self.num_prefix, self.depth, settings.config, settings.plan,
                                 self.method.start_pass(settings.config), getattr(self.local, "trace", None),
-                                self.modules, getattr(self.local, "collect", frozenset()), self.grid_from())
+                                self.modules, getattr(self.local, "collect", frozenset()), self.grid_from(),
+                                self.facts.class_token)
         self.local.state = state
         return state
 

@@ -36,7 +36,7 @@ class PassState(Generic[OwnT]):
             (:func:`~tokenpatch.core.pieces.padded_block`) and the trace.
         groups: (B, N - P at the start) for each original patch, the index among the current
             patches of the token that carries it, once a method merged tokens (only kept while
-            a trace is open); None before.
+            a trace is open or a block returns the full grid); None before.
         trace: where to record per-block token counts, or None.
         modules: the method's own trained modules (e.g. DynamicViT's predictors), or None.
         collect: names of training signals the losses asked for (e.g. ``"attention"``).
@@ -47,6 +47,7 @@ class PassState(Generic[OwnT]):
             sequence (kept only when some block returns the grid), or None.
         grid_tokens: the current tokens behind the grid the previous block returned, which the
             next block continues from; None when that block returned them as they are.
+        class_token: True when the first prefix token is a class token.
     """
 
     num_prefix: int
@@ -65,11 +66,13 @@ class PassState(Generic[OwnT]):
     grid_from: int = 0
     last_states: Optional[Tensor] = None
     grid_tokens: Optional[Tensor] = None
+    class_token: bool = True
 
     @classmethod
     def start(cls, x: Tensor, num_prefix: int, depth: int, config: Any, plan: Sequence[Optional[float]], own: Any = None,
               trace: Optional[Trace] = None, modules: Optional[nn.Module] = None,
-              collect: frozenset[str] = frozenset(), grid_from: Optional[int] = None) -> "PassState":
+              collect: frozenset[str] = frozenset(), grid_from: Optional[int] = None,
+              class_token: bool = True) -> "PassState":
         """State for a pass whose first block receives ``x`` of shape (B, N, C); ``grid_from``:
         the first block whose output is the full grid (None: the last block)."""
         b, n, _ = x.shape
@@ -80,7 +83,7 @@ class PassState(Generic[OwnT]):
             trace.input_tokens = n
         return cls(num_prefix=num_prefix, num_tokens=n, depth=depth, config=config, plan=plan, positions=positions,
                    own=own, trace=trace, modules=modules, collect=collect,
-                   grid_from=depth - 1 if grid_from is None else grid_from)
+                   grid_from=depth - 1 if grid_from is None else grid_from, class_token=class_token)
 
     @property
     def initial_patches(self) -> int:

@@ -23,16 +23,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..core.blocks import BlockView
-from ..core.method import Method, MethodConfig, check_blocks, quarter_blocks, require_class_token_pooling
-from ..core.ops import cls_attention, gather_tokens, padded_top_positions, prefix_positions
-from ..core.pieces import attention_with_projections, mlp_residual, padded_block, refuse_export
+from ..core.blocks import BlockView, ModelFacts
+from ..core.method import Method, ScoringConfig, check_blocks, quarter_blocks, require_class_token_pooling
+from ..core.ops import gather_tokens, padded_top_positions, prefix_positions
+from ..core.pieces import attention_with_projections, mlp_residual, padded_block, patch_scores, refuse_export
 from ..core.registry import register_method
 from ..core.state import PassState
 
 
 @dataclasses.dataclass
-class ATSConfig(MethodConfig):
+class ATSConfig(ScoringConfig):
     """Options of ``ats``.
 
     Attributes:
@@ -40,6 +40,7 @@ class ATSConfig(MethodConfig):
             patches (the most it can keep; duplicates make it keep fewer). 1.0 turns sampling
             off and is the dense model, exactly.
         sample_blocks: blocks that sample; None means 1/4, 2/4, 3/4 of the depth ((3, 6, 9) for 12).
+        scorer: whose attention ranks the patches, see :class:`~tokenpatch.core.method.ScoringConfig`.
     """
 
     keep_ratio: float = 0.7
@@ -55,17 +56,18 @@ class ATSConfig(MethodConfig):
         return self.sample_blocks if self.sample_blocks is not None else quarter_blocks(depth)
 
 
-def significance(cls_attn: Tensor, values: Tensor) -> Tensor:
+def significance(attention: Tensor, values: Tensor) -> Tensor:
     """ATS significance of each token: class-token attention times value norm, normalised.
 
     Args:
-        cls_attn: (B, M) head-averaged class-token attention of the scored tokens (0 for padding).
+        attention: (B, M) head-averaged attention the scored tokens get from the class token
+            (or the mean query, :func:`~tokenpatch.core.pieces.patch_scores`); 0 for padding.
         values: (B, H, M, D) their values.
 
     Returns:
         (B, M) non-negative scores summing to 1 per row.
     """
-    scores = cls_attn * values.transpose(1, 2).flatten(2).norm(dim=-1)
+    scores = attention * values.transpose(1, 2).flatten(2).norm(dim=-1)
     return scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
@@ -104,8 +106,8 @@ class ATS(Method[ATSConfig, None]):
         start = min(config.blocks(depth))
         return [config.keep_ratio if i >= start else None for i in range(depth)]
 
-    def check_compatible(self, config: ATSConfig, pools_class_token: bool) -> None:
-        require_class_token_pooling("ats pads each batch to its largest token count", pools_class_token)
+    def check_compatible(self, config: ATSConfig, facts: ModelFacts) -> None:
+        require_class_token_pooling("ats pads each batch to its largest token count", facts.pools_class_token)
 
     def reduce_block(self, view: BlockView, x: Tensor, state: PassState[None], block: int, ratio: float,
                      config: ATSConfig) -> Tensor:
@@ -114,19 +116,20 @@ class ATS(Method[ATSConfig, None]):
             return padded_block(view, x, state)
         refuse_export(self.name)
         attention_tokens = x.shape[1]
-        x, scores = self._attend_and_score(view, x, state, block)
+        x, scores = self._attend_and_score(view, x, state, block, config.scorer)
         hit = inverse_transform_sample(scores, (ratio * state.patch_counts(x)).ceil().long().clamp(min=1))
         x = self._keep(x, state, hit)
         state.record(block, attention_tokens, x.shape[1])
         return mlp_residual(view, x)
 
     @staticmethod
-    def _attend_and_score(view: BlockView, x: Tensor, state: PassState, block: int) -> tuple[Tensor, Tensor]:
+    def _attend_and_score(view: BlockView, x: Tensor, state: PassState, block: int,
+                          scorer: str) -> tuple[Tensor, Tensor]:
         """The attention residual on (B, N, C) ``x`` (padding masked) and the (B, N - P) patch significance."""
         p = state.num_prefix
         key_mask = state.real_tokens(x.shape[1])
         x, q, k, v = attention_with_projections(view, x, state.positions, key_mask)
-        scores = significance(cls_attention(q[:, :, :1], k, view.scale, key_mask)[:, p:], v[:, :, p:])
+        scores = significance(patch_scores(view, q, k, state, scorer, key_mask), v[:, :, p:])
         state.record_scores(block, "significance", scores, None if key_mask is None else key_mask[:, p:])
         return x, scores
 

@@ -18,21 +18,23 @@ import torch
 from torch import Tensor
 
 from ..core.blocks import BlockView
-from ..core.method import Method, MethodConfig, check_blocks, quarter_blocks
+from ..core.method import Method, ScoringConfig, check_blocks, quarter_blocks
 from ..core.ops import complement_positions, gather_tokens, top_k_positions
-from ..core.pieces import attention_residual, keep_tokens, mlp_residual
+from ..core.pieces import SCORE_NAMES, attention_with_projections, keep_tokens, mlp_residual, patch_scores, scorer_rule
 from ..core.registry import register_method
 from ..core.state import PassState
 
 
 @dataclasses.dataclass
-class EViTConfig(MethodConfig):
+class EViTConfig(ScoringConfig):
     """Options of ``evit``.
 
     Attributes:
         keep_ratio: fraction of the current non-prefix tokens kept at each reduction block.
         drop_blocks: blocks that reduce; None means 1/4, 2/4, 3/4 of the depth ((3, 6, 9) for 12).
         fuse: fuse the dropped tokens into one extra token instead of discarding them.
+        scorer: see :class:`~tokenpatch.core.method.ScoringConfig` (class-token attention, the
+            paper's rule, wherever the model has a class token).
     """
 
     keep_ratio: float = 0.7
@@ -60,13 +62,12 @@ class EViT(Method[EViTConfig, None]):
                      config: EViTConfig) -> Tensor:
         p = state.num_prefix
         attention_tokens = x.shape[1]
-        x, cls_attn = attention_residual(view, x, state.positions, with_cls_attention=True)
-        assert cls_attn is not None
-        state.record_scores(block, "cls_attention", cls_attn[:, p:])
+        x, q, k, _ = attention_with_projections(view, x, state.positions)
+        patch_attn = patch_scores(view, q, k, state, config.scorer)
+        state.record_scores(block, SCORE_NAMES[scorer_rule(config.scorer, state)], patch_attn)
         candidates = x.shape[1] - p
         keep = math.ceil(ratio * candidates)
         if keep < candidates:
-            patch_attn = cls_attn[:, p:]
             keep_positions = top_k_positions(patch_attn, keep)
             kept, index = keep_tokens(x, state, keep_positions)
             state.select(index, x)

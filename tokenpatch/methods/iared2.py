@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.blocks import BlockView
+from ..core.blocks import BlockView, ModelFacts
 from ..core.method import LossTerm, Method, MethodConfig, check_positive, require_class_token_pooling
 from ..core.ops import gather_tokens, padded_top_positions, prefix_positions
 from ..core.pieces import padded_block, refuse_export
@@ -92,10 +92,10 @@ class Interpreter(nn.Module):
         self.heads = nn.Linear(width, heads)
         nn.init.constant_(self.heads.bias, 2.0)
 
-    def forward(self, patches: Tensor, cls: Tensor) -> Tensor:
-        """(B, M, C) patch tokens and (B, 1, C) class token -> (B, M) keep logits."""
-        patches, cls = self.norm(patches), self.norm(cls)
-        h = self.hidden(torch.cat([patches, cls.expand_as(patches)], dim=-1))
+    def forward(self, patches: Tensor, context: Tensor) -> Tensor:
+        """(B, M, C) patch tokens and (B, 1, C) context (the class token, or the mean patch) -> (B, M) keep logits."""
+        patches, context = self.norm(patches), self.norm(context)
+        h = self.hidden(torch.cat([patches, context.expand_as(patches)], dim=-1))
         return self.heads(h).mean(dim=-1)
 
 
@@ -114,8 +114,8 @@ class IARed2(Method[IARed2Config, None]):
         """One interpreter per group, keyed by the group's first block (``tokenpatch.3.*`` in state_dict)."""
         return nn.ModuleDict({str(start): Interpreter(width, config.heads) for start in config.group_starts(depth)})
 
-    def check_compatible(self, config: IARed2Config, pools_class_token: bool) -> None:
-        require_class_token_pooling("iared2 pads each batch to its largest per-image token count", pools_class_token)
+    def check_compatible(self, config: IARed2Config, facts: ModelFacts) -> None:
+        require_class_token_pooling("iared2 pads each batch to its largest per-image token count", facts.pools_class_token)
 
     def fixed_token_counts(self, config: IARed2Config) -> bool:
         return False
@@ -143,7 +143,10 @@ class IARed2(Method[IARed2Config, None]):
         p, patches = state.num_prefix, x.shape[1] - state.num_prefix
         real_counts = state.patch_counts(x)
         real = torch.arange(patches, device=x.device) < real_counts.unsqueeze(1)
-        logits = interpreter(x[:, p:], x[:, :1])
+        # the interpreters' global context: the class token, or the mean of the real patches without one
+        context = x[:, :1] if state.class_token else (x[:, p:] * real.unsqueeze(-1)).sum(1, keepdim=True) / real_counts.view(
+            -1, 1, 1).clamp_min(1)
+        logits = interpreter(x[:, p:], context)
         probability = logits.sigmoid()
         state.record_scores(block, "keep_probability", probability, real)
         if interpreter.training:

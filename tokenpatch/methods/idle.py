@@ -33,9 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from ..core.blocks import BlockView
-from ..core.method import LossTerm, Method, MethodConfig, check_block, check_positive
-from ..core.ops import cls_attention, gather_heads, gather_tokens, scatter_tokens, top_k_positions
-from ..core.pieces import attend, keep_tokens, mean_attention_logits, mlp_residual
+from ..core.method import LossTerm, Method, ScoringConfig, check_block, check_positive
+from ..core.ops import gather_heads, gather_tokens, scatter_tokens, top_k_positions
+from ..core.pieces import (SCORE_NAMES, attend, keep_tokens, mean_attention_logits, mlp_residual, patch_scores,
+                           scorer_rule)
 from ..core.registry import register_method
 from ..core.runner import last_training_outputs
 from ..core.state import PassState
@@ -44,7 +45,7 @@ Score = Literal["fixed", "fresh", "previous", "carried"]
 
 
 @dataclasses.dataclass
-class IdleConfig(MethodConfig):
+class IdleConfig(ScoringConfig):
     """Options of ``idle``.
 
     Attributes:
@@ -55,6 +56,7 @@ class IdleConfig(MethodConfig):
             into thirds keeping r, r**2, r**3 (the paper's schedule).
         score: how patches are ranked; see the module docstring.
         cut_weight: fine-tuning weight of the token-cut loss (:class:`TokenCutLoss`; 0: off).
+        scorer: whose attention ranks the patches, see :class:`~tokenpatch.core.method.ScoringConfig`.
     """
 
     keep_ratio: float = 0.5
@@ -119,12 +121,16 @@ class Idle(Method[IdleConfig, IdleState]):
         if config.score == "fresh" or state.own.scores is None:
             xn = view.norm1(x)
             keys = view.key(xn, state.positions)
-            scores = cls_attention(view.query(xn[:, :1], state.positions[:, :1]), keys, view.scale)[:, p:]
+            # the class token's query alone, or every patch's (their mean scores; the selected reuse theirs)
+            by_class = scorer_rule(config.scorer, state) == "class_token"
+            queries = view.query(xn[:, :1] if by_class else xn, state.positions[:, :1] if by_class else state.positions)
+            scores = patch_scores(view, queries, keys, state, config.scorer)
             keep_positions = top_k_positions(scores, keep)
             selected, index = keep_tokens(x, state, keep_positions)
             positions = state.positions.gather(1, index)
             xn_sel = gather_tokens(xn, index)
-            q, k, v = view.query(xn_sel, positions), gather_heads(keys, index), view.value(xn_sel)
+            q = view.query(xn_sel, positions) if by_class else gather_heads(queries, index)
+            k, v = gather_heads(keys, index), view.value(xn_sel)
         else:
             scores = state.own.scores
             keep_positions = top_k_positions(scores, keep)
@@ -132,9 +138,9 @@ class Idle(Method[IdleConfig, IdleState]):
             positions = state.positions.gather(1, index)
             xn_sel = view.norm1(selected)
             q, k, v = view.qkv(xn_sel, positions)
-        state.record_scores(block, "cls_attention", scores)
+        state.record_scores(block, SCORE_NAMES[scorer_rule(config.scorer, state)], scores)
         if config.score in ("previous", "carried"):
-            new_attention = cls_attention(q[:, :, :1], k, view.scale)[:, p:]
+            new_attention = patch_scores(view, q, k, state, config.scorer)
             state.own.scores = _updated_scores(config.score, scores, keep_positions, new_attention).detach()
         elif config.score == "fixed":
             state.own.scores = scores.detach()

@@ -31,17 +31,18 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..core.blocks import BlockView
-from ..core.method import Method, MethodConfig, check_block, check_positive, require_class_token_pooling
+from ..core.blocks import BlockView, ModelFacts
+from ..core.method import Method, ScoringConfig, check_block, check_positive, require_class_token_pooling
 from ..core.ops import gather_tokens, padded_top_positions, prefix_positions, top_k_positions
-from ..core.pieces import attention_residual, mlp_residual, padded_block, refuse_export
+from ..core.pieces import (SCORE_NAMES, attention_with_projections, mlp_residual, padded_block, patch_scores,
+                           refuse_export, scorer_rule)
 from ..core.registry import register_method
 from ..core.state import PassState
 from ..errors import InvalidOptionError
 
 
 @dataclasses.dataclass
-class SaiTConfig(MethodConfig):
+class SaiTConfig(ScoringConfig):
     """Options of ``sait``.
 
     Attributes:
@@ -53,6 +54,7 @@ class SaiTConfig(MethodConfig):
             image, the fewest top patches whose scores sum to that share of the total.
         dense_every: during fine-tuning, every ``dense_every``-th step runs dense (2: alternate
             dense and sparse steps; 0: sparse steps only).
+        scorer: whose attention ranks the patches, see :class:`~tokenpatch.core.method.ScoringConfig`.
     """
 
     keep_ratio: float = 0.6
@@ -110,9 +112,9 @@ class SaiT(Method[SaiTConfig, SaiTState]):
         start = config.block(depth)
         return [config.keep_ratio if i >= start else None for i in range(depth)]
 
-    def check_compatible(self, config: SaiTConfig, pools_class_token: bool) -> None:
+    def check_compatible(self, config: SaiTConfig, facts: ModelFacts) -> None:
         if config.mass is not None:
-            require_class_token_pooling("sait with mass= pads each batch to its largest token count", pools_class_token,
+            require_class_token_pooling("sait with mass= pads each batch to its largest token count", facts.pools_class_token,
                                         "; use fixed counts (mass=None)")
 
     def training_overrides(self, config: SaiTConfig, step: int) -> dict[str, Any]:
@@ -123,10 +125,9 @@ class SaiT(Method[SaiTConfig, SaiTState]):
         if state.own.pruned:
             return self._after_prune(view, x, state, block)
         attention_tokens = x.shape[1]
-        x, cls_attn = attention_residual(view, x, state.positions, with_cls_attention=True)
-        assert cls_attn is not None
-        scores = cls_attn[:, state.num_prefix:].detach()
-        state.record_scores(block, "cls_attention", scores)
+        x, q, k, _ = attention_with_projections(view, x, state.positions)
+        scores = patch_scores(view, q, k, state, config.scorer).detach()
+        state.record_scores(block, SCORE_NAMES[scorer_rule(config.scorer, state)], scores)
         x = self._prune(x, state, scores, ratio, config.mass)
         state.own.pruned = True
         state.record(block, attention_tokens, x.shape[1])
