@@ -88,3 +88,37 @@ def shared_data() -> Path:
     if not (root / "weights" / "deit_tiny_patch16_224.safetensors").is_file():
         pytest.skip(f"real-data test: no weights/deit_tiny_patch16_224.safetensors under TOKENPATCH_DATA={root}")
     return root
+
+
+# Small versions of every timm family beyond ViT/DeiT (depth 4, 64 px, width 96). Layer scale
+# starts at 0.3 where a family has it, so that every block changes its tokens visibly.
+FAMILY_MODELS = {
+    "siglip_map_head": ("vit_base_patch16_siglip_224", {}),
+    "gap_registers": ("vit_medium_patch16_reg4_gap_256", {"init_values": 0.3}),
+    "eva02": ("eva02_tiny_patch14_224", {"patch_size": 16}),
+    "eva02_clip": ("eva02_base_patch16_clip_224", {}),
+    "eva_postnorm": ("eva02_enormous_patch14_clip_224", {"patch_size": 16}),
+    "dinov3": ("vit_small_patch16_dinov3", {"init_values": 0.3}),
+    "rope": ("vit_base_patch16_rope_224", {"init_values": 0.3}),
+    "rope_mixed": ("vit_base_patch16_rope_mixed_224", {"init_values": 0.3}),
+    "rope_gap_register": ("vit_base_patch16_rope_reg1_gap_256", {"init_values": 0.3}),
+    "perception_encoder": ("vit_pe_core_base_patch16_224", {"init_values": 0.3}),
+    "beit": ("beit_base_patch16_224", {"init_values": 0.3}),
+    "beit_shared_bias": ("beit_base_patch16_224", {"init_values": 0.3, "use_shared_rel_pos_bias": True,
+                                                   "use_rel_pos_bias": False}),
+    "beitv2": ("beitv2_base_patch16_224", {"init_values": 0.3}),
+    "relpos": ("vit_relpos_base_patch16_224", {"init_values": 0.3}),
+    "relpos_post_norm": ("vit_relpos_base_patch32_plus_rpn_256", {"patch_size": 16, "init_values": 0.3}),
+    "relpos_class_token": ("vit_relpos_medium_patch16_cls_224", {"init_values": 0.3}),
+    "shared_relpos": ("vit_srelpos_medium_patch16_224", {"init_values": 0.3}),
+}
+
+
+def make_family_model(key: str) -> torch.nn.Module:
+    """A small random-weight model of the named family, in eval mode, seeded."""
+    name, kwargs = FAMILY_MODELS[key]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, img_size=64, depth=4, num_classes=10,
+                              **{"embed_dim": 96, "num_heads": 4, **kwargs}).eval()
+    torch.nn.init.normal_(model.head.weight, std=model.head.in_features**-0.5)
+    return model

@@ -8,8 +8,11 @@ from ..core.blocks import Backend, BlockView
 from ..errors import UnsupportedModelError
 from .hf import HFBackend
 from .timm import TimmBackend
+from .timm_beit import BeitBackend
+from .timm_eva import EvaBackend
+from .timm_relpos import RelPosBackend
 
-BACKENDS: list[Backend] = [TimmBackend(), HFBackend()]
+BACKENDS: list[Backend] = [TimmBackend(), EvaBackend(), BeitBackend(), RelPosBackend(), HFBackend()]
 
 
 def find_backend(model: nn.Module) -> Backend:

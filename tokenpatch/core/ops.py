@@ -175,3 +175,19 @@ def read_grid(grid: Tensor, positions: Tensor, fallback: Tensor) -> Tensor:
     known = positions >= 0
     read = gather_tokens(grid, positions.clamp(min=0))
     return torch.where(known.unsqueeze(-1), read, fallback.to(read.dtype))
+
+
+def pair_bias(bias: Tensor, query_positions: Tensor, key_positions: Tensor) -> Tensor:
+    """The entries of a full-sequence attention bias for the tokens a block kept.
+
+    Args:
+        bias: (1 or B, H, N, N) bias over the original sequence (e.g. a relative position bias).
+        query_positions, key_positions: (B, Nq) and (B, Nk) original positions, each in [0, N).
+
+    Returns:
+        (B, H, Nq, Nk) with ``out[b, h, i, j] = bias[b, h, query_positions[b, i], key_positions[b, j]]``.
+    """
+    batch, heads = query_positions.shape[0], bias.shape[1]
+    rows = bias.expand(batch, -1, -1, -1).gather(
+        2, query_positions[:, None, :, None].expand(-1, heads, -1, bias.shape[3]))
+    return rows.gather(3, key_positions[:, None, None, :].expand(-1, heads, rows.shape[2], -1))
