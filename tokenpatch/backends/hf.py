@@ -1,13 +1,23 @@
-"""Backend for Hugging Face transformers ViT and DeiT (the 5.x layout).
+"""Backend for Hugging Face transformers vision encoders (the 5.x layout): ViT, DeiT, CLIP, SigLIP,
+DINOv2 (with registers), I-JEPA, ViT-MAE, ViT-MSN.
 
-Read against transformers 5.23: ``ViTModel``/``DeiTModel`` hold ``embeddings`` and ``layers``
-(a ModuleList of ``ViTLayer``/``DeiTLayer``); a layer has ``layernorm_before``, ``attention``
-(``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``scaling``, ``attention_dropout``),
-``layernorm_after``, ``mlp`` (``fc1``, ``fc2``) and ``dropout`` on both residual branches.
+Read against transformers 5.23. Every supported layer is a pre-norm block whose attention has
+``q_proj``/``k_proj``/``v_proj`` and an output projection; the families differ only in names,
+recorded as one :class:`Layout` each: ViT-style layers (``layernorm_before``, ``attention``
+with ``o_proj``/``scaling``/``attention_dropout``, ``layernorm_after``, ``mlp``, ``dropout`` on
+both residual branches), CLIP/SigLIP encoder layers (``layer_norm1``, ``self_attn`` with
+``out_proj``/``scale``/``dropout``, ``layer_norm2``, ``mlp``) and DINOv2 layers (``norm1``,
+``attention``, ``layer_scale1``, ``drop_path``, ``norm2``, ``mlp``, ``layer_scale2``). A model's
+layers are the ModuleList of its vision tower (``vision_model`` where there is one, so a
+``CLIPModel``'s text layers are never touched); its prefix is read from its embeddings (class
+token or ``class_embedding``, distillation token, register tokens).
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Optional, Sequence
 
 from torch import Tensor, nn
@@ -15,38 +25,89 @@ from torch import Tensor, nn
 from ..core.blocks import Backend, BlockView
 from ..errors import TokenPatchError, UnsupportedModelError
 
-LAYER_MODULES = ("layernorm_before", "attention.q_proj", "attention.k_proj", "attention.v_proj",
-                 "attention.o_proj", "layernorm_after", "mlp.fc1", "mlp.fc2")
 
 
-def _transformers_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """(supported model classes, supported layer classes), empty when transformers is absent."""
+@dataclass(frozen=True)
+class Layout:
+    """Where one transformers layer family keeps its pieces (attribute names on the layer and its attention)."""
+
+    norm1: str
+    norm2: str
+    attention: str
+    output: str = "o_proj"
+    scale: str = "scaling"
+    attention_dropout: str = "attention_dropout"  # a float: the attention-probability dropout
+    residual_dropout: Optional[str] = None  # one module applied to both residual branches
+    layer_scales: Optional[tuple[str, str]] = None
+    drop_path: Optional[str] = None
+
+    def modules(self) -> list[str]:
+        """The dotted names of the modules a layer must have."""
+        attention = [f"{self.attention}.{name}" for name in ("q_proj", "k_proj", "v_proj", self.output)]
+        return [self.norm1, self.attention, *attention, self.norm2, "mlp", *(self.layer_scales or ())]
+
+
+VIT = Layout("layernorm_before", "layernorm_after", "attention", residual_dropout="dropout")
+CLIP = Layout("layer_norm1", "layer_norm2", "self_attn", output="out_proj", scale="scale", attention_dropout="dropout")
+DINOV2 = Layout("norm1", "norm2", "attention", layer_scales=("layer_scale1", "layer_scale2"), drop_path="drop_path")
+
+# (transformers module, layer class, its layout, supported model classes, those whose output pools patch tokens)
+FAMILIES = (
+    ("vit", "ViTLayer", VIT, ("ViTModel", "ViTForImageClassification"), ()),
+    ("deit", "DeiTLayer", VIT, ("DeiTModel", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher"), ()),
+    ("clip", "CLIPEncoderLayer", CLIP, ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel"), ()),
+    ("siglip", "SiglipEncoderLayer", CLIP, ("SiglipVisionModel", "SiglipForImageClassification"),
+     ("SiglipVisionModel", "SiglipForImageClassification")),
+    ("dinov2", "Dinov2Layer", DINOV2, ("Dinov2Model", "Dinov2ForImageClassification"), ("Dinov2ForImageClassification",)),
+    ("dinov2_with_registers", "Dinov2WithRegistersLayer", DINOV2,
+     ("Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification"),
+     ("Dinov2WithRegistersForImageClassification",)),
+    ("ijepa", "IJepaLayer", VIT, ("IJepaModel", "IJepaForImageClassification"), ("IJepaForImageClassification",)),
+    ("vit_mae", "ViTMAELayer", VIT, ("ViTMAEModel",), ()),
+    ("vit_msn", "ViTMSNLayer", VIT, ("ViTMSNModel", "ViTMSNForImageClassification"), ()),
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A supported model class: its layer class and layout, and whether its output pools patch tokens."""
+
+    layer: type
+    layout: Layout
+    pools_patches: bool
+
+
+@lru_cache(maxsize=1)
+def supported_models() -> dict[type, Family]:
+    """Supported transformers model classes (empty when transformers is absent)."""
     try:
-        from transformers.models.deit import modeling_deit as deit
-        from transformers.models.vit import modeling_vit as vit
+        import transformers.models as models
     except ImportError:
-        return (), ()
-    models = (vit.ViTModel, vit.ViTForImageClassification, deit.DeiTModel, deit.DeiTForImageClassification,
-              deit.DeiTForImageClassificationWithTeacher)
-    return models, (vit.ViTLayer, deit.DeiTLayer)
+        return {}
+    table = {}
+    for module, layer, layout, classes, pooling in FAMILIES:
+        source = importlib.import_module(f"{models.__name__}.{module}.modeling_{module}")
+        for name in classes:
+            table[getattr(source, name)] = Family(getattr(source, layer), layout, name in pooling)
+    return table
 
 
 class HFBlockView(BlockView):
-    """A transformers ``ViTLayer``/``DeiTLayer`` as composable pieces."""
+    """A transformers layer, described by its :class:`Layout`, as composable pieces."""
 
-    def __init__(self, layer: nn.Module) -> None:
-        self.layer = layer
-        self.attn = layer.attention
+    def __init__(self, layer: nn.Module, layout: Layout) -> None:
+        self.layer, self.layout = layer, layout
+        self.attn = getattr(layer, layout.attention)
         self.head_dim = self.attn.head_dim
         self.num_heads = self.attn.q_proj.out_features // self.head_dim
-        self.scale = self.attn.scaling
+        self.scale = getattr(self.attn, layout.scale)
 
     @property
     def attn_dropout(self) -> float:
-        return self.attn.attention_dropout if self.attn.training else 0.0
+        return getattr(self.attn, self.layout.attention_dropout) if self.attn.training else 0.0
 
     def norm1(self, x: Tensor) -> Tensor:
-        return self.layer.layernorm_before(x)
+        return getattr(self.layer, self.layout.norm1)(x)
 
     def _heads(self, t: Tensor) -> Tensor:
         b, n, _ = t.shape
@@ -67,66 +128,95 @@ class HFBlockView(BlockView):
 
     def attention_output(self, o: Tensor, xn: Tensor) -> Tensor:
         b, _, n, _ = o.shape
-        return self.attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+        return getattr(self.attn, self.layout.output)(o.transpose(1, 2).reshape(b, n, -1))
+
+    def _branch(self, y: Tensor, which: int) -> Tensor:
+        """A residual branch's output after its layer scale, drop path and dropout."""
+        layout = self.layout
+        if layout.layer_scales is not None:
+            y = getattr(self.layer, layout.layer_scales[which])(y)
+        for name in (layout.drop_path, layout.residual_dropout):
+            if name is not None:
+                y = getattr(self.layer, name)(y)
+        return y
 
     def add_attention(self, x: Tensor, y: Tensor) -> Tensor:
-        return x + self.layer.dropout(y)
+        return x + self._branch(y, 0)
 
     def mlp_residual(self, x: Tensor) -> Tensor:
-        return x + self.layer.dropout(self.layer.mlp(self.layer.layernorm_after(x)))
+        return x + self._branch(self.layer.mlp(getattr(self.layer, self.layout.norm2)(x)), 1)
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    """The ``ViTModel``/``DeiTModel`` inside a task model (or the model itself)."""
-    for name in ("vit", "deit"):
-        inner = getattr(model, name, None)
-        if isinstance(inner, nn.Module):
-            return inner
+def _vision_tower(model: nn.Module) -> nn.Module:
+    """The vision part of a model: ``vision_model`` (repeatedly: SigLIP nests it twice), else the model."""
+    while isinstance(getattr(model, "vision_model", None), nn.Module):
+        model = model.vision_model
     return model
 
 
+def _layers(model: nn.Module, layer_class: type) -> Optional[nn.ModuleList]:
+    """The ModuleList of ``layer_class`` layers in the model's vision tower, or None."""
+    for module in _vision_tower(model).modules():
+        if isinstance(module, nn.ModuleList) and len(module) and isinstance(module[0], layer_class):
+            return module
+    return None
+
+
+def _embeddings(model: nn.Module) -> nn.Module:
+    """The vision embeddings (the module with the patch embedding)."""
+    return next(m for m in _vision_tower(model).modules()
+                if hasattr(m, "patch_embeddings") or hasattr(m, "patch_embedding"))
+
+
+def _vision_config(model: nn.Module) -> Any:
+    return getattr(model.config, "vision_config", model.config)
+
+
 class HFBackend(Backend):
-    """transformers ViT and DeiT models (image classification heads included)."""
+    """transformers vision encoders in :data:`FAMILIES` (base, task and CLIP models)."""
 
     name = "hf"
     supported = (
-        "transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification and "
-        "DeiTForImageClassificationWithTeacher (transformers 5.x: layers with q_proj/k_proj/v_proj/o_proj, fc1/fc2)"
+        "transformers (5.x) ViT, DeiT, CLIP (CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel's vision tower), "
+        "SigLIP, DINOv2 (with registers), I-JEPA, ViT-MAE and ViT-MSN models and their image classifiers"
     )
 
     def claims(self, model: nn.Module) -> bool:
-        models, _ = _transformers_classes()
-        return bool(models) and isinstance(model, models)
+        return type(model) in supported_models()
 
     def check(self, model: nn.Module) -> None:
-        _, layer_classes = _transformers_classes()
-        layers = getattr(_base_model(model), "layers", None)
-        if not isinstance(layers, nn.ModuleList) or not len(layers):
-            raise UnsupportedModelError(
-                f"{type(model).__name__} has no `layers` ModuleList; expected the transformers 5.x layout: {self.supported}"
-            )
+        family = supported_models()[type(model)]
+        layers = _layers(model, family.layer)
+        if layers is None:
+            raise UnsupportedModelError(f"{type(model).__name__} has no ModuleList of {family.layer.__name__}; "
+                                        f"expected the transformers 5.x layout: {self.supported}")
         for i, layer in enumerate(layers):
-            missing = _missing_modules(layer)
-            if not isinstance(layer, layer_classes) or missing:
+            names = dict(layer.named_modules())
+            missing = [m for m in family.layout.modules() if m not in names]
+            if not isinstance(layer, family.layer) or missing:
                 raise UnsupportedModelError(
                     f"{type(model).__name__}.layers[{i}] ({type(layer).__name__}) lacks {missing or 'a supported class'}; "
-                    f"expected modules {list(LAYER_MODULES)}"
-                )
+                    f"expected a {family.layer.__name__} with modules {family.layout.modules()}")
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        return list(_base_model(model).layers)
+        return list(_layers(model, supported_models()[type(model)].layer))
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
-        embeddings = _base_model(model).embeddings
-        return 1 + int(getattr(embeddings, "distillation_token", None) is not None)
+        embeddings = _embeddings(model)
+        registers = getattr(embeddings, "register_tokens", None)
+        return (int(self.has_class_token(model)) + int(getattr(embeddings, "distillation_token", None) is not None)
+                + (0 if registers is None else int(registers.shape[1])))
+
+    def has_class_token(self, model: nn.Module) -> bool:
+        embeddings = _embeddings(model)
+        return any(getattr(embeddings, name, None) is not None for name in ("cls_token", "class_embedding"))
 
     def embed_dim(self, model: nn.Module) -> int:
-        return int(model.config.hidden_size)
+        return int(_vision_config(model).hidden_size)
 
     def pools_class_token(self, model: nn.Module) -> bool:
-        # The classifiers read the class (and distillation) token; the base models' pooler reads the
-        # class token, but their last_hidden_state shows every token, padding included.
-        return True
+        # the others read the class (and distillation) token, or return every token unpooled
+        return not supported_models()[type(model)].pools_patches
 
     def head(self, model: nn.Module) -> nn.Module:
         for name in ("classifier", "cls_classifier"):  # DeiT with teacher: the class-token head
@@ -137,7 +227,8 @@ class HFBackend(Backend):
         )
 
     def view(self, block: nn.Module, extra: dict[str, Any]) -> BlockView:
-        return HFBlockView(block)
+        layout = next(f.layout for f in supported_models().values() if isinstance(block, f.layer))
+        return HFBlockView(block, layout)
 
     def block_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         x = args[0] if args else kwargs["hidden_states"]
@@ -153,13 +244,17 @@ class HFBackend(Backend):
                 "subsets of tokens, so there is no full attention map to return; use tokenpatch.trace(model) to "
                 "see which tokens each block computed"
             )
-        return x, {}
+        return x, {"attention_mask": None}  # CLIP/SigLIP layers take it as a required argument
 
     def image_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-        return args[0] if args else kwargs.get("pixel_values")
+        if "pixel_values" in kwargs:
+            return kwargs["pixel_values"]
+        # CLIPModel takes input_ids first: the images are the first 4-D tensor
+        images = [a for a in args if isinstance(a, Tensor) and a.ndim == 4]
+        return images[0] if images else (args[0] if args else None)
 
     def input_size(self, model: nn.Module) -> tuple[int, int]:
-        size = model.config.image_size
+        size = _vision_config(model).image_size
         return (size, size) if isinstance(size, int) else tuple(size)
 
     def data_config(self, model: nn.Module) -> dict[str, Any]:
@@ -175,8 +270,8 @@ class HFBackend(Backend):
     def returned_blocks(self, model: nn.Module, kwargs: dict[str, Any]) -> str:
         if kwargs.get("output_hidden_states", model.config.output_hidden_states):
             return "all"
-        # a base model returns its last_hidden_state; a task model only the head's output
-        return "last" if _base_model(model) is model else "head"
+        # a classifier returns only the head's output; the others their last_hidden_state too
+        return "head" if "ForImageClassification" in type(model).__name__ else "last"
 
     def logits(self, output: Any) -> Tensor:
         return output.logits if hasattr(output, "logits") else output
@@ -187,7 +282,3 @@ class HFBackend(Backend):
     def disable_checkpointing_hint(self) -> str:
         return "turn it off with model.gradient_checkpointing_disable()"
 
-
-def _missing_modules(layer: nn.Module) -> list[str]:
-    names = dict(layer.named_modules())
-    return [m for m in LAYER_MODULES if m not in names]

@@ -1,0 +1,100 @@
+"""transformers vision encoders beyond ViT/DeiT: CLIP, SigLIP, DINOv2 (+registers), I-JEPA, ViT-MAE, ViT-MSN."""
+
+import pytest
+import torch
+import transformers as T
+
+import tokenpatch
+from tokenpatch import InvalidOptionError
+from tokenpatch.backends import find_backend
+from tokenpatch.core.pieces import full_block
+
+from conftest import METHOD_CASES, case_id
+
+VISION = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, image_size=64,
+              patch_size=16)
+TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+# name -> (build, prefix tokens, class token)
+MODELS = {
+    "CLIPVisionModel": (lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**VISION)), 1, True),
+    "CLIPVisionModelWithProjection": (lambda: T.CLIPVisionModelWithProjection(T.CLIPVisionConfig(**VISION)), 1, True),
+    "CLIPModel": (lambda: T.CLIPModel(T.CLIPConfig(vision_config=VISION, text_config=TEXT)), 1, True),
+    "SiglipVisionModel": (lambda: T.SiglipVisionModel(T.SiglipVisionConfig(**VISION)), 0, False),
+    "SiglipForImageClassification": (lambda: T.SiglipForImageClassification(
+        T.SiglipConfig(vision_config=VISION, text_config=TEXT, num_labels=5)), 0, False),
+    "Dinov2Model": (lambda: T.Dinov2Model(T.Dinov2Config(**VISION, layerscale_value=0.3)), 1, True),
+    "Dinov2ForImageClassification": (lambda: T.Dinov2ForImageClassification(
+        T.Dinov2Config(**VISION, layerscale_value=0.3, num_labels=5)), 1, True),
+    "Dinov2WithRegistersModel": (lambda: T.Dinov2WithRegistersModel(
+        T.Dinov2WithRegistersConfig(**VISION, layerscale_value=0.3, num_register_tokens=4)), 5, True),
+    "IJepaModel": (lambda: T.IJepaModel(T.IJepaConfig(**VISION)), 0, False),
+    "IJepaForImageClassification": (lambda: T.IJepaForImageClassification(T.IJepaConfig(**VISION, num_labels=5)),
+                                    0, False),
+    "ViTMAEModel": (lambda: T.ViTMAEModel(T.ViTMAEConfig(**VISION, mask_ratio=0.0)), 1, True),
+    "ViTMSNModel": (lambda: T.ViTMSNModel(T.ViTMSNConfig(**VISION)), 1, True),
+    "ViTMSNForImageClassification": (lambda: T.ViTMSNForImageClassification(T.ViTMSNConfig(**VISION, num_labels=5)),
+                                     1, True),
+}
+
+
+def build(name):
+    torch.manual_seed(0)
+    return MODELS[name][0]().eval()
+
+
+def run(model):
+    """The model's main output on X: logits, else image embeddings, else the last hidden state."""
+    inputs = {"pixel_values": X}
+    if isinstance(model, T.CLIPModel):
+        inputs["input_ids"] = torch.zeros(2, 3, dtype=torch.long)
+    if isinstance(model, T.ViTMAEModel):  # its random masking shuffles the patches: fix the noise
+        inputs["noise"] = torch.rand(2, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        output = model(**inputs)
+    for name in ("logits", "image_embeds", "pooler_output", "last_hidden_state"):
+        if getattr(output, name, None) is not None:
+            return getattr(output, name), output
+    raise AssertionError(type(output))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_prefix_class_token_and_pieces(name):
+    model = build(name)
+    backend = find_backend(model)
+    facts = backend.facts(model)
+    assert (facts.num_prefix, facts.class_token, facts.depth) == (*MODELS[name][1:], 4)
+    x = torch.randn(2, 16 + facts.num_prefix, 64)
+    for layer in backend.blocks(model):
+        with torch.no_grad():
+            assert torch.allclose(full_block(backend.view(layer, {}), x), layer(x, None), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("case", [c for c in METHOD_CASES if not c[1]], ids=case_id)  # variants: timm suites
+def test_keep_one_is_exact_reductions_run_dense_outputs_stay_full(name, case):
+    model = build(name)
+    reference, output = run(model)
+    try:
+        tokenpatch.patch(model, case[0], keep_ratio=1.0, **case[1])
+    except InvalidOptionError as refusal:  # padded per-image counts on a model that pools every token
+        assert "pools over all tokens" in str(refusal) and not tokenpatch.is_patched(model)
+        return
+    assert torch.equal(run(model)[0], reference)
+    tokenpatch.set_keep_ratio(model, 0.5)
+    with tokenpatch.trace(model) as t:
+        reduced, reduced_output = run(model)
+    assert torch.isfinite(reduced).all() and not torch.allclose(reduced, reference, atol=1e-4)
+    assert min(t.tokens_per_block) < t.tokens_per_block[0] or case[0] == "idle"
+    hidden = getattr(reduced_output, "last_hidden_state", None)
+    if hidden is not None:
+        assert hidden.shape == output.last_hidden_state.shape
+    tokenpatch.unpatch(model)
+    assert torch.equal(run(model)[0], reference)
+
+
+def test_a_clip_models_text_layers_are_left_alone():
+    model = tokenpatch.patch(build("CLIPModel"), "evit", keep_ratio=0.5)
+    assert all("forward" not in layer.__dict__ for layer in model.text_model.encoder.layers)
+    assert all("forward" in layer.__dict__ for layer in model.vision_model.encoder.layers)
