@@ -1,4 +1,4 @@
-"""transformers vision encoders beyond ViT/DeiT: CLIP, SigLIP, DINOv2 (+registers), I-JEPA, ViT-MAE, ViT-MSN."""
+"""transformers vision encoders beyond ViT/DeiT: CLIP, SigLIP, DINOv2 (+registers), DINOv3, I-JEPA, ViT-MAE, ViT-MSN."""
 
 import pytest
 import torch
@@ -29,6 +29,8 @@ MODELS = {
         T.Dinov2Config(**VISION, layerscale_value=0.3, num_labels=5)), 1, True),
     "Dinov2WithRegistersModel": (lambda: T.Dinov2WithRegistersModel(
         T.Dinov2WithRegistersConfig(**VISION, layerscale_value=0.3, num_register_tokens=4)), 5, True),
+    "DINOv3ViTModel": (lambda: T.DINOv3ViTModel(T.DINOv3ViTConfig(**VISION, layerscale_value=0.3, num_register_tokens=4)),
+                       5, True),
     "IJepaModel": (lambda: T.IJepaModel(T.IJepaConfig(**VISION)), 0, False),
     "IJepaForImageClassification": (lambda: T.IJepaForImageClassification(T.IJepaConfig(**VISION, num_labels=5)),
                                     0, False),
@@ -59,16 +61,41 @@ def run(model):
     raise AssertionError(type(output))
 
 
+def layer_calls(model):
+    """Each layer's input tokens and the arguments it needs (rotary tables) in one forward."""
+    backend, calls = find_backend(model), []
+
+    def capture(layer, args, kwargs):
+        calls.append((layer, *backend.block_input(args, dict(kwargs))))
+
+    handles = [b.register_forward_pre_hook(capture, with_kwargs=True) for b in backend.blocks(model)]
+    run(model)
+    for handle in handles:
+        handle.remove()
+    return backend, calls
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_prefix_class_token_and_pieces(name):
     model = build(name)
-    backend = find_backend(model)
+    backend, calls = layer_calls(model)
     facts = backend.facts(model)
     assert (facts.num_prefix, facts.class_token, facts.depth) == (*MODELS[name][1:], 4)
-    x = torch.randn(2, 16 + facts.num_prefix, 64)
-    for layer in backend.blocks(model):
+    for layer, x, extra in calls:
         with torch.no_grad():
-            assert torch.allclose(full_block(backend.view(layer, {}), x), layer(x, None), atol=1e-5)
+            assert torch.allclose(full_block(backend.view(layer, extra), x), layer(x, **extra), atol=1e-5)
+
+
+def test_dinov3_tokens_carry_their_rotations():
+    # shuffled patches with their original positions give the shuffled output of the original order
+    model = build("DINOv3ViTModel")
+    backend, calls = layer_calls(model)
+    layer, x, extra = calls[1]
+    order = torch.cat([torch.arange(5), 5 + torch.randperm(16, generator=torch.Generator().manual_seed(0))])
+    with torch.no_grad():
+        shuffled = full_block(backend.view(layer, extra), x[:, order], order.expand(2, -1))
+        assert torch.allclose(shuffled, layer(x, **extra)[:, order], atol=1e-5)
+        assert not torch.allclose(full_block(backend.view(layer, extra), x[:, order]), shuffled, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ..core.blocks import Backend, BlockView
+from ..core.ops import rotary_rows
 from ..errors import TokenPatchError, UnsupportedModelError
 
 
@@ -40,6 +42,7 @@ class Layout:
     residual_dropout: Optional[str] = None  # one module applied to both residual branches
     layer_scales: Optional[tuple[str, str]] = None
     drop_path: Optional[str] = None
+    rotary: bool = False  # the layer takes position_embeddings=(cos, sin) for the patch tokens
 
     def modules(self) -> list[str]:
         """The dotted names of the modules a layer must have."""
@@ -50,6 +53,8 @@ class Layout:
 VIT = Layout("layernorm_before", "layernorm_after", "attention", residual_dropout="dropout")
 CLIP = Layout("layer_norm1", "layer_norm2", "self_attn", output="out_proj", scale="scale", attention_dropout="dropout")
 DINOV2 = Layout("norm1", "norm2", "attention", layer_scales=("layer_scale1", "layer_scale2"), drop_path="drop_path")
+DINOV3 = Layout("norm1", "norm2", "attention", attention_dropout="dropout", layer_scales=("layer_scale1", "layer_scale2"),
+                drop_path="drop_path", rotary=True)
 
 # (transformers module, layer class, its layout, supported model classes, those whose output pools patch tokens)
 FAMILIES = (
@@ -62,6 +67,7 @@ FAMILIES = (
     ("dinov2_with_registers", "Dinov2WithRegistersLayer", DINOV2,
      ("Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification"),
      ("Dinov2WithRegistersForImageClassification",)),
+    ("dinov3_vit", "DINOv3ViTLayer", DINOV3, ("DINOv3ViTModel",), ()),
     ("ijepa", "IJepaLayer", VIT, ("IJepaModel", "IJepaForImageClassification"), ("IJepaForImageClassification",)),
     ("vit_mae", "ViTMAELayer", VIT, ("ViTMAEModel",), ()),
     ("vit_msn", "ViTMSNLayer", VIT, ("ViTMSNModel", "ViTMSNForImageClassification"), ()),
@@ -93,10 +99,16 @@ def supported_models() -> dict[type, Family]:
 
 
 class HFBlockView(BlockView):
-    """A transformers layer, described by its :class:`Layout`, as composable pieces."""
+    """A transformers layer, described by its :class:`Layout`, as composable pieces (DINOv3's
+    rotary cos/sin tables included: a token takes the rows of its own position)."""
 
-    def __init__(self, layer: nn.Module, layout: Layout) -> None:
+    def __init__(self, layer: nn.Module, layout: Layout, rotary: Optional[tuple[Tensor, Tensor]] = None,
+                 num_prefix: int = 0) -> None:
         self.layer, self.layout = layer, layout
+        self.uses_positions = rotary is not None
+        # one (N - P, 2D) table of sin and cos rows, as the rotary helpers take it
+        self.rotary = None if rotary is None else torch.cat([rotary[1], rotary[0]], dim=-1)
+        self.num_prefix = num_prefix
         self.attn = getattr(layer, layout.attention)
         self.head_dim = self.attn.head_dim
         self.num_heads = self.attn.q_proj.out_features // self.head_dim
@@ -113,15 +125,24 @@ class HFBlockView(BlockView):
         b, n, _ = t.shape
         return t.view(b, n, -1, self.head_dim).transpose(1, 2)
 
-    # Absolute position embeddings: the projections do not depend on where a token sits.
+    def _rotate(self, t: Tensor, positions: Optional[Tensor]) -> Tensor:
+        """Queries or keys rotated by their tokens' rows (no rotation for prefix tokens); as is without a table."""
+        if self.rotary is None:
+            return t
+        if positions is None:
+            positions = torch.arange(t.shape[2], device=t.device).expand(t.shape[0], -1)
+        sin, cos = rotary_rows(self.rotary, positions, self.num_prefix).to(t.dtype).chunk(2, dim=-1)
+        half = t.shape[-1] // 2
+        return t * cos + torch.cat([-t[..., half:], t[..., :half]], dim=-1) * sin
+
     def qkv(self, xn: Tensor, positions: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-        return self.query(xn), self.key(xn), self.value(xn)
+        return self.query(xn, positions), self.key(xn, positions), self.value(xn)
 
     def query(self, xn: Tensor, positions: Optional[Tensor] = None) -> Tensor:
-        return self._heads(self.attn.q_proj(xn))
+        return self._rotate(self._heads(self.attn.q_proj(xn)), positions)
 
     def key(self, xn: Tensor, positions: Optional[Tensor] = None) -> Tensor:
-        return self._heads(self.attn.k_proj(xn))
+        return self._rotate(self._heads(self.attn.k_proj(xn)), positions)
 
     def value(self, xn: Tensor) -> Tensor:
         return self._heads(self.attn.v_proj(xn))
@@ -228,7 +249,10 @@ class HFBackend(Backend):
 
     def view(self, block: nn.Module, extra: dict[str, Any]) -> BlockView:
         layout = next(f.layout for f in supported_models().values() if isinstance(block, f.layer))
-        return HFBlockView(block, layout)
+        rotary = extra.get("position_embeddings")
+        # DINOv3 rotates the patches only, after its class and register tokens
+        prefix = 1 + block.attention.config.num_register_tokens if layout.rotary else 0
+        return HFBlockView(block, layout, rotary, prefix)
 
     def block_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         x = args[0] if args else kwargs["hidden_states"]
@@ -244,7 +268,10 @@ class HFBackend(Backend):
                 "subsets of tokens, so there is no full attention map to return; use tokenpatch.trace(model) to "
                 "see which tokens each block computed"
             )
-        return x, {"attention_mask": None}  # CLIP/SigLIP layers take it as a required argument
+        extra: dict[str, Any] = {"attention_mask": None}  # CLIP/SigLIP layers take it as a required argument
+        if kwargs.get("position_embeddings") is not None:  # DINOv3's rotary (cos, sin)
+            extra["position_embeddings"] = kwargs["position_embeddings"]
+        return x, extra
 
     def image_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         if "pixel_values" in kwargs:

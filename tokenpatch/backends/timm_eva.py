@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.blocks import BlockView
+from ..core.ops import rotary_rows
 from ..errors import UnsupportedModelError
 from .timm import TimmBackend, refuse_masks
 
@@ -30,28 +31,6 @@ try:
     from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 except ImportError as exc:  # pragma: no cover - exercised only without timm
     raise ImportError("tokenpatch's timm backend needs timm>=1.0.20 (pip install timm)") from exc
-
-
-def rotary_rows(table: Tensor, positions: Tensor, num_prefix: int) -> Tensor:
-    """The rotary rows of tokens at original ``positions``, identity for tokens without one.
-
-    Args:
-        table: (N - P, 2D) concatenated sin/cos rows of the patches, or (H, N - P, 2D) per head,
-            or (B, 1, N - P, 2D) per image.
-        positions: (B, M) original positions (prefix tokens first; -1 for fused tokens).
-
-    Returns:
-        (B, 1 or H, M, 2D): sin 0 and cos 1 (no rotation) for prefix and fused tokens.
-    """
-    rows = table.reshape((1,) * (4 - table.ndim) + tuple(table.shape))
-    batch, count = positions.shape
-    rows = rows.expand(batch, -1, -1, -1)
-    patch = positions - num_prefix
-    index = patch.clamp(min=0)[:, None, :, None].expand(-1, rows.shape[1], -1, rows.shape[3])
-    gathered = rows.gather(2, index)
-    half = rows.shape[3] // 2
-    identity = torch.cat([rows.new_zeros(half), rows.new_ones(half)])
-    return torch.where((patch >= 0)[:, None, :, None], gathered, identity)
 
 
 class EvaBlockView(BlockView):
