@@ -1,4 +1,4 @@
-"""transformers vision encoders beyond ViT/DeiT: CLIP, SigLIP, DINOv2 (+registers), DINOv3, I-JEPA, ViT-MAE, ViT-MSN."""
+"""transformers vision encoders beyond ViT/DeiT: CLIP, SigLIP, DINOv2 (+registers), DINOv3, BEiT, I-JEPA, ViT-MAE, ViT-MSN."""
 
 import pytest
 import torch
@@ -31,6 +31,12 @@ MODELS = {
         T.Dinov2WithRegistersConfig(**VISION, layerscale_value=0.3, num_register_tokens=4)), 5, True),
     "DINOv3ViTModel": (lambda: T.DINOv3ViTModel(T.DINOv3ViTConfig(**VISION, layerscale_value=0.3, num_register_tokens=4)),
                        5, True),
+    "BeitModel": (lambda: T.BeitModel(T.BeitConfig(**VISION, layer_scale_init_value=0.3, use_relative_position_bias=True)),
+                  1, True),
+    "BeitModel_shared_bias": (lambda: T.BeitModel(T.BeitConfig(**VISION, layer_scale_init_value=0.3,
+                                                                use_shared_relative_position_bias=True)), 1, True),
+    "BeitForImageClassification": (lambda: T.BeitForImageClassification(
+        T.BeitConfig(**VISION, layer_scale_init_value=0.3, use_relative_position_bias=True, num_labels=5)), 1, True),
     "IJepaModel": (lambda: T.IJepaModel(T.IJepaConfig(**VISION)), 0, False),
     "IJepaForImageClassification": (lambda: T.IJepaForImageClassification(T.IJepaConfig(**VISION, num_labels=5)),
                                     0, False),
@@ -43,7 +49,11 @@ MODELS = {
 
 def build(name):
     torch.manual_seed(0)
-    return MODELS[name][0]().eval()
+    model = MODELS[name][0]().eval()
+    for key, table in model.named_parameters():
+        if key.endswith("relative_position_bias_table"):  # initialised to zeros: give positions an effect
+            torch.nn.init.normal_(table)
+    return model
 
 
 def run(model):
@@ -86,12 +96,14 @@ def test_prefix_class_token_and_pieces(name):
             assert torch.allclose(full_block(backend.view(layer, extra), x), layer(x, **extra), atol=1e-5)
 
 
-def test_dinov3_tokens_carry_their_rotations():
+@pytest.mark.parametrize("name", ["DINOv3ViTModel", "BeitModel", "BeitModel_shared_bias"])
+def test_tokens_carry_their_rotations_and_biases(name):
     # shuffled patches with their original positions give the shuffled output of the original order
-    model = build("DINOv3ViTModel")
+    model = build(name)
     backend, calls = layer_calls(model)
     layer, x, extra = calls[1]
-    order = torch.cat([torch.arange(5), 5 + torch.randperm(16, generator=torch.Generator().manual_seed(0))])
+    p = MODELS[name][1]
+    order = torch.cat([torch.arange(p), p + torch.randperm(16, generator=torch.Generator().manual_seed(0))])
     with torch.no_grad():
         shuffled = full_block(backend.view(layer, extra), x[:, order], order.expand(2, -1))
         assert torch.allclose(shuffled, layer(x, **extra)[:, order], atol=1e-5)

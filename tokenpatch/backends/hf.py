@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.blocks import Backend, BlockView
-from ..core.ops import rotary_rows
+from ..core.ops import pair_bias, rotary_rows
 from ..errors import TokenPatchError, UnsupportedModelError
 
 
@@ -47,12 +47,14 @@ class Layout:
     def modules(self) -> list[str]:
         """The dotted names of the modules a layer must have."""
         attention = [f"{self.attention}.{name}" for name in ("q_proj", "k_proj", "v_proj", self.output)]
-        return [self.norm1, self.attention, *attention, self.norm2, "mlp", *(self.layer_scales or ())]
+        return [self.norm1, self.attention, *attention, self.norm2, "mlp"]
 
 
 VIT = Layout("layernorm_before", "layernorm_after", "attention", residual_dropout="dropout")
 CLIP = Layout("layer_norm1", "layer_norm2", "self_attn", output="out_proj", scale="scale", attention_dropout="dropout")
 DINOV2 = Layout("norm1", "norm2", "attention", layer_scales=("layer_scale1", "layer_scale2"), drop_path="drop_path")
+BEIT = Layout("layernorm_before", "layernorm_after", "attention", residual_dropout="dropout",
+              layer_scales=("lambda_1", "lambda_2"), drop_path="drop_path")
 DINOV3 = Layout("norm1", "norm2", "attention", attention_dropout="dropout", layer_scales=("layer_scale1", "layer_scale2"),
                 drop_path="drop_path", rotary=True)
 
@@ -68,6 +70,7 @@ FAMILIES = (
      ("Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification"),
      ("Dinov2WithRegistersForImageClassification",)),
     ("dinov3_vit", "DINOv3ViTLayer", DINOV3, ("DINOv3ViTModel",), ()),
+    ("beit", "BeitLayer", BEIT, ("BeitModel", "BeitForImageClassification"), ("BeitForImageClassification",)),
     ("ijepa", "IJepaLayer", VIT, ("IJepaModel", "IJepaForImageClassification"), ("IJepaForImageClassification",)),
     ("vit_mae", "ViTMAELayer", VIT, ("ViTMAEModel",), ()),
     ("vit_msn", "ViTMSNLayer", VIT, ("ViTMSNModel", "ViTMSNForImageClassification"), ()),
@@ -103,9 +106,9 @@ class HFBlockView(BlockView):
     rotary cos/sin tables included: a token takes the rows of its own position)."""
 
     def __init__(self, layer: nn.Module, layout: Layout, rotary: Optional[tuple[Tensor, Tensor]] = None,
-                 num_prefix: int = 0) -> None:
-        self.layer, self.layout = layer, layout
-        self.uses_positions = rotary is not None
+                 num_prefix: int = 0, bias: Optional[Tensor] = None) -> None:
+        self.layer, self.layout, self.bias = layer, layout, bias
+        self.uses_positions = rotary is not None or bias is not None
         # one (N - P, 2D) table of sin and cos rows, as the rotary helpers take it
         self.rotary = None if rotary is None else torch.cat([rotary[1], rotary[0]], dim=-1)
         self.num_prefix = num_prefix
@@ -147,6 +150,12 @@ class HFBlockView(BlockView):
     def value(self, xn: Tensor) -> Tensor:
         return self._heads(self.attn.v_proj(xn))
 
+    def attention_bias(self, query_positions: Optional[Tensor], key_positions: Optional[Tensor]) -> Optional[Tensor]:
+        if self.bias is None or query_positions is None or key_positions is None:
+            return self.bias
+        # a token with no position (EViT's fused token) takes the first token's bias
+        return pair_bias(self.bias, query_positions.clamp(min=0), key_positions.clamp(min=0))
+
     def attention_output(self, o: Tensor, xn: Tensor) -> Tensor:
         b, _, n, _ = o.shape
         return getattr(self.attn, self.layout.output)(o.transpose(1, 2).reshape(b, n, -1))
@@ -154,8 +163,9 @@ class HFBlockView(BlockView):
     def _branch(self, y: Tensor, which: int) -> Tensor:
         """A residual branch's output after its layer scale, drop path and dropout."""
         layout = self.layout
-        if layout.layer_scales is not None:
-            y = getattr(self.layer, layout.layer_scales[which])(y)
+        if layout.layer_scales is not None:  # a module (DINOv2) or a parameter or 1.0 (BEiT's lambdas)
+            scale = getattr(self.layer, layout.layer_scales[which])
+            y = scale(y) if isinstance(scale, nn.Module) else scale * y
         for name in (layout.drop_path, layout.residual_dropout):
             if name is not None:
                 y = getattr(self.layer, name)(y)
@@ -187,6 +197,19 @@ def _embeddings(model: nn.Module) -> nn.Module:
     """The vision embeddings (the module with the patch embedding)."""
     return next(m for m in _vision_tower(model).modules()
                 if hasattr(m, "patch_embeddings") or hasattr(m, "patch_embedding"))
+
+
+def _attention_bias(layer: nn.Module, extra: dict[str, Any]) -> Optional[Tensor]:
+    """The additive (1 or B, H, N, N) bias a layer call adds to its logits: its own relative
+    position bias (BEiT, built for the call's resolution) plus the bias it was handed (BEiT's shared one)."""
+    bias = extra.get("attention_mask")
+    relative = getattr(layer, "relative_position_bias", None)
+    if relative is not None and "resolution" in extra:
+        height, width = extra["resolution"]
+        window = (height // layer.patch_size, width // layer.patch_size)
+        own = relative(window, extra.get("interpolate_pos_encoding", False), dim_size=1 + window[0] * window[1])
+        bias = own if bias is None else own + bias
+    return None if bias is None else bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
 
 
 def _vision_config(model: nn.Module) -> Any:
@@ -252,15 +275,16 @@ class HFBackend(Backend):
         rotary = extra.get("position_embeddings")
         # DINOv3 rotates the patches only, after its class and register tokens
         prefix = 1 + block.attention.config.num_register_tokens if layout.rotary else 0
-        return HFBlockView(block, layout, rotary, prefix)
+        return HFBlockView(block, layout, rotary, prefix, _attention_bias(block, extra))
 
     def block_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         x = args[0] if args else kwargs["hidden_states"]
         attention_mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
-        if attention_mask is not None:
+        if attention_mask is not None and not (attention_mask.is_floating_point() and attention_mask.ndim in (3, 4)):
             raise TokenPatchError(
-                "a patched transformers model does not support attention_mask: token reduction changes the "
-                "sequence length the mask was built for; unpatch the model to use masks"
+                "a patched transformers model supports only additive (float) attention biases over the whole "
+                "sequence (such as BEiT's shared relative position bias), not this attention_mask: token reduction "
+                "changes the sequence length the mask was built for; unpatch the model to use masks"
             )
         if kwargs.get("output_attentions"):
             raise TokenPatchError(
@@ -268,9 +292,12 @@ class HFBackend(Backend):
                 "subsets of tokens, so there is no full attention map to return; use tokenpatch.trace(model) to "
                 "see which tokens each block computed"
             )
-        extra: dict[str, Any] = {"attention_mask": None}  # CLIP/SigLIP layers take it as a required argument
-        if kwargs.get("position_embeddings") is not None:  # DINOv3's rotary (cos, sin)
-            extra["position_embeddings"] = kwargs["position_embeddings"]
+        # CLIP/SigLIP layers take attention_mask as a required argument; DINOv3's take its rotary
+        # (cos, sin), BEiT's the image resolution their relative position bias is built for
+        extra: dict[str, Any] = {"attention_mask": attention_mask}
+        for name in ("position_embeddings", "resolution", "interpolate_pos_encoding"):
+            if kwargs.get(name) is not None:
+                extra[name] = kwargs[name]
         return x, extra
 
     def image_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
