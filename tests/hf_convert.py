@@ -70,3 +70,50 @@ def compare_patched(timm_model: torch.nn.Module, hf_model: torch.nn.Module, x: t
     same = len(timm_trace.records) == len(hf_trace.records) and all(
         torch.equal(a.positions, b.positions) for a, b in zip(timm_trace.records, hf_trace.records))
     return same, (timm_logits - hf_logits).abs().max().item()
+
+
+def _split_qkv(out: dict[str, torch.Tensor], state: dict[str, torch.Tensor], src: str, dst: str) -> None:
+    """timm's fused ``{src}.qkv`` as transformers' ``{dst}.q_proj/k_proj/v_proj``."""
+    for kind in ("weight", "bias"):
+        for name, part in zip(("q_proj", "k_proj", "v_proj"), state[f"{src}.qkv.{kind}"].chunk(3, dim=0)):
+            out[f"{dst}.{name}.{kind}"] = part
+
+
+def dinov2_twin(timm_model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers ``Dinov2Model``/``Dinov2WithRegistersModel`` with exactly a timm DINOv2's weights.
+
+    The timm model must be a ``vit_*_dinov2`` (class token, optional registers, layer scale) built
+    without a head; its position embedding may leave out the class token (``no_embed_class``),
+    which transformers then gets as a zero row.
+    """
+    state = timm_model.state_dict()
+    registers = timm_model.reg_token.shape[1] if timm_model.reg_token is not None else 0
+    width, heads = timm_model.embed_dim, timm_model.blocks[0].attn.num_heads
+    config_class = transformers.Dinov2WithRegistersConfig if registers else transformers.Dinov2Config
+    config = config_class(hidden_size=width, num_hidden_layers=len(timm_model.blocks), num_attention_heads=heads,
+                          intermediate_size=timm_model.blocks[0].mlp.fc1.out_features,
+                          image_size=timm_model.patch_embed.img_size[0], patch_size=timm_model.patch_embed.patch_size[0],
+                          layer_norm_eps=timm_model.norm.eps, **({"num_register_tokens": registers} if registers else {}))
+    positions = state["pos_embed"]
+    if positions.shape[1] == timm_model.patch_embed.num_patches:  # no_embed_class: the class token has none
+        positions = torch.cat([positions.new_zeros(1, 1, width), positions], dim=1)
+    out = {"embeddings.cls_token": state["cls_token"], "embeddings.position_embeddings": positions,
+           "embeddings.mask_token": torch.zeros(1, width),
+           "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
+           "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
+           "layernorm.weight": state["norm.weight"], "layernorm.bias": state["norm.bias"]}
+    if registers:
+        out["embeddings.register_tokens"] = state["reg_token"]
+    renames = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.o_proj", "mlp.fc1": "mlp.fc1",
+               "mlp.fc2": "mlp.fc2"}
+    for i in range(len(timm_model.blocks)):
+        src, dst = f"blocks.{i}", f"encoder.layer.{i}"
+        for old, new in renames.items():
+            for kind in ("weight", "bias"):
+                out[f"{dst}.{new}.{kind}"] = state[f"{src}.{old}.{kind}"]
+        _split_qkv(out, state, f"{src}.attn", f"{dst}.attention")
+        out[f"{dst}.layer_scale1.lambda1"] = state[f"{src}.ls1.gamma"]
+        out[f"{dst}.layer_scale2.lambda1"] = state[f"{src}.ls2.gamma"]
+    model = (transformers.Dinov2WithRegistersModel if registers else transformers.Dinov2Model)(config)
+    model.load_state_dict(out, strict=True)
+    return model.eval()

@@ -1,6 +1,9 @@
 """transformers vision encoders beyond ViT/DeiT: CLIP, SigLIP, DINOv2 (+registers), DINOv3, BEiT, I-JEPA, ViT-MAE, ViT-MSN."""
 
+import contextlib
+
 import pytest
+import timm
 import torch
 import transformers as T
 
@@ -10,6 +13,7 @@ from tokenpatch.backends import find_backend
 from tokenpatch.core.pieces import full_block
 
 from conftest import METHOD_CASES, case_id
+from hf_convert import dinov2_twin
 
 VISION = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, image_size=64,
               patch_size=16)
@@ -137,3 +141,27 @@ def test_a_clip_models_text_layers_are_left_alone():
     model = tokenpatch.patch(build("CLIPModel"), "evit", keep_ratio=0.5)
     assert all("forward" not in layer.__dict__ for layer in model.text_model.encoder.layers)
     assert all("forward" in layer.__dict__ for layer in model.vision_model.encoder.layers)
+
+
+TWIN_METHODS = [case for case in METHOD_CASES if case[0] not in ("dynamicvit", "iared2")]  # untrained modules differ
+
+
+@pytest.mark.parametrize("timm_name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
+@pytest.mark.parametrize("case", [None] + TWIN_METHODS, ids=lambda c: "unpatched" if c is None else case_id(c))
+def test_timm_and_transformers_dinov2_agree_on_the_same_weights(timm_name, case):
+    torch.manual_seed(0)
+    timm_model = timm.create_model(timm_name, pretrained=False, depth=4, embed_dim=96, num_heads=4, img_size=56,
+                                   num_classes=0, init_values=0.3).eval()
+    hf_model = dinov2_twin(timm_model)
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    traces = []
+    for model in (timm_model, hf_model):
+        if case is not None:
+            tokenpatch.patch(model, case[0], keep_ratio=0.5, **case[1])
+        with torch.no_grad(), (tokenpatch.trace(model) if case else contextlib.nullcontext()) as recorded:
+            features = model(pixel_values=x).last_hidden_state if model is hf_model else model.forward_features(x)
+        traces.append((features, recorded))
+    (timm_tokens, timm_trace), (hf_tokens, hf_trace) = traces
+    assert (timm_tokens - hf_tokens).abs().max() <= 1e-4
+    if case is not None:  # the same tokens chosen in every block
+        assert all(torch.equal(a.positions, b.positions) for a, b in zip(timm_trace.records, hf_trace.records))

@@ -185,7 +185,6 @@ class PatchContext:
             self.end_pass(state, block.training)
         return out
 
-
     def untouched_block(self, block: nn.Module, x: Tensor, extra: dict[str, Any], state: PassState) -> Tensor:
         """A block the schedule leaves alone: its own forward, or, once tokens left and its
         attention depends on where tokens sit, the same block from pieces at their positions."""
