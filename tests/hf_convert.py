@@ -1,4 +1,4 @@
-"""Test utility: a timm ViT/DeiT state dict in transformers' ViT/DeiT key layout."""
+"""Test utilities: timm models' weights in transformers' key layouts (ViT/DeiT, DINOv2, CLIP, SigLIP)."""
 
 from __future__ import annotations
 
@@ -115,5 +115,65 @@ def dinov2_twin(timm_model: torch.nn.Module) -> torch.nn.Module:
         out[f"{dst}.layer_scale1.lambda1"] = state[f"{src}.ls1.gamma"]
         out[f"{dst}.layer_scale2.lambda1"] = state[f"{src}.ls2.gamma"]
     model = (transformers.Dinov2WithRegistersModel if registers else transformers.Dinov2Model)(config)
+    model.load_state_dict(out, strict=True)
+    return model.eval()
+
+
+def _clip_layers(out: dict[str, torch.Tensor], state: dict[str, torch.Tensor], depth: int) -> None:
+    """timm blocks as CLIP/SigLIP encoder layers (``encoder.layers.i``), into ``out``."""
+    renames = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.out_proj", "mlp.fc1": "mlp.fc1",
+               "mlp.fc2": "mlp.fc2"}
+    for i in range(depth):
+        src, dst = f"blocks.{i}", f"encoder.layers.{i}"
+        for old, new in renames.items():
+            for kind in ("weight", "bias"):
+                out[f"{dst}.{new}.{kind}"] = state[f"{src}.{old}.{kind}"]
+        _split_qkv(out, state, f"{src}.attn", f"{dst}.self_attn")
+
+
+def _encoder_config(config_class: type, timm_model: torch.nn.Module) -> object:
+    """A transformers vision config with a timm ViT's sizes, exact GELU and its norm epsilon."""
+    return config_class(
+        hidden_size=timm_model.embed_dim, num_hidden_layers=len(timm_model.blocks),
+        num_attention_heads=timm_model.blocks[0].attn.num_heads, intermediate_size=timm_model.blocks[0].mlp.fc1.out_features,
+        image_size=timm_model.patch_embed.img_size[0], patch_size=timm_model.patch_embed.patch_size[0], hidden_act="gelu",
+        layer_norm_eps=timm_model.norm.eps)
+
+
+def siglip_twin(timm_model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers ``SiglipVisionModel`` with exactly a timm SigLIP image tower's encoder weights.
+
+    The timm model must be a ``vit_*_siglip_*`` (no class token, exact GELU) built without a
+    head; its attention-pool head is not mapped, so compare tokens (``last_hidden_state``,
+    final norm included, against timm's ``forward_features``).
+    """
+    state = timm_model.state_dict()
+    out = {"embeddings.patch_embedding.weight": state["patch_embed.proj.weight"],
+           "embeddings.patch_embedding.bias": state["patch_embed.proj.bias"],
+           "embeddings.position_embedding.weight": state["pos_embed"][0],
+           "post_layernorm.weight": state["norm.weight"], "post_layernorm.bias": state["norm.bias"]}
+    _clip_layers(out, state, len(timm_model.blocks))
+    model = transformers.SiglipVisionModel(_encoder_config(transformers.SiglipVisionConfig, timm_model))
+    missing, unexpected = model.load_state_dict(out, strict=False)
+    assert not unexpected and all(key.startswith("head.") for key in missing), (missing, unexpected)
+    return model.eval()
+
+
+def clip_twin(timm_model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers ``CLIPVisionModel`` with exactly a timm CLIP image tower's weights.
+
+    The timm model must be a ``vit_*_clip_*`` built without a head (class token, ``norm_pre``,
+    exact GELU); transformers' ``post_layernorm`` gets timm's final ``norm`` (transformers
+    applies it to the pooled class token only).
+    """
+    state = timm_model.state_dict()
+    config = _encoder_config(transformers.CLIPVisionConfig, timm_model)
+    out = {"embeddings.class_embedding": state["cls_token"].flatten(),
+           "embeddings.patch_embedding.weight": state["patch_embed.proj.weight"],
+           "embeddings.position_embedding.weight": state["pos_embed"][0],
+           "pre_layrnorm.weight": state["norm_pre.weight"], "pre_layrnorm.bias": state["norm_pre.bias"],
+           "post_layernorm.weight": state["norm.weight"], "post_layernorm.bias": state["norm.bias"]}
+    _clip_layers(out, state, len(timm_model.blocks))
+    model = transformers.CLIPVisionModel(config)
     model.load_state_dict(out, strict=True)
     return model.eval()

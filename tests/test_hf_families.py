@@ -13,7 +13,7 @@ from tokenpatch.backends import find_backend
 from tokenpatch.core.pieces import full_block
 
 from conftest import METHOD_CASES, case_id
-from hf_convert import dinov2_twin
+from hf_convert import clip_twin, dinov2_twin, siglip_twin
 
 VISION = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, image_size=64,
               patch_size=16)
@@ -146,21 +146,39 @@ def test_a_clip_models_text_layers_are_left_alone():
 TWIN_METHODS = [case for case in METHOD_CASES if case[0] not in ("dynamicvit", "iared2")]  # untrained modules differ
 
 
-@pytest.mark.parametrize("timm_name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
+# timm model -> (timm name, image size, transformers twin, the twin's final tokens (timm's forward_features))
+TWINS = {
+    "dinov2": ("vit_small_patch14_dinov2", 56, dinov2_twin, lambda model, out: out.last_hidden_state),
+    "dinov2_registers": ("vit_small_patch14_reg4_dinov2", 56, dinov2_twin, lambda model, out: out.last_hidden_state),
+    # transformers applies CLIP's post_layernorm to the pooled class token only
+    "clip": ("vit_base_patch16_clip_224", 64, clip_twin, lambda model, out: model.post_layernorm(out.last_hidden_state)),
+    "siglip": ("vit_base_patch16_siglip_224", 64, siglip_twin, lambda model, out: out.last_hidden_state),
+}
+
+
+@pytest.mark.parametrize("twin", TWINS)
 @pytest.mark.parametrize("case", [None] + TWIN_METHODS, ids=lambda c: "unpatched" if c is None else case_id(c))
-def test_timm_and_transformers_dinov2_agree_on_the_same_weights(timm_name, case):
+def test_timm_and_transformers_agree_on_the_same_weights(twin, case):
+    name, size, make_twin, final_tokens = TWINS[twin]
     torch.manual_seed(0)
-    timm_model = timm.create_model(timm_name, pretrained=False, depth=4, embed_dim=96, num_heads=4, img_size=56,
-                                   num_classes=0, init_values=0.3).eval()
-    hf_model = dinov2_twin(timm_model)
-    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    extra = {"init_values": 0.3} if "dinov2" in name else {}
+    timm_model = timm.create_model(name, pretrained=False, depth=4, embed_dim=96, num_heads=4, img_size=size,
+                                   num_classes=0, **extra).eval()
+    hf_model = make_twin(timm_model)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     traces = []
     for model in (timm_model, hf_model):
         if case is not None:
-            tokenpatch.patch(model, case[0], keep_ratio=0.5, **case[1])
+            try:
+                tokenpatch.patch(model, case[0], keep_ratio=0.5, **case[1])
+            except InvalidOptionError as refusal:  # padded counts under SigLIP's attention pool: both refuse
+                assert "pools over all tokens" in str(refusal)
+                continue
         with torch.no_grad(), (tokenpatch.trace(model) if case else contextlib.nullcontext()) as recorded:
-            features = model(pixel_values=x).last_hidden_state if model is hf_model else model.forward_features(x)
-        traces.append((features, recorded))
+            tokens = final_tokens(model, model(pixel_values=x)) if model is hf_model else model.forward_features(x)
+        traces.append((tokens, recorded))
+    if not traces:
+        return
     (timm_tokens, timm_trace), (hf_tokens, hf_trace) = traces
     assert (timm_tokens - hf_tokens).abs().max() <= 1e-4
     if case is not None:  # the same tokens chosen in every block
