@@ -13,13 +13,11 @@ import argparse
 import sys
 import time
 
-import torch
-
 import tokenpatch
-from tokenpatch.data import IMAGENET_SAMPLE, LabelledImages, data_dir, eval_transform, load_deit_tiny, load_images
 from tokenpatch.measure.evaluate import accuracy, predict
 from tokenpatch.measure.flops import count_macs
-from tokenpatch.measure.report import format_table, write_json
+
+from real_data import add_real_data_flags, load_real_data, report, show_row
 
 # (label, method, options): the default idle, its schedule and score alternatives, the paper's
 # own inference setting, and EViT with and without fusion.
@@ -38,20 +36,12 @@ CONFIGS = [
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="shared data folder (default: $TOKENPATCH_DATA)")
+    add_real_data_flags(parser)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
     parser.add_argument("--only", nargs="+", help="labels of CONFIGS to run (default: all)")
-    parser.add_argument("--limit", type=int, help="use only the first N images")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
-    root = data_dir(args.data)
-    if root is None:
-        parser.error("give --data or set TOKENPATCH_DATA to the folder with weights/ and imagenet-sample/")
-    torch.set_num_threads(args.threads)
-    model = load_deit_tiny(root)
-    images, labels = load_images(LabelledImages(root / IMAGENET_SAMPLE, transform=eval_transform(model)), args.limit)
+    model, images, labels = load_real_data(parser, args)
     reference = predict(model, images, progress=True, desc="unpatched")
     base_macs = count_macs(model).total
     base = accuracy(reference, labels, reference)
@@ -68,12 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(dict(config=label, keep_ratio=ratio, gmacs=macs / 1e9, macs_ratio=macs / base_macs,
                              top1=result.top1, top5=result.top5, agreement=result.agreement,
                              top1_drop=base.top1 - result.top1))
-            print(format_table(rows[-1:], digits=3).splitlines()[-1], file=sys.stderr, flush=True)
+            show_row(rows)
         tokenpatch.unpatch(model)
-    print(f"DeiT-Tiny, {len(labels)} images, {time.time() - started:.0f} s")
-    print(format_table(rows, digits=3))
-    if args.json:
-        write_json({"model": "deit_tiny_patch16_224", "images": len(labels), "rows": rows}, args.json)
+    report(f"DeiT-Tiny, {len(labels)} images, {time.time() - started:.0f} s", rows, args, images=len(labels))
     return 0
 
 

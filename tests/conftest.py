@@ -122,3 +122,23 @@ def make_family_model(key: str) -> torch.nn.Module:
                               **{"embed_dim": 96, "num_heads": 4, **kwargs}).eval()
     torch.nn.init.normal_(model.head.weight, std=model.head.in_features**-0.5)
     return model
+
+
+def block_calls(model: torch.nn.Module, run) -> tuple:
+    """(backend, [(block, input tokens, its other arguments such as rotary tables)]) of every block
+    call while ``run(model)`` runs."""
+    from tokenpatch.backends import find_backend
+
+    backend, calls = find_backend(model), []
+
+    def capture(block, args, kwargs):
+        calls.append((block, *backend.block_input(args, dict(kwargs))))
+
+    handles = [b.register_forward_pre_hook(capture, with_kwargs=True) for b in backend.blocks(model)]
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return backend, calls

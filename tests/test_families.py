@@ -7,34 +7,17 @@ from hypothesis import strategies as st
 
 import tokenpatch
 from tokenpatch import InvalidOptionError
-from tokenpatch.backends import find_backend
 from tokenpatch.core.pieces import full_block
 
-from conftest import FAMILY_MODELS, METHOD_CASES, case_id, make_family_model
+from conftest import FAMILY_MODELS, METHOD_CASES, block_calls, case_id, make_family_model
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-
-
-def block_calls(model):
-    """Each block's input tokens and keyword arguments (rotary tables, shared biases) in one forward."""
-    calls = []
-    backend = find_backend(model)
-
-    def capture(block, args, kwargs):
-        calls.append((block, *backend.block_input(args, dict(kwargs))))
-
-    handles = [b.register_forward_pre_hook(capture, with_kwargs=True) for b in backend.blocks(model)]
-    with torch.no_grad():
-        model(X)
-    for handle in handles:
-        handle.remove()
-    return backend, calls
 
 
 @pytest.mark.parametrize("family", FAMILY_MODELS)
 def test_pieces_compose_to_the_original_block(family):
     model = make_family_model(family)
-    backend, calls = block_calls(model)
+    backend, calls = block_calls(model, lambda m: m(X))
     for block, x, extra in calls:
         with torch.no_grad():
             assert torch.allclose(full_block(backend.view(block, extra), x), block(x, **extra), atol=1e-5)
@@ -48,7 +31,7 @@ def test_tokens_carry_their_positions_through_a_block(family, seed):
     # Shuffle the patches and say where each came from: a block that follows positions (rotary
     # rows, bias rows and columns) gives the shuffled output of the original order.
     model = make_family_model(family)
-    backend, calls = block_calls(model)
+    backend, calls = block_calls(model, lambda m: m(X))
     block, x, extra = calls[1]
     p = model.num_prefix_tokens
     order = torch.cat([torch.arange(p), p + torch.randperm(x.shape[1] - p, generator=torch.Generator().manual_seed(seed))])

@@ -9,10 +9,9 @@ import transformers as T
 
 import tokenpatch
 from tokenpatch import InvalidOptionError
-from tokenpatch.backends import find_backend
 from tokenpatch.core.pieces import full_block
 
-from conftest import METHOD_CASES, case_id
+from conftest import METHOD_CASES, block_calls, case_id
 from hf_convert import clip_twin, dinov2_twin, siglip_twin
 
 VISION = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, image_size=64,
@@ -75,24 +74,10 @@ def run(model):
     raise AssertionError(type(output))
 
 
-def layer_calls(model):
-    """Each layer's input tokens and the arguments it needs (rotary tables) in one forward."""
-    backend, calls = find_backend(model), []
-
-    def capture(layer, args, kwargs):
-        calls.append((layer, *backend.block_input(args, dict(kwargs))))
-
-    handles = [b.register_forward_pre_hook(capture, with_kwargs=True) for b in backend.blocks(model)]
-    run(model)
-    for handle in handles:
-        handle.remove()
-    return backend, calls
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_prefix_class_token_and_pieces(name):
     model = build(name)
-    backend, calls = layer_calls(model)
+    backend, calls = block_calls(model, run)
     facts = backend.facts(model)
     assert (facts.num_prefix, facts.class_token, facts.depth) == (*MODELS[name][1:], 4)
     for layer, x, extra in calls:
@@ -104,7 +89,7 @@ def test_prefix_class_token_and_pieces(name):
 def test_tokens_carry_their_rotations_and_biases(name):
     # shuffled patches with their original positions give the shuffled output of the original order
     model = build(name)
-    backend, calls = layer_calls(model)
+    backend, calls = block_calls(model, run)
     layer, x, extra = calls[1]
     p = MODELS[name][1]
     order = torch.cat([torch.arange(p), p + torch.randperm(16, generator=torch.Generator().manual_seed(0))])

@@ -1,0 +1,46 @@
+"""What the real-data benchmarks share: their common flags, the real DeiT-Tiny with the sample images, the report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tokenpatch.data import IMAGENET_SAMPLE, LabelledImages, data_dir, eval_transform, load_deit_tiny, load_images
+from tokenpatch.measure.report import format_table, write_json
+
+
+def add_real_data_flags(parser: argparse.ArgumentParser, json_help: str = "also write the rows to this JSON file") -> None:
+    """``--data``, ``--limit``, ``--threads`` and ``--json``."""
+    parser.add_argument("--data", help="shared data folder (default: $TOKENPATCH_DATA)")
+    parser.add_argument("--limit", type=int, help="use only the first N images")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help=json_help)
+
+
+def load_real_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[nn.Module, Tensor, Tensor]:
+    """The real DeiT-Tiny and the (B, 3, 224, 224) sample images with their (B,) labels; a usage
+    error when the shared data is missing."""
+    root = data_dir(args.data)
+    if root is None:
+        parser.error("give --data or set TOKENPATCH_DATA to the folder with weights/ and imagenet-sample/")
+    torch.set_num_threads(args.threads)
+    model = load_deit_tiny(root)
+    images, labels = load_images(LabelledImages(root / IMAGENET_SAMPLE, transform=eval_transform(model)), args.limit)
+    return model, images, labels
+
+
+def show_row(rows: list[dict[str, Any]]) -> None:
+    """Print the newest row to stderr as it is measured (the table comes at the end)."""
+    print(format_table(rows[-1:], digits=3).splitlines()[-1], file=sys.stderr, flush=True)
+
+
+def report(title: str, rows: list[dict[str, Any]], args: argparse.Namespace, **facts: Any) -> None:
+    """Print the title and the table; write ``{model, **facts, rows}`` to ``args.json`` if given."""
+    print(title)
+    print(format_table(rows, digits=3))
+    if args.json:
+        write_json({"model": "deit_tiny_patch16_224", **facts, "rows": rows}, args.json)
