@@ -177,3 +177,36 @@ def clip_twin(timm_model: torch.nn.Module) -> torch.nn.Module:
     model = transformers.CLIPVisionModel(config)
     model.load_state_dict(out, strict=True)
     return model.eval()
+
+
+def beit_twin(timm_model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers ``BeitModel`` with exactly a timm BEiT's weights (per-block relative
+    position bias, layer scale, mean pooling); the fc norm becomes the pooler's norm."""
+    state = timm_model.state_dict()
+    width = timm_model.embed_dim
+    config = transformers.BeitConfig(
+        hidden_size=width, num_hidden_layers=len(timm_model.blocks), num_attention_heads=timm_model.blocks[0].attn.num_heads,
+        intermediate_size=timm_model.blocks[0].mlp.fc1.out_features, image_size=timm_model.patch_embed.img_size[0],
+        patch_size=timm_model.patch_embed.patch_size[0], use_relative_position_bias=True, use_mean_pooling=True,
+        layer_scale_init_value=0.1, layer_norm_eps=timm_model.fc_norm.eps)
+    out = {"embeddings.cls_token": state["cls_token"],
+           "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
+           "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
+           "pooler.layernorm.weight": state["fc_norm.weight"], "pooler.layernorm.bias": state["fc_norm.bias"]}
+    renames = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.o_proj",
+               "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    for i in range(len(timm_model.blocks)):
+        src, dst = f"blocks.{i}", f"layers.{i}"
+        for old, new in renames.items():
+            for kind in ("weight", "bias"):
+                out[f"{dst}.{new}.{kind}"] = state[f"{src}.{old}.{kind}"]
+        q, k, v = state[f"{src}.attn.qkv.weight"].chunk(3, dim=0)
+        out.update({f"{dst}.attention.q_proj.weight": q, f"{dst}.attention.k_proj.weight": k,
+                    f"{dst}.attention.v_proj.weight": v, f"{dst}.attention.q_proj.bias": state[f"{src}.attn.q_bias"],
+                    f"{dst}.attention.v_proj.bias": state[f"{src}.attn.v_bias"],
+                    f"{dst}.lambda_1": state[f"{src}.gamma_1"], f"{dst}.lambda_2": state[f"{src}.gamma_2"],
+                    f"{dst}.relative_position_bias.relative_position_bias_table":
+                        state[f"{src}.attn.relative_position_bias_table"]})
+    model = transformers.BeitModel(config)
+    model.load_state_dict(out, strict=True)
+    return model.eval()

@@ -12,7 +12,7 @@ from tokenpatch import InvalidOptionError
 from tokenpatch.core.pieces import full_block
 
 from conftest import METHOD_CASES, block_calls, case_id
-from hf_convert import clip_twin, dinov2_twin, siglip_twin
+from hf_convert import beit_twin, clip_twin, dinov2_twin, siglip_twin
 
 VISION = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, image_size=64,
               patch_size=16)
@@ -138,6 +138,7 @@ TWINS = {
     # transformers applies CLIP's post_layernorm to the pooled class token only
     "clip": ("vit_base_patch16_clip_224", 64, clip_twin, lambda model, out: model.post_layernorm(out.last_hidden_state)),
     "siglip": ("vit_base_patch16_siglip_224", 64, siglip_twin, lambda model, out: out.last_hidden_state),
+    "beit": ("beit_base_patch16_224", 64, beit_twin, lambda model, out: out.last_hidden_state),
 }
 
 
@@ -146,9 +147,12 @@ TWINS = {
 def test_timm_and_transformers_agree_on_the_same_weights(twin, case):
     name, size, make_twin, final_tokens = TWINS[twin]
     torch.manual_seed(0)
-    extra = {"init_values": 0.3} if "dinov2" in name else {}
+    extra = {"init_values": 0.3} if "dinov2" in name or "beit" in name else {}
     timm_model = timm.create_model(name, pretrained=False, depth=4, embed_dim=96, num_heads=4, img_size=size,
                                    num_classes=0, **extra).eval()
+    for key, table in timm_model.named_parameters():
+        if key.endswith("relative_position_bias_table"):  # near zero at init: give positions an effect
+            torch.nn.init.normal_(table)
     hf_model = make_twin(timm_model)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     traces = []
@@ -156,7 +160,7 @@ def test_timm_and_transformers_agree_on_the_same_weights(twin, case):
         if case is not None:
             try:
                 tokenpatch.patch(model, case[0], keep_ratio=0.5, **case[1])
-            except InvalidOptionError as refusal:  # padded counts under SigLIP's attention pool: both refuse
+            except InvalidOptionError as refusal:  # padded counts under an attention or average pool: both refuse
                 assert "pools over all tokens" in str(refusal)
                 continue
         with torch.no_grad(), (tokenpatch.trace(model) if case else contextlib.nullcontext()) as recorded:

@@ -259,8 +259,10 @@ class HFBackend(Backend):
         return int(_vision_config(model).hidden_size)
 
     def pools_class_token(self, model: nn.Module) -> bool:
-        # the others read the class (and distillation) token, or return every token unpooled
-        return not supported_models()[type(model)].pools_patches
+        # the others read the class (and distillation) token, or return every token unpooled;
+        # a BeitModel's pooler averages the patches when its config says so
+        return not (supported_models()[type(model)].pools_patches
+                    or getattr(_vision_config(model), "use_mean_pooling", False) and getattr(model, "pooler", None) is not None)
 
     def head(self, model: nn.Module) -> nn.Module:
         for name in ("classifier", "cls_classifier"):  # DeiT with teacher: the class-token head
