@@ -1,4 +1,4 @@
-"""transformers vision encoders beyond ViT/DeiT: CLIP, SigLIP, DINOv2 (+registers), DINOv3, BEiT, I-JEPA, ViT-MAE, ViT-MSN."""
+"""transformers vision encoders beyond ViT/DeiT: CLIP, SigLIP, DINOv2 (+registers), DINOv3, BEiT, Data2Vec, I-JEPA, ViT-MAE, ViT-MSN."""
 
 import contextlib
 
@@ -40,6 +40,12 @@ MODELS = {
                                                                 use_shared_relative_position_bias=True)), 1, True),
     "BeitForImageClassification": (lambda: T.BeitForImageClassification(
         T.BeitConfig(**VISION, layer_scale_init_value=0.3, use_relative_position_bias=True, num_labels=5)), 1, True),
+    "Data2VecVisionModel": (lambda: T.Data2VecVisionModel(T.Data2VecVisionConfig(
+        **VISION, layer_scale_init_value=0.3, use_relative_position_bias=True)), 1, True),
+    "Data2VecVisionModel_shared_bias": (lambda: T.Data2VecVisionModel(T.Data2VecVisionConfig(
+        **VISION, layer_scale_init_value=0.3, use_shared_relative_position_bias=True)), 1, True),
+    "Data2VecVisionForImageClassification": (lambda: T.Data2VecVisionForImageClassification(T.Data2VecVisionConfig(
+        **VISION, layer_scale_init_value=0.3, use_relative_position_bias=True, num_labels=5)), 1, True),
     "IJepaModel": (lambda: T.IJepaModel(T.IJepaConfig(**VISION)), 0, False),
     "IJepaForImageClassification": (lambda: T.IJepaForImageClassification(T.IJepaConfig(**VISION, num_labels=5)),
                                     0, False),
@@ -48,6 +54,11 @@ MODELS = {
     "ViTMSNForImageClassification": (lambda: T.ViTMSNForImageClassification(T.ViTMSNConfig(**VISION, num_labels=5)),
                                      1, True),
 }
+
+
+def tokens_of(layer_output):
+    """A layer's output tokens (Data2Vec layers return a tuple)."""
+    return layer_output[0] if isinstance(layer_output, tuple) else layer_output
 
 
 def build(name):
@@ -82,10 +93,11 @@ def test_prefix_class_token_and_pieces(name):
     assert (facts.num_prefix, facts.class_token, facts.depth) == (*MODELS[name][1:], 4)
     for layer, x, extra in calls:
         with torch.no_grad():
-            assert torch.allclose(full_block(backend.view(layer, extra), x), layer(x, **extra), atol=1e-5)
+            assert torch.allclose(full_block(backend.view(layer, extra), x), tokens_of(layer(x, **extra)), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["DINOv3ViTModel", "BeitModel", "BeitModel_shared_bias"])
+@pytest.mark.parametrize("name", ["DINOv3ViTModel", "BeitModel", "BeitModel_shared_bias", "Data2VecVisionModel",
+                                  "Data2VecVisionModel_shared_bias"])
 def test_tokens_carry_their_rotations_and_biases(name):
     # shuffled patches with their original positions give the shuffled output of the original order
     model = build(name)
@@ -95,7 +107,7 @@ def test_tokens_carry_their_rotations_and_biases(name):
     order = torch.cat([torch.arange(p), p + torch.randperm(16, generator=torch.Generator().manual_seed(0))])
     with torch.no_grad():
         shuffled = full_block(backend.view(layer, extra), x[:, order], order.expand(2, -1))
-        assert torch.allclose(shuffled, layer(x, **extra)[:, order], atol=1e-5)
+        assert torch.allclose(shuffled, tokens_of(layer(x, **extra))[:, order], atol=1e-5)
         assert not torch.allclose(full_block(backend.view(layer, extra), x[:, order]), shuffled, atol=1e-5)
 
 

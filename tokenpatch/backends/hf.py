@@ -1,13 +1,16 @@
 """Backend for Hugging Face transformers vision encoders (the 5.x layout): ViT, DeiT, CLIP, SigLIP,
-DINOv2 (with registers), I-JEPA, ViT-MAE, ViT-MSN.
+DINOv2 (with registers), DINOv3, BEiT, Data2Vec-Vision, I-JEPA, ViT-MAE, ViT-MSN.
 
 Read against transformers 5.23. Every supported layer is a pre-norm block whose attention has
-``q_proj``/``k_proj``/``v_proj`` and an output projection; the families differ only in names,
+query, key and value projections and an output projection; the families differ only in names,
 recorded as one :class:`Layout` each: ViT-style layers (``layernorm_before``, ``attention``
 with ``o_proj``/``scaling``/``attention_dropout``, ``layernorm_after``, ``mlp``, ``dropout`` on
 both residual branches), CLIP/SigLIP encoder layers (``layer_norm1``, ``self_attn`` with
 ``out_proj``/``scale``/``dropout``, ``layer_norm2``, ``mlp``) and DINOv2 layers (``norm1``,
-``attention``, ``layer_scale1``, ``drop_path``, ``norm2``, ``mlp``, ``layer_scale2``). A model's
+``attention``, ``layer_scale1``, ``drop_path``, ``norm2``, ``mlp``, ``layer_scale2``; DINOv3's
+with rotary tables), BEiT layers (ViT names, ``lambda_1``/``lambda_2``, a relative position bias)
+and Data2Vec-Vision layers (``attention.attention.query/key/value``, ``attention.output.dense``,
+``intermediate`` then ``output``, returning tuples). A model's
 layers are the ModuleList of its vision tower (``vision_model`` where there is one, so a
 ``CLIPModel``'s text layers are never touched); its prefix is read from its embeddings (class
 token or ``class_embedding``, distillation token, register tokens).
@@ -28,30 +31,39 @@ from ..core.ops import pair_bias, rotary_rows
 from ..errors import TokenPatchError, UnsupportedModelError
 
 
-
 @dataclass(frozen=True)
 class Layout:
-    """Where one transformers layer family keeps its pieces (attribute names on the layer and its attention)."""
+    """Where one transformers layer family keeps its pieces (dotted paths from the layer; the
+    projections, scale and attention dropout are read on the ``attention`` module)."""
 
     norm1: str
     norm2: str
-    attention: str
-    output: str = "o_proj"
-    scale: str = "scaling"
-    attention_dropout: str = "attention_dropout"  # a float: the attention-probability dropout
+    attention: str  # the module with the query, key and value projections
+    output: str = "attention.o_proj"
+    projections: tuple[str, str, str] = ("q_proj", "k_proj", "v_proj")
+    mlp: tuple[str, ...] = ("mlp",)  # applied in turn
+    scale: Optional[str] = "scaling"  # None: head_dim ** -0.5
+    attention_dropout: str = "attention_dropout"  # a float, or a Dropout module
+    output_dropout: Optional[str] = None  # after the output projection, on the attention branch only
     residual_dropout: Optional[str] = None  # one module applied to both residual branches
     layer_scales: Optional[tuple[str, str]] = None
     drop_path: Optional[str] = None
     rotary: bool = False  # the layer takes position_embeddings=(cos, sin) for the patch tokens
+    returns_tuple: bool = False  # the layer returns (hidden_states, ...)
 
     def modules(self) -> list[str]:
         """The dotted names of the modules a layer must have."""
-        attention = [f"{self.attention}.{name}" for name in ("q_proj", "k_proj", "v_proj", self.output)]
-        return [self.norm1, self.attention, *attention, self.norm2, "mlp"]
+        projections = [f"{self.attention}.{name}" for name in self.projections]
+        return [self.norm1, self.attention, *projections, self.output, self.norm2, *self.mlp]
 
 
 VIT = Layout("layernorm_before", "layernorm_after", "attention", residual_dropout="dropout")
-CLIP = Layout("layer_norm1", "layer_norm2", "self_attn", output="out_proj", scale="scale", attention_dropout="dropout")
+CLIP = Layout("layer_norm1", "layer_norm2", "self_attn", output="self_attn.out_proj", scale="scale",
+              attention_dropout="dropout")
+DATA2VEC = Layout("layernorm_before", "layernorm_after", "attention.attention", output="attention.output.dense",
+                  projections=("query", "key", "value"), mlp=("intermediate", "output"), scale=None,
+                  attention_dropout="dropout", output_dropout="attention.output.dropout",
+                  layer_scales=("lambda_1", "lambda_2"), drop_path="drop_path", returns_tuple=True)
 DINOV2 = Layout("norm1", "norm2", "attention", layer_scales=("layer_scale1", "layer_scale2"), drop_path="drop_path")
 BEIT = Layout("layernorm_before", "layernorm_after", "attention", residual_dropout="dropout",
               layer_scales=("lambda_1", "lambda_2"), drop_path="drop_path")
@@ -71,10 +83,15 @@ FAMILIES = (
      ("Dinov2WithRegistersForImageClassification",)),
     ("dinov3_vit", "DINOv3ViTLayer", DINOV3, ("DINOv3ViTModel",), ()),
     ("beit", "BeitLayer", BEIT, ("BeitModel", "BeitForImageClassification"), ("BeitForImageClassification",)),
+    ("data2vec", "Data2VecVisionLayer", DATA2VEC, ("Data2VecVisionModel", "Data2VecVisionForImageClassification"),
+     ("Data2VecVisionForImageClassification",)),
     ("ijepa", "IJepaLayer", VIT, ("IJepaModel", "IJepaForImageClassification"), ("IJepaForImageClassification",)),
     ("vit_mae", "ViTMAELayer", VIT, ("ViTMAEModel",), ()),
     ("vit_msn", "ViTMSNLayer", VIT, ("ViTMSNModel", "ViTMSNForImageClassification"), ()),
 )
+
+
+_VISION_SUFFIX = {"data2vec": "_vision"}  # data2vec keeps its vision model in modeling_data2vec_vision
 
 
 @dataclass(frozen=True)
@@ -95,7 +112,7 @@ def supported_models() -> dict[type, Family]:
         return {}
     table = {}
     for module, layer, layout, classes, pooling in FAMILIES:
-        source = importlib.import_module(f"{models.__name__}.{module}.modeling_{module}")
+        source = importlib.import_module(f"{models.__name__}.{module}.modeling_{module}{_VISION_SUFFIX.get(module, '')}")
         for name in classes:
             table[getattr(source, name)] = Family(getattr(source, layer), layout, name in pooling)
     return table
@@ -112,14 +129,17 @@ class HFBlockView(BlockView):
         # one (N - P, 2D) table of sin and cos rows, as the rotary helpers take it
         self.rotary = None if rotary is None else torch.cat([rotary[1], rotary[0]], dim=-1)
         self.num_prefix = num_prefix
-        self.attn = getattr(layer, layout.attention)
-        self.head_dim = self.attn.head_dim
-        self.num_heads = self.attn.q_proj.out_features // self.head_dim
-        self.scale = getattr(self.attn, layout.scale)
+        self.attn = layer.get_submodule(layout.attention)
+        self.q_proj, self.k_proj, self.v_proj = (getattr(self.attn, name) for name in layout.projections)
+        self.head_dim = getattr(self.attn, "head_dim", None) or self.attn.attention_head_size
+        self.num_heads = self.q_proj.out_features // self.head_dim
+        self.scale = self.head_dim**-0.5 if layout.scale is None else getattr(self.attn, layout.scale)
 
     @property
     def attn_dropout(self) -> float:
-        return getattr(self.attn, self.layout.attention_dropout) if self.attn.training else 0.0
+        dropout = getattr(self.attn, self.layout.attention_dropout)
+        probability = dropout.p if isinstance(dropout, nn.Dropout) else dropout
+        return probability if self.attn.training else 0.0
 
     def norm1(self, x: Tensor) -> Tensor:
         return getattr(self.layer, self.layout.norm1)(x)
@@ -142,13 +162,13 @@ class HFBlockView(BlockView):
         return self.query(xn, positions), self.key(xn, positions), self.value(xn)
 
     def query(self, xn: Tensor, positions: Optional[Tensor] = None) -> Tensor:
-        return self._rotate(self._heads(self.attn.q_proj(xn)), positions)
+        return self._rotate(self._heads(self.q_proj(xn)), positions)
 
     def key(self, xn: Tensor, positions: Optional[Tensor] = None) -> Tensor:
-        return self._rotate(self._heads(self.attn.k_proj(xn)), positions)
+        return self._rotate(self._heads(self.k_proj(xn)), positions)
 
     def value(self, xn: Tensor) -> Tensor:
-        return self._heads(self.attn.v_proj(xn))
+        return self._heads(self.v_proj(xn))
 
     def attention_bias(self, query_positions: Optional[Tensor], key_positions: Optional[Tensor]) -> Optional[Tensor]:
         if self.bias is None or query_positions is None or key_positions is None:
@@ -158,14 +178,16 @@ class HFBlockView(BlockView):
 
     def attention_output(self, o: Tensor, xn: Tensor) -> Tensor:
         b, _, n, _ = o.shape
-        return getattr(self.attn, self.layout.output)(o.transpose(1, 2).reshape(b, n, -1))
+        y = self.layer.get_submodule(self.layout.output)(o.transpose(1, 2).reshape(b, n, -1))
+        return y if self.layout.output_dropout is None else self.layer.get_submodule(self.layout.output_dropout)(y)
 
     def _branch(self, y: Tensor, which: int) -> Tensor:
         """A residual branch's output after its layer scale, drop path and dropout."""
         layout = self.layout
-        if layout.layer_scales is not None:  # a module (DINOv2) or a parameter or 1.0 (BEiT's lambdas)
+        if layout.layer_scales is not None:  # a module (DINOv2), or a parameter, 1.0 or None (BEiT's lambdas)
             scale = getattr(self.layer, layout.layer_scales[which])
-            y = scale(y) if isinstance(scale, nn.Module) else scale * y
+            if scale is not None:
+                y = scale(y) if isinstance(scale, nn.Module) else scale * y
         for name in (layout.drop_path, layout.residual_dropout):
             if name is not None:
                 y = getattr(self.layer, name)(y)
@@ -175,7 +197,15 @@ class HFBlockView(BlockView):
         return x + self._branch(y, 0)
 
     def mlp_residual(self, x: Tensor) -> Tensor:
-        return x + self._branch(self.layer.mlp(getattr(self.layer, self.layout.norm2)(x)), 1)
+        y = getattr(self.layer, self.layout.norm2)(x)
+        for name in self.layout.mlp:
+            y = self.layer.get_submodule(name)(y)
+        return x + self._branch(y, 1)
+
+
+def _layout(layer: nn.Module) -> Layout:
+    """The :class:`Layout` of a supported layer."""
+    return next(f.layout for f in supported_models().values() if isinstance(layer, f.layer))
 
 
 def _vision_tower(model: nn.Module) -> nn.Module:
@@ -199,14 +229,18 @@ def _embeddings(model: nn.Module) -> nn.Module:
                 if hasattr(m, "patch_embeddings") or hasattr(m, "patch_embedding"))
 
 
-def _attention_bias(layer: nn.Module, extra: dict[str, Any]) -> Optional[Tensor]:
+def _attention_bias(layer: nn.Module, attention: nn.Module, extra: dict[str, Any]) -> Optional[Tensor]:
     """The additive (1 or B, H, N, N) bias a layer call adds to its logits: its own relative
-    position bias (BEiT, built for the call's resolution) plus the bias it was handed (BEiT's shared one)."""
-    bias = extra.get("attention_mask")
-    relative = getattr(layer, "relative_position_bias", None)
-    if relative is not None and "resolution" in extra:
+    position bias (BEiT's on the layer, Data2Vec's on the attention; built for the call's
+    resolution) plus the one it was handed (a shared bias: ``attention_mask`` in BEiT,
+    ``relative_position_bias`` in Data2Vec)."""
+    bias = extra.get("attention_mask", extra.get("relative_position_bias"))
+    owner = layer if hasattr(layer, "relative_position_bias") else attention
+    relative = getattr(owner, "relative_position_bias", None)
+    if isinstance(relative, nn.Module) and "resolution" in extra:
         height, width = extra["resolution"]
-        window = (height // layer.patch_size, width // layer.patch_size)
+        patch = getattr(layer, "patch_size", None) or attention.config.patch_size
+        window = (height // patch, width // patch)
         own = relative(window, extra.get("interpolate_pos_encoding", False), dim_size=1 + window[0] * window[1])
         bias = own if bias is None else own + bias
     return None if bias is None else bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
@@ -222,7 +256,8 @@ class HFBackend(Backend):
     name = "hf"
     supported = (
         "transformers (5.x) ViT, DeiT, CLIP (CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel's vision tower), "
-        "SigLIP, DINOv2 (with registers), I-JEPA, ViT-MAE and ViT-MSN models and their image classifiers"
+        "SigLIP, DINOv2 (with registers), DINOv3, BEiT, Data2Vec-Vision, I-JEPA, ViT-MAE and ViT-MSN models and their "
+        "image classifiers"
     )
 
     def claims(self, model: nn.Module) -> bool:
@@ -273,11 +308,11 @@ class HFBackend(Backend):
         )
 
     def view(self, block: nn.Module, extra: dict[str, Any]) -> BlockView:
-        layout = next(f.layout for f in supported_models().values() if isinstance(block, f.layer))
+        layout = _layout(block)
         rotary = extra.get("position_embeddings")
         # DINOv3 rotates the patches only, after its class and register tokens
         prefix = 1 + block.attention.config.num_register_tokens if layout.rotary else 0
-        return HFBlockView(block, layout, rotary, prefix, _attention_bias(block, extra))
+        return HFBlockView(block, layout, rotary, prefix, _attention_bias(block, block.get_submodule(layout.attention), extra))
 
     def block_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         x = args[0] if args else kwargs["hidden_states"]
@@ -294,13 +329,21 @@ class HFBackend(Backend):
                 "subsets of tokens, so there is no full attention map to return; use tokenpatch.trace(model) to "
                 "see which tokens each block computed"
             )
-        # CLIP/SigLIP layers take attention_mask as a required argument; DINOv3's take its rotary
-        # (cos, sin), BEiT's the image resolution their relative position bias is built for
-        extra: dict[str, Any] = {"attention_mask": attention_mask}
-        for name in ("position_embeddings", "resolution", "interpolate_pos_encoding"):
-            if kwargs.get(name) is not None:
+        # handed on as the call gave them: CLIP/SigLIP layers require attention_mask; DINOv3's take
+        # its rotary (cos, sin), BEiT's and Data2Vec's the image resolution their relative position
+        # bias is built for, Data2Vec's the shared bias
+        extra: dict[str, Any] = {} if len(args) < 2 and "attention_mask" not in kwargs else {"attention_mask": attention_mask}
+        for name in ("position_embeddings", "resolution", "interpolate_pos_encoding", "relative_position_bias"):
+            if name in kwargs:
                 extra[name] = kwargs[name]
         return x, extra
+
+    def run_original(self, forward: Any, x: Tensor, extra: dict[str, Any]) -> Tensor:
+        out = forward(x, **extra)
+        return out[0] if isinstance(out, tuple) else out  # Data2Vec layers return (hidden_states,)
+
+    def block_output(self, block: nn.Module, x: Tensor) -> Any:
+        return (x,) if _layout(block).returns_tuple else x
 
     def image_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         if "pixel_values" in kwargs:

@@ -160,8 +160,8 @@ class Backend(ABC):
         """The block's own, unpatched ``forward`` (a bound callable) on (B, N, C) tokens."""
         return forward(x, **extra)
 
-    def block_output(self, x: Tensor) -> Any:
-        """Wrap the reduced block's (B, N', C) result the way the family's blocks return it."""
+    def block_output(self, block: nn.Module, x: Tensor) -> Any:
+        """Wrap ``block``'s (B, N', C) result the way the family's blocks return it."""
         return x
 
     @abstractmethod

@@ -219,7 +219,7 @@ def check_images(images: Any) -> None:
 def _block_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     ctx: PatchContext = block.__dict__[CONTEXT_ATTR]
     x, extra = ctx.backend.block_input(args, dict(kwargs))
-    return ctx.backend.block_output(ctx.run_block(block, block.__dict__[INDEX_ATTR], x, extra))
+    return ctx.backend.block_output(block, ctx.run_block(block, block.__dict__[INDEX_ATTR], x, extra))
 
 
 def _model_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -146,9 +146,7 @@ class PassState(Generic[OwnT]):
                 (becomes :attr:`counts`); None: unpadded.
         """
         if self.keeps_grid:
-            grid = self.last_states if self.last_states is not None else tokens.new_zeros(
-                tokens.shape[0], self.num_tokens, tokens.shape[2])
-            self.last_states = write_grid(grid, tokens, self.grid_positions(tokens.shape[1]))
+            self.last_states = write_grid(self._known_grid(tokens), tokens, self.grid_positions(tokens.shape[1]))
         self.positions = torch.gather(self.positions, 1, index)
         self.counts = counts
 
@@ -162,8 +160,13 @@ class PassState(Generic[OwnT]):
         position, the current ones from ``x``, the dropped ones as they left."""
         if self.last_states is None and x.shape[1] == self.num_tokens:
             return x  # every token is still in the sequence, in order
-        grid = self.last_states if self.last_states is not None else x.new_zeros(x.shape[0], self.num_tokens, x.shape[2])
-        return write_grid(grid, x, self.grid_positions(x.shape[1]))
+        return write_grid(self._known_grid(x), x, self.grid_positions(x.shape[1]))
+
+    def _known_grid(self, like: Tensor) -> Tensor:
+        """The remembered (B, N, C) states, or zeros like (B, M, C) ``like`` before any token left."""
+        if self.last_states is not None:
+            return self.last_states
+        return like.new_zeros(like.shape[0], self.num_tokens, like.shape[2])
 
     def from_grid(self, grid: Tensor) -> Tensor:
         """The current tokens again out of the (B, N, C) grid a block returned (a caller may have
