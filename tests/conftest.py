@@ -111,6 +111,9 @@ FAMILY_MODELS = {
     "relpos_post_norm": ("vit_relpos_base_patch32_plus_rpn_256", {"patch_size": 16, "init_values": 0.3}),
     "relpos_class_token": ("vit_relpos_medium_patch16_cls_224", {"init_values": 0.3}),
     "shared_relpos": ("vit_srelpos_medium_patch16_224", {"init_values": 0.3}),
+    "naflex_gap": ("naflexvit_base_patch16_gap", {"init_values": 0.3}),
+    "naflex_siglip": ("naflexvit_base_patch16_siglip", {"init_values": 0.3}),
+    "naflex_radio": ("naflexvit_base_patch16_radio_v3", {"init_values": 0.3}),
 }
 
 

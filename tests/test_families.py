@@ -75,3 +75,11 @@ def test_models_without_a_class_token_score_by_the_mean_query(family):
     assert {s.name for s in t.scores} == {"mean_query_attention"}
     with pytest.raises(InvalidOptionError, match="scorer='class_token' needs a class token"):
         tokenpatch.set_options(model, scorer="class_token")
+
+
+def test_naflex_patch_dictionaries_are_refused_clearly():
+    model = tokenpatch.patch(make_family_model("naflex_gap"), "evit")
+    patches = {"patches": torch.randn(2, 16, 768), "patch_coord": torch.zeros(2, 16, 2, dtype=torch.long),
+               "patch_valid": torch.ones(2, 16, dtype=torch.bool)}
+    with pytest.raises(tokenpatch.InputShapeError, match=r"expected an image tensor of shape \(B, C, H, W\), got dict"):
+        model(patches)

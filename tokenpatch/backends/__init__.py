@@ -10,9 +10,10 @@ from .hf import HFBackend
 from .timm import TimmBackend
 from .timm_beit import BeitBackend
 from .timm_eva import EvaBackend
+from .timm_naflex import NaFlexBackend
 from .timm_relpos import RelPosBackend
 
-BACKENDS: list[Backend] = [TimmBackend(), EvaBackend(), BeitBackend(), RelPosBackend(), HFBackend()]
+BACKENDS: list[Backend] = [TimmBackend(), EvaBackend(), BeitBackend(), RelPosBackend(), NaFlexBackend(), HFBackend()]
 
 
 def find_backend(model: nn.Module) -> Backend:
