@@ -1,4 +1,4 @@
-"""transformers vision encoders beyond ViT/DeiT: CLIP, SigLIP, DINOv2 (+registers), DINOv3, BEiT, Data2Vec, I-JEPA, ViT-MAE, ViT-MSN."""
+"""transformers vision encoders beyond ViT/DeiT: CLIP, SigLIP, SigLIP 2, DINOv2 (+registers), DINOv3, BEiT, Data2Vec, I-JEPA, ViT-MAE, ViT-MSN."""
 
 import contextlib
 
@@ -27,6 +27,11 @@ MODELS = {
     "SiglipVisionModel": (lambda: T.SiglipVisionModel(T.SiglipVisionConfig(**VISION)), 0, False),
     "SiglipForImageClassification": (lambda: T.SiglipForImageClassification(
         T.SiglipConfig(vision_config=VISION, text_config=TEXT, num_labels=5)), 0, False),
+    "Siglip2VisionModel": (lambda: T.Siglip2VisionModel(T.Siglip2VisionConfig(
+        **{k: v for k, v in VISION.items() if k != "image_size"}, num_patches=16)), 0, False),
+    "Siglip2ForImageClassification": (lambda: T.Siglip2ForImageClassification(T.Siglip2Config(
+        vision_config={**{k: v for k, v in VISION.items() if k != "image_size"}, "num_patches": 16}, text_config=TEXT,
+        num_labels=5)), 0, False),
     "Dinov2Model": (lambda: T.Dinov2Model(T.Dinov2Config(**VISION, layerscale_value=0.3)), 1, True),
     "Dinov2ForImageClassification": (lambda: T.Dinov2ForImageClassification(
         T.Dinov2Config(**VISION, layerscale_value=0.3, num_labels=5)), 1, True),
@@ -56,6 +61,14 @@ MODELS = {
 }
 
 
+def siglip2_inputs():
+    """SigLIP 2's patch sequences: the first image 4 x 4 patches, the second 3 x 4 plus 4 padding patches."""
+    patches = X.unfold(2, 16, 16).unfold(3, 16, 16).permute(0, 2, 3, 1, 4, 5).reshape(2, 16, 3 * 16 * 16)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 12:] = 0
+    return {"pixel_values": patches, "pixel_attention_mask": mask, "spatial_shapes": torch.tensor([[4, 4], [3, 4]])}
+
+
 def tokens_of(layer_output):
     """A layer's output tokens (Data2Vec layers return a tuple)."""
     return layer_output[0] if isinstance(layer_output, tuple) else layer_output
@@ -75,6 +88,8 @@ def run(model):
     inputs = {"pixel_values": X}
     if isinstance(model, T.CLIPModel):
         inputs["input_ids"] = torch.zeros(2, 3, dtype=torch.long)
+    if isinstance(model, (T.Siglip2VisionModel, T.Siglip2ForImageClassification)):
+        inputs = siglip2_inputs()
     if isinstance(model, T.ViTMAEModel):  # its random masking shuffles the patches: fix the noise
         inputs["noise"] = torch.rand(2, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -184,3 +199,15 @@ def test_timm_and_transformers_agree_on_the_same_weights(twin, case):
     assert (timm_tokens - hf_tokens).abs().max() <= 1e-4
     if case is not None:  # the same tokens chosen in every block
         assert all(torch.equal(a.positions, b.positions) for a, b in zip(timm_trace.records, hf_trace.records))
+
+
+def test_siglip2_takes_patch_sequences_and_needs_full_outputs():
+    model = tokenpatch.patch(build("Siglip2VisionModel"), "evit", keep_ratio=0.5)
+    with pytest.raises(tokenpatch.InputShapeError, match=r"takes patch sequences pixel_values of shape \(B, N, C \* p \* p\)"):
+        model(pixel_values=X)
+    with torch.no_grad():
+        padded, alone = model(**siglip2_inputs()), model(**{k: v[1:] for k, v in siglip2_inputs().items()})
+    # the padding patches never reach a real token: the second image's tokens are the same alone
+    assert torch.allclose(padded.last_hidden_state[1, :12], alone.last_hidden_state[0, :12], atol=1e-4)
+    with pytest.raises(InvalidOptionError, match='needs outputs="full"'):
+        tokenpatch.patch(build("Siglip2VisionModel"), "evit", outputs="reduced")

@@ -67,6 +67,7 @@ def patch(model: ModelT, method: str = "idle", keep_ratio: Optional[float] = Non
         )
     backend = find_backend(model)
     config = build_config(chosen, keep_ratio, options)
+    backend.check_outputs(model, outputs)
     facts = backend.facts(model)
     ctx = PatchContext(backend, chosen, config, facts, outputs=outputs)  # validates the options
     ctx.modules = chosen.build_modules(ctx.config, facts.depth, backend.embed_dim(model))

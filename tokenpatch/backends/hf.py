@@ -19,6 +19,7 @@ token or ``class_embedding``, distillation token, register tokens).
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Optional, Sequence
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from ..core.blocks import Backend, BlockView
 from ..core.ops import pair_bias, rotary_rows
-from ..errors import TokenPatchError, UnsupportedModelError
+from ..errors import InputShapeError, InvalidOptionError, TokenPatchError, UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ FAMILIES = (
     ("dinov2_with_registers", "Dinov2WithRegistersLayer", DINOV2,
      ("Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification"),
      ("Dinov2WithRegistersForImageClassification",)),
+    ("siglip2", "Siglip2EncoderLayer", CLIP, ("Siglip2VisionModel", "Siglip2ForImageClassification"),
+     ("Siglip2VisionModel", "Siglip2ForImageClassification")),
     ("dinov3_vit", "DINOv3ViTLayer", DINOV3, ("DINOv3ViTModel",), ()),
     ("beit", "BeitLayer", BEIT, ("BeitModel", "BeitForImageClassification"), ("BeitForImageClassification",)),
     ("data2vec", "Data2VecVisionLayer", DATA2VEC, ("Data2VecVisionModel", "Data2VecVisionForImageClassification"),
@@ -92,15 +95,19 @@ FAMILIES = (
 
 
 _VISION_SUFFIX = {"data2vec": "_vision"}  # data2vec keeps its vision model in modeling_data2vec_vision
+#: families whose models take patch sequences (B, N, C * p * p) with a padding mask, not images
+PATCH_INPUTS = frozenset({"siglip2"})
 
 
 @dataclass(frozen=True)
 class Family:
-    """A supported model class: its layer class and layout, and whether its output pools patch tokens."""
+    """A supported model class: its layer class and layout, whether its output pools patch tokens,
+    and whether it takes patch sequences with a padding mask (SigLIP 2) instead of images."""
 
     layer: type
     layout: Layout
     pools_patches: bool
+    patch_inputs: bool = False
 
 
 @lru_cache(maxsize=1)
@@ -114,7 +121,7 @@ def supported_models() -> dict[type, Family]:
     for module, layer, layout, classes, pooling in FAMILIES:
         source = importlib.import_module(f"{models.__name__}.{module}.modeling_{module}{_VISION_SUFFIX.get(module, '')}")
         for name in classes:
-            table[getattr(source, name)] = Family(getattr(source, layer), layout, name in pooling)
+            table[getattr(source, name)] = Family(getattr(source, layer), layout, name in pooling, module in PATCH_INPUTS)
     return table
 
 
@@ -243,7 +250,12 @@ def _attention_bias(layer: nn.Module, attention: nn.Module, extra: dict[str, Any
         window = (height // patch, width // patch)
         own = relative(window, extra.get("interpolate_pos_encoding", False), dim_size=1 + window[0] * window[1])
         bias = own if bias is None else own + bias
-    return None if bias is None else bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
+    if bias is None:
+        return None
+    if bias.dtype == torch.bool:  # True: may attend (SigLIP 2's padding mask); as an additive bias
+        dtype = next(attention.parameters()).dtype
+        bias = torch.zeros(bias.shape, dtype=dtype, device=bias.device).masked_fill(~bias, torch.finfo(dtype).min)
+    return bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
 
 
 def _vision_config(model: nn.Module) -> Any:
@@ -317,11 +329,11 @@ class HFBackend(Backend):
     def block_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         x = args[0] if args else kwargs["hidden_states"]
         attention_mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
-        if attention_mask is not None and not (attention_mask.is_floating_point() and attention_mask.ndim in (3, 4)):
+        if attention_mask is not None and attention_mask.ndim not in (3, 4):
             raise TokenPatchError(
-                "a patched transformers model supports only additive (float) attention biases over the whole "
-                "sequence (such as BEiT's shared relative position bias), not this attention_mask: token reduction "
-                "changes the sequence length the mask was built for; unpatch the model to use masks"
+                "a patched transformers model supports attention masks over the whole sequence, (B, 1, N, N) or "
+                f"(B, N, N) (additive or boolean), whose rows and columns it takes for the kept tokens; got shape "
+                f"{tuple(attention_mask.shape)}; unpatch the model to use this mask"
             )
         if kwargs.get("output_attentions"):
             raise TokenPatchError(
@@ -353,7 +365,11 @@ class HFBackend(Backend):
         return images[0] if images else (args[0] if args else None)
 
     def input_size(self, model: nn.Module) -> tuple[int, int]:
-        size = _vision_config(model).image_size
+        config = _vision_config(model)
+        if supported_models()[type(model)].patch_inputs:  # the square image its num_patches stand for
+            side = math.isqrt(config.num_patches) * config.patch_size
+            return side, side
+        size = config.image_size
         return (size, size) if isinstance(size, int) else tuple(size)
 
     def data_config(self, model: nn.Module) -> dict[str, Any]:
@@ -369,8 +385,25 @@ class HFBackend(Backend):
     def returned_blocks(self, model: nn.Module, kwargs: dict[str, Any]) -> str:
         if kwargs.get("output_hidden_states", model.config.output_hidden_states):
             return "all"
-        # a classifier returns only the head's output; the others their last_hidden_state too
-        return "head" if "ForImageClassification" in type(model).__name__ else "last"
+        # a classifier returns only the head's output, the others their last_hidden_state too; SigLIP 2
+        # pools with its per-patch padding mask, so its head reads the full grid
+        classifier = "ForImageClassification" in type(model).__name__
+        return "head" if classifier and not supported_models()[type(model)].patch_inputs else "last"
+
+    def check_input(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not supported_models()[type(model)].patch_inputs:
+            return super().check_input(model, args, kwargs)
+        patches = self.image_input(args, kwargs)
+        if not isinstance(patches, Tensor) or patches.ndim != 3:
+            raise InputShapeError(
+                f"{type(model).__name__} takes patch sequences pixel_values of shape (B, N, C * p * p) with "
+                f"pixel_attention_mask and spatial_shapes (its image processor makes them), got "
+                f"{tuple(patches.shape) if isinstance(patches, Tensor) else type(patches).__name__}")
+
+    def check_outputs(self, model: nn.Module, outputs: str) -> None:
+        if outputs == "reduced" and supported_models()[type(model)].patch_inputs:
+            raise InvalidOptionError(f'{type(model).__name__} pools with a padding mask over every patch, so it needs '
+                                     f'outputs="full"')
 
     def logits(self, output: Any) -> Tensor:
         return output.logits if hasattr(output, "logits") else output

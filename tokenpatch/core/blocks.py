@@ -20,6 +20,16 @@ from typing import Any, Optional, Sequence
 
 from torch import Tensor, nn
 
+from ..errors import InputShapeError
+
+
+def check_images(images: Any) -> None:
+    """Raise :class:`InputShapeError` unless ``images`` is a (B, C, H, W) tensor."""
+    if not isinstance(images, Tensor):
+        raise InputShapeError(f"expected an image tensor of shape (B, C, H, W), got {type(images).__name__}")
+    if images.ndim != 4:
+        raise InputShapeError(f"expected images of shape (B, C, H, W), got a {images.ndim}-D tensor of shape {tuple(images.shape)}")
+
 
 @dataclass(frozen=True)
 class ModelFacts:
@@ -167,6 +177,15 @@ class Backend(ABC):
     @abstractmethod
     def image_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         """The image tensor among a model call's arguments (for input checks)."""
+
+    def check_input(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Raise :class:`InputShapeError` unless a call of ``model`` gets what it takes (by default
+        a (B, C, H, W) image tensor)."""
+        check_images(self.image_input(args, kwargs))
+
+    def check_outputs(self, model: nn.Module, outputs: str) -> None:
+        """Raise :class:`~tokenpatch.errors.InvalidOptionError` if the model can't return
+        ``outputs`` (``"full"`` or ``"reduced"``) tokens; every family can by default."""
 
     @abstractmethod
     def input_size(self, model: nn.Module) -> tuple[int, int]:

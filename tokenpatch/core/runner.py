@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from torch import Tensor, nn
 
-from ..errors import InputShapeError, InvalidOptionError, NotPatchedError, TokenPatchError, UnsupportedModelError
+from ..errors import InvalidOptionError, NotPatchedError, TokenPatchError, UnsupportedModelError
 from .blocks import Backend, ModelFacts
 from .method import Method, MethodConfig
 from .pieces import padded_block
@@ -208,14 +208,6 @@ def is_patched(model: nn.Module) -> bool:
     return isinstance(model, nn.Module) and CONTEXT_ATTR in model.__dict__
 
 
-def check_images(images: Any) -> None:
-    """Raise :class:`InputShapeError` unless ``images`` is a (B, C, H, W) tensor."""
-    if not isinstance(images, Tensor):
-        raise InputShapeError(f"expected an image tensor of shape (B, C, H, W), got {type(images).__name__}")
-    if images.ndim != 4:
-        raise InputShapeError(f"expected images of shape (B, C, H, W), got a {images.ndim}-D tensor of shape {tuple(images.shape)}")
-
-
 def _block_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     ctx: PatchContext = block.__dict__[CONTEXT_ATTR]
     x, extra = ctx.backend.block_input(args, dict(kwargs))
@@ -240,7 +232,7 @@ def _all_blocks_call(model: nn.Module, name: str, *args: Any, **kwargs: Any) -> 
 def _model_call(model: nn.Module, ctx: PatchContext, args: tuple[Any, ...], kwargs: dict[str, Any],
                 returned: str) -> Iterator[None]:
     """Check a model-level call and run it as a fresh pass whose caller reads ``returned`` block outputs."""
-    check_images(ctx.backend.image_input(args, kwargs))
+    ctx.backend.check_input(model, args, kwargs)
     if model.training and ctx.backend.gradient_checkpointing(model):
         raise TokenPatchError(
             "gradient checkpointing re-runs blocks during backward, which a patched model's per-pass token "
