@@ -105,10 +105,14 @@ class TimmBackend(Backend):
     def claims(self, model: nn.Module) -> bool:
         return isinstance(model, VisionTransformer)
 
+    #: the block and attention classes whose pieces the view knows (exactly these, not subclasses)
+    block_types: tuple[type, ...] = (TimmBlock,)
+    attention_types: tuple[type, ...] = (TimmAttention,)
+
     def check(self, model: nn.Module) -> None:
         name = type(model).__name__
         for i, block in enumerate(model.blocks):
-            if type(block) is not TimmBlock or type(block.attn) is not TimmAttention:
+            if type(block) not in self.block_types or type(getattr(block, "attn", None)) not in self.attention_types:
                 raise UnsupportedModelError(
                     f"{name}.blocks[{i}] is {type(block).__name__} with "
                     f"{type(getattr(block, 'attn', None)).__name__}; supported: {self.supported}."

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from ..core.blocks import BlockView
 from ..core.ops import pair_bias
-from ..errors import UnsupportedModelError
 from .timm import TimmBackend
 
 try:
@@ -97,14 +96,11 @@ class BeitBackend(TimmBackend):
     name = "timm-beit"
     supported = "timm Beit models (beit_*, beitv2_*) with BEiT's Block and Attention"
 
+    block_types = (BeitBlock,)
+    attention_types = (BeitAttention,)
+
     def claims(self, model: nn.Module) -> bool:
         return isinstance(model, Beit)
-
-    def check(self, model: nn.Module) -> None:
-        for i, block in enumerate(model.blocks):
-            if type(block) is not BeitBlock or type(block.attn) is not BeitAttention:
-                raise UnsupportedModelError(
-                    f"{type(model).__name__}.blocks[{i}] is {type(block).__name__}; supported: {self.supported}.")
 
     def view(self, block: nn.Module, extra: dict[str, Any]) -> BlockView:
         return BeitBlockView(block, extra.get("shared_rel_pos_bias"))

@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from ..core.blocks import BlockView
 from ..core.ops import rotary_rows
-from ..errors import UnsupportedModelError
 from .timm import TimmBackend, refuse_masks
 
 try:
@@ -124,15 +123,11 @@ class EvaBackend(TimmBackend):
     supported = ("timm Eva models (eva02_*, eva_*, vit_*_dinov3, vit_*_rope*, vit_pe_*) with EvaBlock or "
                  "EvaBlockPostNorm blocks and EvaAttention or AttentionRope attention")
 
+    block_types = (EvaBlock, EvaBlockPostNorm)
+    attention_types = (EvaAttention, AttentionRope)
+
     def claims(self, model: nn.Module) -> bool:
         return isinstance(model, Eva)
-
-    def check(self, model: nn.Module) -> None:
-        for i, block in enumerate(model.blocks):
-            if type(block) not in (EvaBlock, EvaBlockPostNorm) or type(block.attn) not in (EvaAttention, AttentionRope):
-                raise UnsupportedModelError(
-                    f"{type(model).__name__}.blocks[{i}] is {type(block).__name__} with "
-                    f"{type(getattr(block, 'attn', None)).__name__}; supported: {self.supported}.")
 
     def view(self, block: nn.Module, extra: dict[str, Any]) -> BlockView:
         return EvaBlockView(block, extra.get("rope"))

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
 from .timm import TimmBackend
 
 try:
-    from timm.layers import Attention as TimmAttention
     from timm.models.naflexvit import NaFlexVit
-    from timm.models.vision_transformer import Block as TimmBlock
 except ImportError as exc:  # pragma: no cover - exercised only without timm
     raise ImportError("tokenpatch's timm backend needs timm>=1.0.20 (pip install timm)") from exc
 
@@ -30,12 +27,6 @@ class NaFlexBackend(TimmBackend):
 
     def claims(self, model: nn.Module) -> bool:
         return isinstance(model, NaFlexVit)
-
-    def check(self, model: nn.Module) -> None:
-        for i, block in enumerate(model.blocks):
-            if type(block) is not TimmBlock or type(block.attn) is not TimmAttention:
-                raise UnsupportedModelError(
-                    f"{type(model).__name__}.blocks[{i}] is {type(block).__name__}; supported: {self.supported}.")
 
     def has_class_token(self, model: nn.Module) -> bool:
         return getattr(model.embeds, "cls_token", None) is not None  # NaFlex keeps its prefix in the embedder

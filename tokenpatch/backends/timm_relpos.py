@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from ..core.blocks import BlockView
 from ..core.ops import pair_bias
-from ..errors import UnsupportedModelError
 from .timm import TimmBackend, TimmBlockView
 
 try:
@@ -65,14 +64,11 @@ class RelPosBackend(TimmBackend):
     name = "timm-relpos"
     supported = "timm VisionTransformerRelPos models (vit_relpos_*, vit_srelpos_*) with RelPosBlock or ResPostRelPosBlock"
 
+    block_types = (RelPosBlock, ResPostRelPosBlock)
+    attention_types = (RelPosAttention,)
+
     def claims(self, model: nn.Module) -> bool:
         return isinstance(model, VisionTransformerRelPos)
-
-    def check(self, model: nn.Module) -> None:
-        for i, block in enumerate(model.blocks):
-            if type(block) not in (RelPosBlock, ResPostRelPosBlock) or type(block.attn) is not RelPosAttention:
-                raise UnsupportedModelError(
-                    f"{type(model).__name__}.blocks[{i}] is {type(block).__name__}; supported: {self.supported}.")
 
     def view(self, block: nn.Module, extra: dict[str, Any]) -> BlockView:
         return RelPosBlockView(block, extra.get("shared_rel_pos"))
