@@ -141,11 +141,10 @@ def _encoder_config(config_class: type, timm_model: torch.nn.Module) -> object:
 
 
 def siglip_twin(timm_model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers ``SiglipVisionModel`` with exactly a timm SigLIP image tower's encoder weights.
+    """The transformers ``SiglipVisionModel`` with exactly a timm SigLIP image tower's weights.
 
-    The timm model must be a ``vit_*_siglip_*`` (no class token, exact GELU) built without a
-    head; its attention-pool head is not mapped, so compare tokens (``last_hidden_state``,
-    final norm included, against timm's ``forward_features``).
+    The timm model must be a ``vit_*_siglip_*`` (no class token, exact GELU, attention-pool head)
+    built without a classifier; its ``attn_pool`` becomes transformers' pooling ``head``.
     """
     state = timm_model.state_dict()
     out = {"embeddings.patch_embedding.weight": state["patch_embed.proj.weight"],
@@ -153,9 +152,18 @@ def siglip_twin(timm_model: torch.nn.Module) -> torch.nn.Module:
            "embeddings.position_embedding.weight": state["pos_embed"][0],
            "post_layernorm.weight": state["norm.weight"], "post_layernorm.bias": state["norm.bias"]}
     _clip_layers(out, state, len(timm_model.blocks))
+    pool = "attn_pool"
+    out.update({"head.probe": state[f"{pool}.latent"],
+                "head.attention.in_proj_weight": torch.cat([state[f"{pool}.q.weight"], state[f"{pool}.kv.weight"]]),
+                "head.attention.in_proj_bias": torch.cat([state[f"{pool}.q.bias"], state[f"{pool}.kv.bias"]]),
+                "head.attention.out_proj.weight": state[f"{pool}.proj.weight"],
+                "head.attention.out_proj.bias": state[f"{pool}.proj.bias"],
+                "head.layernorm.weight": state[f"{pool}.norm.weight"], "head.layernorm.bias": state[f"{pool}.norm.bias"]})
+    for layer in ("fc1", "fc2"):
+        for kind in ("weight", "bias"):
+            out[f"head.mlp.{layer}.{kind}"] = state[f"{pool}.mlp.{layer}.{kind}"]
     model = transformers.SiglipVisionModel(_encoder_config(transformers.SiglipVisionConfig, timm_model))
-    missing, unexpected = model.load_state_dict(out, strict=False)
-    assert not unexpected and all(key.startswith("head.") for key in missing), (missing, unexpected)
+    model.load_state_dict(out, strict=True)
     return model.eval()
 
 

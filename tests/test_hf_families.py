@@ -191,12 +191,18 @@ def test_timm_and_transformers_agree_on_the_same_weights(twin, case):
                 assert "pools over all tokens" in str(refusal)
                 continue
         with torch.no_grad(), (tokenpatch.trace(model) if case else contextlib.nullcontext()) as recorded:
-            tokens = final_tokens(model, model(pixel_values=x)) if model is hf_model else model.forward_features(x)
-        traces.append((tokens, recorded))
+            if model is hf_model:
+                output = model(pixel_values=x)
+                tokens, pooled = final_tokens(model, output), output.pooler_output
+            else:
+                tokens = model.forward_features(x)
+                pooled = model.forward_head(tokens, pre_logits=True)
+        traces.append((tokens, pooled, recorded))
     if not traces:
         return
-    (timm_tokens, timm_trace), (hf_tokens, hf_trace) = traces
+    (timm_tokens, timm_pooled, timm_trace), (hf_tokens, hf_pooled, hf_trace) = traces
     assert (timm_tokens - hf_tokens).abs().max() <= 1e-4
+    assert (timm_pooled - hf_pooled).abs().max() <= 1e-4  # the pooled feature the heads read
     if case is not None:  # the same tokens chosen in every block
         assert all(torch.equal(a.positions, b.positions) for a, b in zip(timm_trace.records, hf_trace.records))
 
