@@ -102,12 +102,12 @@ class TimmBackend(Backend):
         "are timm.models.vision_transformer.Block with timm.layers.Attention"
     )
 
-    def claims(self, model: nn.Module) -> bool:
-        return isinstance(model, VisionTransformer)
-
     #: the block and attention classes whose pieces the view knows (exactly these, not subclasses)
     block_types: tuple[type, ...] = (TimmBlock,)
     attention_types: tuple[type, ...] = (TimmAttention,)
+
+    def claims(self, model: nn.Module) -> bool:
+        return isinstance(model, VisionTransformer)
 
     def check(self, model: nn.Module) -> None:
         name = type(model).__name__
