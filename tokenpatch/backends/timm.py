@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -33,6 +34,19 @@ def refuse_masks(attn_mask: Optional[Tensor], is_causal: bool) -> None:
         )
 
 
+def fused_qkv_part(attn: nn.Module, xn: Tensor, part: int) -> Tensor:
+    """Queries (0), keys (1) or values (2) of (B, N, C) ``xn`` from a fused ``qkv`` linear: rows
+    ``[part * W, (part + 1) * W)`` of its weight, and of its bias, which timm keeps in ``qkv.bias``
+    or split into ``q_bias``/``k_bias``/``v_bias`` (BEiT, EVA). Returns (B, N, W)."""
+    if getattr(attn, "q_bias", None) is not None:
+        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    else:
+        bias = attn.qkv.bias
+    width = attn.qkv.weight.shape[0] // 3
+    rows = slice(part * width, (part + 1) * width)
+    return F.linear(xn, attn.qkv.weight[rows], None if bias is None else bias[rows])
+
+
 class TimmBlockView(BlockView):
     """A timm ``Block`` with a standard ``Attention`` as composable pieces."""
 
@@ -55,11 +69,7 @@ class TimmBlockView(BlockView):
         return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _project(self, xn: Tensor, part: int) -> Tensor:
-        # One third of the fused qkv linear: rows [part*W, (part+1)*W) of its weight.
-        width = self.attn.qkv.weight.shape[0] // 3
-        rows = slice(part * width, (part + 1) * width)
-        bias = self.attn.qkv.bias
-        return self._heads(F.linear(xn, self.attn.qkv.weight[rows], None if bias is None else bias[rows]))
+        return self._heads(fused_qkv_part(self.attn, xn, part))
 
     # Absolute position embeddings: the projections do not depend on where a token sits.
     def qkv(self, xn: Tensor, positions: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.blocks import BlockView
 from ..core.ops import pair_bias
-from .timm import TimmBackend
+from .timm import TimmBackend, fused_qkv_part
 
 try:
     from timm.models.beit import Attention as BeitAttention
@@ -48,10 +46,7 @@ class BeitBlockView(BlockView):
         return self.block.norm1(x)
 
     def _project(self, xn: Tensor, part: int) -> Tensor:
-        width = self.num_heads * self.head_dim
-        rows = slice(part * width, (part + 1) * width)
-        bias = None if self.attn.q_bias is None else torch.cat((self.attn.q_bias, self.attn.k_bias, self.attn.v_bias))
-        out = F.linear(xn, self.attn.qkv.weight[rows], None if bias is None else bias[rows])
+        out = fused_qkv_part(self.attn, xn, part)
         b, n, _ = out.shape
         return out.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.blocks import BlockView
 from ..core.ops import rotary_rows
-from .timm import TimmBackend, refuse_masks
+from .timm import TimmBackend, fused_qkv_part, refuse_masks
 
 try:
     from timm.layers import AttentionRope
@@ -52,11 +51,6 @@ class EvaBlockView(BlockView):
     def norm1(self, x: Tensor) -> Tensor:
         return x if self.post_norm else self.block.norm1(x)
 
-    def _fused_bias(self) -> Optional[Tensor]:
-        if getattr(self.attn, "q_bias", None) is not None:
-            return torch.cat((self.attn.q_bias, self.attn.k_bias, self.attn.v_bias))
-        return self.attn.qkv.bias
-
     def _heads(self, t: Tensor) -> Tensor:
         b, n, _ = t.shape
         return t.view(b, n, -1, self.head_dim).transpose(1, 2)
@@ -65,10 +59,7 @@ class EvaBlockView(BlockView):
         """Queries (0), keys (1) or values (2), (B, N, C) -> (B, heads, N, D), before norms and rotation."""
         if self.attn.qkv is None:
             return self._heads((self.attn.q_proj, self.attn.k_proj, self.attn.v_proj)[part](xn))
-        width = self.attn.qkv.weight.shape[0] // 3
-        rows = slice(part * width, (part + 1) * width)
-        bias = self._fused_bias()
-        return self._heads(F.linear(xn, self.attn.qkv.weight[rows], None if bias is None else bias[rows]))
+        return self._heads(fused_qkv_part(self.attn, xn, part))
 
     def _rotate(self, t: Tensor, positions: Optional[Tensor]) -> Tensor:
         if self.rope is None:
