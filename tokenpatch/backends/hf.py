@@ -210,9 +210,19 @@ class HFBlockView(BlockView):
         return x + self._branch(y, 1)
 
 
+@lru_cache(maxsize=1)
+def _layer_layouts() -> dict[type, Layout]:
+    """Supported layer class -> its :class:`Layout` (looked up on every block call)."""
+    return {family.layer: family.layout for family in supported_models().values()}
+
+
 def _layout(layer: nn.Module) -> Layout:
-    """The :class:`Layout` of a supported layer."""
-    return next(f.layout for f in supported_models().values() if isinstance(layer, f.layer))
+    """The :class:`Layout` of a supported layer (or of a subclass, remembered on first use)."""
+    layouts = _layer_layouts()
+    kind = type(layer)
+    if kind not in layouts:
+        layouts[kind] = next(layout for layer_class, layout in list(layouts.items()) if issubclass(kind, layer_class))
+    return layouts[kind]
 
 
 def _vision_tower(model: nn.Module) -> nn.Module:
