@@ -1,10 +1,18 @@
 """Bipartite soft matching: merge the ``r`` most redundant tokens of a set into their partners.
 
-Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023 (arXiv:2210.09461). The tokens
-are split alternately into two sets, A (even positions) and B (odd positions); each A token
-points to its most similar B token (cosine similarity of a metric, e.g. head-averaged keys);
-the ``r`` A tokens with the most similar partners are merged into them and the rest of A
-stays. Merging averages features weighted by how many original tokens each one stands for.
+Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023 (arXiv:2210.09461); official code
+``facebookresearch/ToMe`` (``tome/merge.py``). The tokens of a set are split alternately into two
+halves, A (even positions) and B (odd positions); each A token points to its most similar B token
+(cosine similarity of a metric, e.g. head-averaged keys); the ``r`` A tokens with the most
+similar partners are merged into them and the rest of A stays. Merging averages features
+weighted by how many original tokens each one stands for.
+
+The first ``protected`` tokens of the set (class, distillation, register tokens) take part in
+the alternation but never merge: a protected A token has no edge and a protected B token
+receives none (the official code's ``class_token`` and ``distill_token`` rules, for any count).
+The merged set lists the protected tokens first, in their order, then the other kept A tokens
+in order, then the other B tokens: for one protected class token, exactly the official
+``[unmerged A, B]`` order.
 
 Only ``gather`` and ``scatter_add`` move tokens (no ``scatter_reduce(mean)``), so the merge
 traces, compiles and exports.
@@ -23,25 +31,28 @@ class Matching:
     """Which tokens of a set of M merge into which, for a batch.
 
     With ``A = ceil(M / 2)`` tokens in set A (positions 0, 2, 4, ...) and ``M - A`` in set B
-    (positions 1, 3, ...), indices count within their set.
+    (positions 1, 3, ...), indices count within their half.
 
     Attributes:
-        kept: (B, A - r) A tokens that stay, ascending.
+        kept: (B, A - r) A tokens that stay, ascending (the protected ones first).
         merged: (B, r) A tokens merged away.
         into: (B, r) the B token each merged A token joins.
+        protected: how many leading tokens of the set never merge.
     """
 
     kept: Tensor
     merged: Tensor
     into: Tensor
+    protected: int = 0
 
 
-def bipartite_matching(metric: Tensor, r: int) -> Matching:
+def bipartite_matching(metric: Tensor, r: int, protected: int = 0) -> Matching:
     """Choose ``r`` merges among (B, M) tokens by cosine similarity of ``metric``.
 
     Args:
         metric: (B, M, D) per-token features compared by cosine similarity.
-        r: tokens to merge away, ``0 <= r <= M // 2``.
+        r: tokens to merge away, ``0 <= r <= (M - protected) // 2``.
+        protected: leading tokens that neither merge nor receive a merge.
 
     Returns:
         The :class:`Matching`: each A token's most similar B token is its partner; the ``r`` A
@@ -49,15 +60,38 @@ def bipartite_matching(metric: Tensor, r: int) -> Matching:
     """
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a, b = metric[:, 0::2], metric[:, 1::2]
-    best, partner = (a @ b.transpose(1, 2)).max(dim=-1)  # (B, A): best similarity and its B index
+    similarity = a @ b.transpose(1, 2)  # (B, A, M - A)
+    if protected:
+        similarity[:, : (protected + 1) // 2] = float("-inf")
+        similarity[:, :, : protected // 2] = float("-inf")
+    best, partner = similarity.max(dim=-1)  # (B, A): best similarity and its B index
     order = best.argsort(dim=-1, descending=True)  # not stable=True: ONNX has no stable sort
     merged = order[:, :r]
-    return Matching(kept=order[:, r:].sort(dim=-1).values, merged=merged, into=partner.gather(1, merged))
+    kept = order[:, r:].sort(dim=-1).values
+    return Matching(kept=kept, merged=merged, into=partner.gather(1, merged), protected=protected)
 
 
 def _rows(t: Tensor, index: Tensor) -> Tensor:
     """(B, K, ...) rows of (B, M, ...) ``t`` at (B, K) ``index``."""
     return t.gather(1, index.view(*index.shape, *([1] * (t.ndim - 2))).expand(-1, -1, *t.shape[2:]))
+
+
+def _protected_first(kept: int, size: int, protected: int) -> tuple[int, ...]:
+    """Order of ``[kept A, B]`` (``size`` tokens) that puts the protected tokens first, as they came.
+
+    The protected tokens alternate A, B, A, ... and lead their halves.
+    """
+    front = [i // 2 if i % 2 == 0 else kept + i // 2 for i in range(protected)]
+    return tuple(front + [i for i in range(size) if i not in set(front)])
+
+
+def _joined(kept_a: Tensor, b: Tensor, matching: Matching) -> Tensor:
+    """The merged set: kept A then B along dim 1, protected tokens moved to the front."""
+    joined = torch.cat([kept_a, b], dim=1)
+    if matching.protected < 2:  # a single protected token already leads the kept A tokens
+        return joined
+    order = _protected_first(kept_a.shape[1], joined.shape[1], matching.protected)
+    return joined[:, list(order)]
 
 
 def merge_tokens(x: Tensor, sizes: Tensor, matching: Matching) -> tuple[Tensor, Tensor]:
@@ -68,8 +102,8 @@ def merge_tokens(x: Tensor, sizes: Tensor, matching: Matching) -> tuple[Tensor, 
         sizes: (B, M) how many original tokens each one stands for.
 
     Returns:
-        (B, M - r, C) tokens: the kept A tokens (ascending), then every B token with its merged
-        A tokens averaged in; and their (B, M - r) sizes.
+        (B, M - r, C) tokens in the merged order (module docstring), each B token with its
+        merged A tokens averaged in; and their (B, M - r) sizes.
     """
     a_sizes, b_sizes = sizes[:, 0::2], sizes[:, 1::2]
     weighted = x * sizes.unsqueeze(-1)
@@ -77,22 +111,26 @@ def merge_tokens(x: Tensor, sizes: Tensor, matching: Matching) -> tuple[Tensor, 
     b_sum = weighted[:, 1::2].scatter_add(1, into, _rows(weighted[:, 0::2], matching.merged))
     b_sizes = b_sizes.scatter_add(1, matching.into, a_sizes.gather(1, matching.merged))
     kept = _rows(x[:, 0::2], matching.kept)
-    return torch.cat([kept, b_sum / b_sizes.unsqueeze(-1)], dim=1), torch.cat([a_sizes.gather(1, matching.kept), b_sizes], dim=1)
+    return (_joined(kept, b_sum / b_sizes.unsqueeze(-1), matching),
+            _joined(a_sizes.gather(1, matching.kept), b_sizes, matching))
 
 
 def arrange(t: Tensor, matching: Matching) -> Tensor:
     """Per-token data in the merged order, each B token keeping its own: (B, M, ...) -> (B, M - r, ...)."""
-    return torch.cat([_rows(t[:, 0::2], matching.kept), t[:, 1::2]], dim=1)
+    return _joined(_rows(t[:, 0::2], matching.kept), t[:, 1::2], matching)
 
 
 def destinations(matching: Matching, m: int) -> Tensor:
     """(B, M) index, among the merged tokens, of the token each of the M input tokens ends up in."""
-    kept = matching.kept.shape[1]
-    batch, a_size = matching.kept.shape[0], (m + 1) // 2
-    b_dest = kept + torch.arange(m - a_size, device=matching.kept.device).expand(batch, -1)
-    a_dest = torch.zeros(batch, a_size, dtype=torch.long, device=matching.kept.device)
-    a_dest = a_dest.scatter(1, matching.kept, torch.arange(kept, device=a_dest.device).expand(batch, -1))
+    batch, a_size, device = matching.kept.shape[0], (m + 1) // 2, matching.kept.device
+    slots = arrange(torch.arange(m, device=device).expand(batch, -1), matching)  # input token in each merged slot
+    # slot of every input token that has one (kept A and all B; merged A tokens are filled in below)
+    position = torch.zeros(batch, m, dtype=torch.long, device=device)
+    position.scatter_(1, slots, torch.arange(slots.shape[1], device=device).expand(batch, -1))
+    b_dest = position[:, 1::2]  # every B token has its own slot
+    a_dest = torch.zeros(batch, a_size, dtype=torch.long, device=device)
+    a_dest = a_dest.scatter(1, matching.kept, position[:, 0::2].gather(1, matching.kept))
     a_dest = a_dest.scatter(1, matching.merged, b_dest.gather(1, matching.into))
-    dest = torch.empty(batch, m, dtype=torch.long, device=a_dest.device)
+    dest = torch.empty(batch, m, dtype=torch.long, device=device)
     dest[:, 0::2], dest[:, 1::2] = a_dest, b_dest
     return dest
