@@ -102,7 +102,8 @@ def test_default_schedules_for_twelve_blocks():
     tokenpatch.patch(model, "idle", keep_ratio=0.5)
     with tokenpatch.trace(model) as t:
         model(images(model, batch=1))
-    assert t.tokens_per_block == [17, 17] + [9] * 10  # start block 2, keep int(0.5 * 16) = 8
+    # the official inference schedule: blocks 3..11 keep int(r * 16), int(r**2 * 16), int(r**3 * 16)
+    assert t.tokens_per_block == [17] * 3 + [1 + 8] * 3 + [1 + 4] * 3 + [1 + 2] * 3
     tokenpatch.unpatch(model)
     tokenpatch.patch(model, "evit", keep_ratio=0.5)
     with tokenpatch.trace(model) as t:
@@ -140,7 +141,7 @@ def test_train_mode_gradients_reach_every_used_parameter(key, variant):
 
 
 def test_dynamic_img_size_patches_other_resolutions():
-    model = tokenpatch.patch(make_model("dynamic_img_size"), "idle", keep_ratio=0.5)
+    model = tokenpatch.patch(make_model("dynamic_img_size"), "idle", keep_ratio=0.5, schedule="constant")
     with tokenpatch.trace(model) as t:
         model(torch.randn(2, 3, 96, 80))
     patches = (96 // 16) * (80 // 16)
@@ -168,4 +169,4 @@ def test_full_size_models_patch_and_reproduce(name):
         with tokenpatch.trace(model) as t:
             model(x)
     prefix = model.num_prefix_tokens
-    assert t.tokens_per_block == [196 + prefix] * 2 + [98 + prefix] * 10
+    assert t.tokens_per_block == [196 + prefix] * 3 + [98 + prefix] * 3 + [49 + prefix] * 3 + [24 + prefix] * 3

@@ -103,7 +103,8 @@ def prefix_positions(batch: int, num_prefix: int, device: torch.device) -> Tenso
     return torch.arange(num_prefix, device=device).expand(batch, num_prefix)
 
 
-def cls_attention(q_cls: Tensor, k: Tensor, scale: float, key_mask: Optional[Tensor] = None) -> Tensor:
+def cls_attention(q_cls: Tensor, k: Tensor, scale: float, key_mask: Optional[Tensor] = None,
+                  probabilities: bool = True) -> Tensor:
     """Head-averaged attention of the class token over all keys, without the N x N matrix.
 
     Costs ``H * N * D`` multiply-adds, against ``H * N * N * D`` for the full attention map.
@@ -113,15 +114,16 @@ def cls_attention(q_cls: Tensor, k: Tensor, scale: float, key_mask: Optional[Ten
         k: (B, H, N, D) keys of every token.
         scale: the attention's logit scale (``D ** -0.5`` for standard ViTs).
         key_mask: (B, N) bool, False for padding keys (they get probability 0); None: all keys.
+        probabilities: softmax over the keys before the head mean (EViT, ATS); False averages
+            the scaled logits themselves (IdleViT's official inference ranking).
 
     Returns:
-        (B, N) attention probabilities of the class token, softmax over all N keys per head,
-        then averaged over heads (EViT's definition).
+        (B, N) attention probabilities (or logits) of the class token, averaged over heads.
     """
     logits = (q_cls * scale) @ k.transpose(-2, -1)
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=1).squeeze(1)
+    return (logits.softmax(dim=-1) if probabilities else logits).mean(dim=1).squeeze(1)
 
 
 def padded_top_positions(scores: Tensor, counts: Tensor) -> Tensor:

@@ -1,27 +1,25 @@
 """IdleViT: selected tokens compute, the others idle and may be selected again later.
 
 Xu et al., "IdleViT: Efficient Vision Transformer via Token Idle and Token Cut Loss",
-AJCAI 2023 (arXiv:2310.05654). From a start block on, each block picks the class/prefix tokens
-plus the top-k patches; only they run attention (keys restricted to the selected set) and the
-MLP. The other tokens pass through unchanged, so a later block can select them again and the
-output keeps all N tokens.
+AJCAI 2023 (arXiv:2310.05654); official code ``Ackesnal/IdleViT``. From a start block on, each
+block picks the class/prefix tokens plus the top-k patches; only they run attention (keys
+restricted to the selected set) and the MLP. The other tokens pass through unchanged, so a later
+block can select them again and the output keeps all N tokens.
 
-Score sources (``score=``):
+The defaults are the official inference rule (``infer.py`` and ``vit.py`` of the official code;
+its training script ``main.py`` idles blocks 4-11 instead, and we follow the inference script):
+idle blocks 3..11 of 12 (from a quarter of the depth on), keeping ``int(r * patches)``,
+``int(r**2 * patches)``, ``int(r**3 * patches)`` of the patches in the three thirds of them
+(``r = 0.7``), and every idle block ranks the patches afresh by the head mean of its own raw
+class-token logits ``q_cls . k`` against all tokens (no softmax).
 
-- ``"fresh"`` (the paper's inference rule): at every reducing block, the class-token query of
-  that block against the keys of *all* tokens. Costs a key projection of every token.
-- ``"previous"``: the class-token attention of the previous reducing block; idle tokens keep
-  their stale score. Cheap, but the scores of different blocks are normalised over different
-  sets, so the selection churns (measured: large accuracy loss without fine-tuning).
-- ``"carried"``: like ``"previous"``, but the new attention is renormalised to the mass the
-  selected tokens had and averaged with their old score, so idle and selected scores stay
-  comparable and the selection moves slowly.
-- ``"fixed"`` (the default): the first reducing block's fresh scores, reused by every later
-  block (nested selections under the geometric schedule). Without fine-tuning this is by far
-  the most accurate rule at a given MAC budget; ``benchmarks/accuracy.py`` prints the table.
+Deviations kept as options because they measured better without fine-tuning on the shared
+DeiT-Tiny (README, "Method fidelity"):
 
-The default start block is a sixth of the depth (block 2 of 12), one block earlier than the
-paper's 3: at matched MACs it measured about 0.7 points more top-1 on the shared DeiT-Tiny.
+- ``score="fixed"``: the first idle block's scores, reused by every later block (nested
+  selections under the geometric schedule) instead of ranking afresh.
+- ``ranking="softmax"``: rank by the head mean of the softmax probabilities (EViT's score).
+- ``start_block`` and ``schedule="constant"``: other layers and one keep ratio for all.
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ from ..core.registry import register_method
 from ..core.runner import last_training_outputs
 from ..core.state import PassState
 
-Score = Literal["fixed", "fresh", "previous", "carried"]
+Score = Literal["fresh", "fixed"]
 
 
 @dataclasses.dataclass
@@ -50,19 +48,23 @@ class IdleConfig(ScoringConfig):
 
     Attributes:
         keep_ratio: fraction r of the patches a reducing block computes on.
-        start_block: first reducing block; None means a sixth of the depth (2 for 12 blocks;
-            the paper starts at 3).
-        schedule: ``"constant"`` keeps r everywhere; ``"geometric"`` splits the reducing blocks
-            into thirds keeping r, r**2, r**3 (the paper's schedule).
-        score: how patches are ranked; see the module docstring.
+        start_block: first reducing block; None means a quarter of the depth (3 for 12 blocks,
+            the official inference script's).
+        schedule: ``"geometric"`` (official) splits the reducing blocks into thirds keeping r,
+            r**2, r**3; ``"constant"`` keeps r everywhere.
+        score: ``"fresh"`` (official) ranks at every reducing block with its own scores;
+            ``"fixed"`` reuses the first reducing block's.
+        ranking: ``"logits"`` (official) ranks by the head mean of the raw class-token logits;
+            ``"softmax"`` by the head mean of the attention probabilities.
         cut_weight: fine-tuning weight of the token-cut loss (:class:`TokenCutLoss`; 0: off).
         scorer: whose attention ranks the patches, see :class:`~tokenpatch.core.method.ScoringConfig`.
     """
 
-    keep_ratio: float = 0.5
+    keep_ratio: float = 0.7
     start_block: Optional[int] = None
-    schedule: Literal["constant", "geometric"] = "constant"
-    score: Score = "fixed"
+    schedule: Literal["constant", "geometric"] = "geometric"
+    score: Score = "fresh"
+    ranking: Literal["logits", "softmax"] = "logits"
     cut_weight: float = 0.0
 
     def validate(self, depth: int) -> None:
@@ -79,8 +81,8 @@ class IdleState:
 
 
 def default_start_block(depth: int) -> int:
-    """First reducing block when none is given: a sixth of the depth, at least 1."""
-    return min(depth - 1, max(1, round(depth / 6)))
+    """First reducing block when none is given: a quarter of the depth, at least 1."""
+    return min(depth - 1, max(1, depth // 4))
 
 
 def keep_ratios(config: IdleConfig, depth: int) -> list[Optional[float]]:
@@ -99,8 +101,8 @@ class Idle(Method[IdleConfig, IdleState]):
     name = "idle"
     summary = "IdleViT: top-k tokens compute, the rest idle and can return"
     config_class = IdleConfig
-    variants = {"geometric": {"schedule": "geometric"}, "fresh": {"score": "fresh"}, "previous": {"score": "previous"},
-                "carried": {"score": "carried"}}
+    variants = {"constant": {"schedule": "constant"}, "fixed": {"score": "fixed"}, "softmax": {"ranking": "softmax"},
+                "fixed_softmax_constant": {"score": "fixed", "ranking": "softmax", "schedule": "constant"}}
 
     def schedule(self, config: IdleConfig, depth: int) -> list[Optional[float]]:
         return keep_ratios(config, depth)
@@ -116,33 +118,28 @@ class Idle(Method[IdleConfig, IdleState]):
 
     def reduce_block(self, view: BlockView, x: Tensor, state: PassState[IdleState], block: int, ratio: float,
                      config: IdleConfig) -> Tensor:
-        p = state.num_prefix
-        keep = max(1, int(ratio * (x.shape[1] - p)))
+        keep = max(1, int(ratio * (x.shape[1] - state.num_prefix)))
+        by_class = scorer_rule(config.scorer, state) == "class_token"
+        xn = queries = keys = None
         if config.score == "fresh" or state.own.scores is None:
             xn = view.norm1(x)
             keys = view.key(xn, state.positions)
             # the class token's query alone, or every patch's (their mean scores; the selected reuse theirs)
-            by_class = scorer_rule(config.scorer, state) == "class_token"
             queries = view.query(xn[:, :1] if by_class else xn, state.positions[:, :1] if by_class else state.positions)
-            scores = patch_scores(view, queries, keys, state, config.scorer)
-            keep_positions = top_k_positions(scores, keep)
-            selected, index = keep_tokens(x, state, keep_positions)
-            positions = state.positions.gather(1, index)
+            scores = patch_scores(view, queries, keys, state, config.scorer, probabilities=config.ranking == "softmax")
+        else:
+            scores = state.own.scores
+        selected, index = keep_tokens(x, state, top_k_positions(scores, keep))
+        positions = state.positions.gather(1, index)
+        if xn is None:
+            xn_sel = view.norm1(selected)
+            q, k, v = view.qkv(xn_sel, positions)
+        else:  # keys of the selected tokens are already projected
             xn_sel = gather_tokens(xn, index)
             q = view.query(xn_sel, positions) if by_class else gather_heads(queries, index)
             k, v = gather_heads(keys, index), view.value(xn_sel)
-        else:
-            scores = state.own.scores
-            keep_positions = top_k_positions(scores, keep)
-            selected, index = keep_tokens(x, state, keep_positions)
-            positions = state.positions.gather(1, index)
-            xn_sel = view.norm1(selected)
-            q, k, v = view.qkv(xn_sel, positions)
         state.record_scores(block, SCORE_NAMES[scorer_rule(config.scorer, state)], scores)
-        if config.score in ("previous", "carried"):
-            new_attention = patch_scores(view, q, k, state, config.scorer)
-            state.own.scores = _updated_scores(config.score, scores, keep_positions, new_attention).detach()
-        elif config.score == "fixed":
+        if config.score == "fixed":
             state.own.scores = scores.detach()
         if "attention" in state.collect:
             _leave_token_cut_inputs(view, x, state, index)
@@ -156,22 +153,6 @@ def _leave_token_cut_inputs(view: BlockView, x: Tensor, state: PassState, index:
     """For :class:`TokenCutLoss`: all-token attention logits and the (B, N) selected mask."""
     selected = x.new_zeros(x.shape[:2]).scatter(1, index, 1.0)
     state.add_aux("token_cut", (mean_attention_logits(view, view.norm1(x), state.positions), selected))
-
-
-def _updated_scores(rule: str, scores: Tensor, keep_positions: Tensor, new_selected: Tensor) -> Tensor:
-    """Scores for the next block after the selected patches got a new attention ``new_selected``.
-
-    Args:
-        scores: (B, M) scores used for this block's selection.
-        keep_positions: (B, K) selected patches.
-        new_selected: (B, K) class-token attention of the selected patches in this block.
-    """
-    old_selected = scores.gather(1, keep_positions)
-    if rule == "carried":
-        # Same total mass as before over the selected set, then a running mean.
-        mass = old_selected.sum(1, keepdim=True) / new_selected.sum(1, keepdim=True).clamp_min(1e-12)
-        new_selected = 0.5 * (old_selected + new_selected * mass)
-    return scores.scatter(1, keep_positions, new_selected)
 
 
 class TokenCutLoss(nn.Module):

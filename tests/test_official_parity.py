@@ -1,0 +1,150 @@
+"""Each method's default equals a small reference written from its official code's inference rule.
+
+ToMe's and ATS's references live in ``test_tome_ats.py``. Each reference here runs one image at a
+time with explicit attention, as the official code does, and keeps the official token order
+(class token, then the kept patches by descending score), so it also checks that tokenpatch's
+position-ordered gathers change nothing.
+"""
+
+import math
+
+import pytest
+import torch
+
+import tokenpatch
+
+from conftest import images, make_model
+
+
+def explicit_attention(block, t, rows=None):
+    """Block ``block``'s attention output (before the residual) for the tokens ``rows`` of (N, C) ``t``
+    (all when None), attending to every token of ``t``; also the (H, N, D) queries and keys."""
+    attn, n = block.attn, t.shape[0]
+    q, k, v = attn.qkv(block.norm1(t)).reshape(n, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
+    q_rows = q if rows is None else q[:, rows]
+    weights = ((q_rows @ k.transpose(-2, -1)) * attn.scale).softmax(-1)
+    return attn.proj((weights @ v).transpose(0, 1).reshape(q_rows.shape[1], -1)), q, k, weights
+
+
+def mlp_residual(block, t):
+    return t + block.ls2(block.mlp(block.norm2(t)))
+
+
+def head(model, t):
+    return model.forward_head(model.norm(t[None]))
+
+
+def reference_idlevit_logits(model, x, idle_layers, keep_ratios):
+    """IdleViT's official inference (``Ackesnal/IdleViT``, ``vit.py`` with ``test=True``): at an idle
+    layer the class token's raw logits against every key, averaged over heads (no softmax), pick
+    the top ``int(r * patches)`` patches; the class token and they attend among themselves, run
+    the MLP and are written back; the others pass unchanged."""
+    out = []
+    for t in model._pos_embed(model.patch_embed(x)):
+        patches = t.shape[0] - 1
+        for i, block in enumerate(model.blocks):
+            if i not in idle_layers:
+                t = mlp_residual(block, t + block.ls1(explicit_attention(block, t)[0]))
+                continue
+            _, q, k, _ = explicit_attention(block, t)
+            logits = (q[:, :1] @ k.transpose(-2, -1)).mean(0)[0, 1:]
+            chosen = logits.argsort(descending=True)[: int(patches * keep_ratios[idle_layers.index(i)])]
+            selected = torch.cat([torch.zeros(1, dtype=torch.long), chosen + 1])
+            s = t[selected]
+            s = mlp_residual(block, s + block.ls1(explicit_attention(block, s)[0]))
+            t = t.index_copy(0, selected, s)
+        out.append(head(model, t))
+    return torch.cat(out)
+
+
+def reference_evit_logits(model, x, blocks, keep_rate, fuse=False):
+    """EViT's official inference (``youweiliang/evit``, ``evit.py``): at a reduction block, after the
+    attention residual, keep the ``ceil(r * (N - 1))`` patches with the highest head-averaged
+    class-token attention (softmax probabilities); with ``fuse``, add one token: the dropped
+    patches summed with their attention as weights."""
+    out = []
+    for t in model._pos_embed(model.patch_embed(x)):
+        for i, block in enumerate(model.blocks):
+            attended, _, _, weights = explicit_attention(block, t)
+            t = t + block.ls1(attended)
+            if i in blocks:
+                scores = weights[:, 0, 1:].mean(0)
+                order = scores.argsort(descending=True)
+                kept, dropped = order[: math.ceil(keep_rate * (t.shape[0] - 1))], order[math.ceil(keep_rate * (t.shape[0] - 1)):]
+                parts = [t[:1], t[1:][kept]]
+                if fuse:
+                    parts.append((t[1:][dropped] * scores[dropped, None]).sum(0, keepdim=True))
+                t = torch.cat(parts)
+            t = mlp_residual(block, t)
+        out.append(head(model, t))
+    return torch.cat(out)
+
+
+def reference_dynamicvit_logits(model, x, prune_blocks, ratio):
+    """DynamicViT's official inference (``raoyongming/DynamicViT``, ``models/dyvit.py``, eval branch):
+    before prune block s, the predictor scores the current patches (policy all ones) and the top
+    ``int(initial_patches * ratio ** s)`` by keep log-probability stay, in descending order."""
+    out = []
+    for t in model._pos_embed(model.patch_embed(x)):
+        initial = t.shape[0] - 1
+        for i, block in enumerate(model.blocks):
+            if i in prune_blocks:
+                stage = prune_blocks.index(i)
+                keep_log_prob = model.tokenpatch[stage](t[None, 1:], torch.ones(1, t.shape[0] - 1))[0, :, 0]
+                chosen = keep_log_prob.argsort(descending=True)[: int(initial * ratio ** (stage + 1))]
+                t = torch.cat([t[:1], t[1:][chosen]])
+            t = mlp_residual(block, t + block.ls1(explicit_attention(block, t)[0]))
+        out.append(head(model, t))
+    return torch.cat(out)
+
+
+def patched_logits(model, method, x, **options):
+    tokenpatch.patch(model, method, **options)
+    with torch.no_grad():
+        return model(x)
+
+
+def sharp_model():
+    model = make_model("deit_tiny", depth=8, img_size=80)  # 25 patches
+    for block in model.blocks:
+        block.attn.qkv.weight.data *= 2  # peaked attention, as trained models have
+    return model
+
+
+@pytest.mark.parametrize("keep_ratio", [0.7, 0.5])
+def test_idle_default_is_the_official_inference(keep_ratio):
+    model = sharp_model()
+    x = images(model, batch=3)
+    logits = patched_logits(model, "idle", x, keep_ratio=keep_ratio)
+    ratios = [keep_ratio ** (third + 1) for third in range(3) for _ in range(2)]  # idle blocks 2..7 of 8
+    with torch.no_grad():
+        expected = reference_idlevit_logits(model, x, list(range(2, 8)), ratios)
+    assert torch.allclose(logits, expected, atol=1e-4)
+
+
+def test_idle_softmax_ranking_is_not_the_official_one():
+    model = sharp_model()
+    x = images(model, batch=3)
+    softmax = patched_logits(model, "idle", x, keep_ratio=0.5, ranking="softmax")
+    with torch.no_grad():
+        official = reference_idlevit_logits(model, x, list(range(2, 8)), [0.5 ** (t + 1) for t in range(3) for _ in range(2)])
+    assert not torch.allclose(softmax, official, atol=1e-3)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_evit_default_is_the_official_inference(fuse):
+    model = sharp_model()
+    x = images(model, batch=3)
+    logits = patched_logits(model, "evit", x, keep_ratio=0.6, fuse=fuse)
+    with torch.no_grad():
+        expected = reference_evit_logits(model, x, (2, 4, 6), 0.6, fuse)
+    assert torch.allclose(logits, expected, atol=1e-4)
+
+
+def test_dynamicvit_inference_is_the_official_inference():
+    model = sharp_model()
+    x = images(model, batch=3)
+    logits = patched_logits(model, "dynamicvit", x, keep_ratio=0.7)
+    with torch.no_grad():
+        expected = reference_dynamicvit_logits(model, x, [2, 4, 6], 0.7)
+    assert torch.allclose(logits, expected, atol=1e-4)
