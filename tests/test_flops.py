@@ -31,7 +31,8 @@ def test_sdpa_handle_agrees_with_unfused_attention():
 @settings(max_examples=10, deadline=None)
 @given(
     method=st.sampled_from(["idle", "evit", "tome"]),
-    ratios=st.lists(st.floats(0.05, 1.0), min_size=2, max_size=4, unique=True),
+    # up to 0.95: tome merging a single token in a late block costs more in matching than it saves
+    ratios=st.lists(st.floats(0.05, 0.95), min_size=2, max_size=4, unique=True),
     key=st.sampled_from(["deit_tiny", "deit_tiny_distilled"]),
 )
 def test_macs_fall_monotonically_with_keep_ratio(method, ratios, key):
@@ -84,8 +85,8 @@ def closed_form_macs(c, n_patches, prefix, classes, blocks, patch=16, fused_toke
             total += 5 * n * c + n * c * c + c * c + n * c  # norm all, keys all, class query, scores
             total += 11 * m * c * c + 2 * m * m * c + 5 * m * c  # q, v, attention, proj, mlp, norm2
         elif kind == "evit":
-            total += 5 * n * c + 4 * n * c * c + n * c + 2 * n * n * c  # attention on all n
-            total += 8 * m * c * c + 5 * m * c  # mlp on the kept m
+            total += 5 * n * c + 2 * n * c * c + c * c + n * c  # norm, keys and values of all n, class query, scores
+            total += m * c * c + 2 * m * n * c + m * c * c + 8 * m * c * c + 5 * m * c  # q, attention, proj, mlp of the kept m
     final_tokens = blocks[-1][2]
     return total + 5 * final_tokens * c + c * classes
 
@@ -99,17 +100,21 @@ def test_counts_match_closed_form(ratio):
     assert count_macs(model, (1, 3, 64, 64)).total == closed_form_macs(
         c, n, prefix, classes, [("full", n + 1, n + 1)] * 4)
 
-    tokenpatch.patch(model, "idle", keep_ratio=ratio, start_block=1)
+    tokenpatch.patch(model, "idle", keep_ratio=ratio, start_block=1, schedule="constant", score="fixed")
     m = prefix + int(ratio * n)
     expected = closed_form_macs(c, n, prefix, classes, [("full", 17, 17), ("idle_first", 17, m), ("idle", 17, m), ("idle", 17, m)])
     # idle tokens stay in the sequence: the final norm runs on all of them.
     expected += 5 * (n + 1 - m) * c
     assert count_macs(model, (1, 3, 64, 64)).total == expected
+    tokenpatch.set_options(model, score="fresh")  # the official rule scores afresh in every idle block
+    fresh = closed_form_macs(c, n, prefix, classes, [("full", 17, 17)] + [("idle_first", 17, m)] * 3) + 5 * (n + 1 - m) * c
+    assert count_macs(model, (1, 3, 64, 64)).total == fresh
     tokenpatch.unpatch(model)
 
     tokenpatch.patch(model, "evit", keep_ratio=ratio, drop_blocks=(1, 2))
     k1 = math.ceil(ratio * n)
     k2 = math.ceil(ratio * k1)
+    # only the kept tokens' attention rows are computed (queries, attention, projection)
     blocks = [("full", 17, 17), ("evit", 17, 1 + k1), ("evit", 1 + k1, 1 + k2), ("full", 1 + k2, 1 + k2)]
     assert count_macs(model, (1, 3, 64, 64)).total == closed_form_macs(c, n, prefix, classes, blocks)
 

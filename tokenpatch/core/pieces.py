@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..errors import TokenPatchError
 from .blocks import BlockView
-from .ops import cls_attention, gather_tokens, prefix_positions
+from .ops import cls_attention, gather_heads, gather_tokens, prefix_positions
 from .registry import fixed_count_methods
 from .state import PassState
 
@@ -90,7 +90,7 @@ def scorer_rule(scorer: str, state: PassState) -> str:
 
 
 def patch_scores(view: BlockView, q: Tensor, k: Tensor, state: PassState, scorer: str,
-                 key_mask: Optional[Tensor] = None) -> Tensor:
+                 key_mask: Optional[Tensor] = None, probabilities: bool = True) -> Tensor:
     """Head-averaged attention one scoring query pays every patch, without the N x N map.
 
     The query is the class token's (``"class_token"``) or the mean of the real patches' queries
@@ -102,9 +102,11 @@ def patch_scores(view: BlockView, q: Tensor, k: Tensor, state: PassState, scorer
             the class token alone is enough).
         k: (B, H, N, D) keys of the current tokens.
         key_mask: (B, N) bool, False for padding (left out of the mean and of the softmax).
+        probabilities: softmax over all N keys before the head mean; False: the head mean of
+            the scaled logits (see :func:`~tokenpatch.core.ops.cls_attention`).
 
     Returns:
-        (B, N - P) scores of the patches (softmax over all N keys, then averaged over heads).
+        (B, N - P) scores of the patches.
     """
     p = state.num_prefix
     if scorer_rule(scorer, state) == "class_token":
@@ -114,7 +116,60 @@ def patch_scores(view: BlockView, q: Tensor, k: Tensor, state: PassState, scorer
     else:
         weights = key_mask[:, None, p:, None].to(q.dtype)
         query = (q[:, :, p:] * weights).sum(dim=2, keepdim=True) / weights.sum(dim=2, keepdim=True).clamp_min(1)
-    return cls_attention(query, k, view.scale, key_mask)[:, p:]
+    return cls_attention(query, k, view.scale, key_mask, probabilities)[:, p:]
+
+
+def scoring_projections(view: BlockView, x: Tensor, state: PassState,
+                        scorer: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What scoring needs before any token is dropped, without the queries of tokens that may go.
+
+    Args:
+        x: (B, N, C) current tokens.
+
+    Returns:
+        ``norm1(x)`` (B, N, C); the scoring queries: (B, H, 1, D) of the class token, or
+        (B, H, N, D) of every token for the mean-query scorer (:func:`patch_scores`); and the
+        (B, H, N, D) keys and values of every token.
+    """
+    xn = view.norm1(x)
+    positions = state.positions
+    by_class = scorer_rule(scorer, state) == "class_token"
+    queries = view.query(xn[:, :1] if by_class else xn, positions[:, :1] if by_class else positions)
+    return xn, queries, view.key(xn, positions), view.value(xn)
+
+
+def drop_after_attention(view: BlockView, x: Tensor, xn: Tensor, queries: Tensor, k: Tensor, v: Tensor,
+                         index: Tensor, state: PassState, key_mask: Optional[Tensor] = None,
+                         counts: Optional[Tensor] = None) -> Tensor:
+    """``x + attn(norm1(x))`` for the tokens kept at ``index``, attending to every token's keys.
+
+    The rows of the dropped tokens are computed only when a block of the pass returns the full
+    grid, where their state after this attention is what they leave with
+    (:meth:`PassState.select`). Otherwise they are never projected, attended or added: a drop
+    after the attention (EViT, ATS) costs only the kept rows, and the kept rows are the same.
+
+    Args:
+        x, xn: (B, N, C) tokens and their ``norm1``; ``queries``, ``k``, ``v`` from
+            :func:`scoring_projections`.
+        index: (B, K) the kept tokens' indices into ``x``.
+        key_mask: (B, N) bool, False for padding keys.
+        counts: see :meth:`PassState.select`.
+
+    Returns:
+        (B, K, C) the kept tokens after the attention residual.
+    """
+    positions = state.positions
+    every_query = queries.shape[2] == x.shape[1]  # the mean-query scorer projected them all already
+    if state.keeps_grid:
+        q = queries if every_query else view.query(xn, positions)
+        x = view.add_attention(x, attend(view, q, k, v, xn, key_mask, query_positions=positions, key_positions=positions))
+        state.select(index, x, counts)
+        return gather_tokens(x, index)
+    state.select(index, x, counts)
+    xn_kept, kept_positions = gather_tokens(xn, index), positions.gather(1, index)
+    q = gather_heads(queries, index) if every_query else view.query(xn_kept, kept_positions)
+    attended = attend(view, q, k, v, xn_kept, key_mask, query_positions=kept_positions, key_positions=positions)
+    return view.add_attention(gather_tokens(x, index), attended)
 
 
 def policy_softmax(logits: Tensor, key_keep: Tensor, eps: float = 1e-6) -> Tensor:
@@ -204,6 +259,13 @@ def refuse_export(method: str) -> None:
         )
 
 
+def kept_index(state: PassState, keep_positions: Tensor) -> Tensor:
+    """(B, P + K) indices of the prefix tokens plus the patches at (B, K) ``keep_positions``
+    (counted from the first patch)."""
+    prefix = prefix_positions(keep_positions.shape[0], state.num_prefix, keep_positions.device)
+    return torch.cat([prefix, keep_positions + state.num_prefix], dim=1)
+
+
 def keep_tokens(x: Tensor, state: PassState, keep_positions: Tensor) -> tuple[Tensor, Tensor]:
     """Prefix tokens plus the patches at ``keep_positions``.
 
@@ -214,6 +276,5 @@ def keep_tokens(x: Tensor, state: PassState, keep_positions: Tensor) -> tuple[Te
     Returns:
         (B, P + K, C) kept tokens and their (B, P + K) positions in ``x``.
     """
-    prefix = prefix_positions(x.shape[0], state.num_prefix, x.device)
-    index = torch.cat([prefix, keep_positions + state.num_prefix], dim=1)
+    index = kept_index(state, keep_positions)
     return gather_tokens(x, index), index
