@@ -19,16 +19,15 @@ from tokenpatch.measure.flops import count_macs
 
 from real_data import add_real_data_flags, load_real_data, report, show_row
 
-# (label, method, options): the default idle, its schedule and score alternatives, the paper's
-# own inference setting, and EViT with and without fusion.
+# (label, method, options): idle's official inference rule (the default), its deviations, and
+# EViT with and without fusion.
 CONFIGS = [
-    ("idle (default)", "idle", {}),
-    ("idle geometric", "idle", {"schedule": "geometric"}),
-    ("idle score=fresh", "idle", {"score": "fresh"}),
-    ("idle score=previous", "idle", {"score": "previous"}),
-    ("idle score=carried", "idle", {"score": "carried"}),
-    ("idle start=3", "idle", {"start_block": 3}),
-    ("idle paper (start=3, geometric, fresh)", "idle", {"start_block": 3, "schedule": "geometric", "score": "fresh"}),
+    ("idle (official)", "idle", {}),
+    ("idle score=fixed", "idle", {"score": "fixed"}),
+    ("idle ranking=softmax", "idle", {"ranking": "softmax"}),
+    ("idle schedule=constant", "idle", {"schedule": "constant"}),
+    ("idle fixed softmax constant start=2", "idle", {"score": "fixed", "ranking": "softmax", "schedule": "constant",
+                                                     "start_block": 2}),
     ("evit", "evit", {}),
     ("evit fuse", "evit", {"fuse": True}),
 ]

@@ -139,8 +139,10 @@ def load_deit_tiny(root: PathLike) -> nn.Module:
     return model.eval()
 
 
-def load_images(dataset: Dataset, limit: Optional[int] = None) -> tuple[Tensor, Tensor]:
+def load_images(dataset: Dataset, limit: Optional[int] = None, progress: bool = False) -> tuple[Tensor, Tensor]:
     """All (or the first ``limit``) items of ``dataset`` stacked: (M, 3, H, W) images, (M,) labels."""
+    from tqdm.auto import tqdm
+
     count = len(dataset) if limit is None else min(limit, len(dataset))
-    images, labels = zip(*(dataset[i] for i in range(count)))
+    images, labels = zip(*(dataset[i] for i in tqdm(range(count), desc="images", disable=not progress, leave=False)))
     return torch.stack(images), torch.tensor(labels)

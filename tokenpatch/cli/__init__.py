@@ -1,4 +1,5 @@
 """Command line: ``tokenpatch audit MODEL`` measures what a patch buys (MACs and throughput);
+``tokenpatch eval MODEL --data DIR`` measures what it costs (accuracy and agreement, per method);
 ``tokenpatch finetune MODEL --data DIR`` self-distils a patched model (also under ``torchrun``);
 ``tokenpatch explain MODEL IMAGE...`` draws what it computed. Argument parsing only: the work is
 in :mod:`tokenpatch.jobs`."""
@@ -16,9 +17,11 @@ from ..api import available_methods, get_config, get_method_name
 from ..backends.build import build_model, load_checkpoint
 from ..core.method import check_keep_ratio
 from ..core.options import parse_options
-from ..core.registry import get_method
+from ..core.registry import get_method, training_free_methods
 from ..errors import TokenPatchError
+from ..data import eval_transform, image_dataset, load_images
 from ..jobs.audit import AUDIT_COLUMNS, audit_rows
+from ..jobs.evaluation import EVAL_COLUMNS, EvalData, MethodSpec, evaluation_rows
 from ..jobs.explain import patched_model, write_explanations
 from ..jobs.finetune import FinetuneJob, run_finetune_job
 from ..measure.budget import check_macs_ratio
@@ -49,6 +52,39 @@ def _audit(args: argparse.Namespace) -> int:
               f"{torch.get_num_threads()} threads")
         print(format_table(rows, AUDIT_COLUMNS, digits=2))
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    model = build_model(args.model, args.img_size)
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint)
+    methods = args.methods or [MethodSpec(name) for name in training_free_methods()]
+    images, labels = load_images(image_dataset(args.data, args.labels, eval_transform(model)), args.limit, progress=True)
+    data = EvalData(images, labels)
+    keep_ratio = None if args.macs_ratio is not None else args.keep_ratio
+    rows = evaluation_rows(model, data, methods, keep_ratio, args.macs_ratio, args.calibration,
+                           batch_size=args.batch_size)
+    budget = f"{args.macs_ratio:.0%} of the MACs" if args.macs_ratio is not None else (
+        f"keep ratio {args.keep_ratio}" if args.keep_ratio is not None else "each method's default keep ratio")
+    header = {"model": args.model, "images": len(labels), "labelled": data.labelled, "budget": budget}
+    if args.json:
+        _print_json({**header, "results": rows})
+    else:
+        print(f"{args.model}: {len(labels)} {'labelled' if data.labelled else 'unlabelled'} images from {args.data}, "
+              f"{budget}")
+        columns = EVAL_COLUMNS if data.labelled else [c for c in EVAL_COLUMNS if c not in ("top1", "top5")]
+        print(format_table([r for r in rows if "note" not in r], columns, digits=3))
+        for row in rows:
+            if "note" in row:
+                print(f"{row['method']}: {row['note']}")
+    return 0
+
+
+def _method_spec(text: str) -> MethodSpec:
+    try:
+        return MethodSpec.parse(text)
+    except TokenPatchError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def method_options(method: str, pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
@@ -147,6 +183,28 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--repeats", type=_positive, default=10, help="timed rounds (median reported)")
     audit.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     audit.set_defaults(run=_audit)
+
+    evaluate = commands.add_parser("eval", help="MACs, top-1/top-5 and agreement with the unpatched model, per "
+                                   "method, on an image folder")
+    evaluate.add_argument("model", help="timm model name or hf:NAME (weights from --checkpoint)")
+    evaluate.add_argument("--data", required=True, help="image folder: flat (labels optional), class sub-folders, "
+                          "or flat with labels.csv")
+    evaluate.add_argument("--labels", help="file,class_index CSV (default: DATA/labels.csv when present)")
+    evaluate.add_argument("--checkpoint", help="state_dict file (.safetensors or torch) to load")
+    evaluate.add_argument("--methods", nargs="+", type=_method_spec, metavar="METHOD[:KEY=VALUE,...]",
+                          help="methods to compare, each with its own options, e.g. idle idle:score=fixed tome "
+                          "(default: every method that needs no training)")
+    budget = evaluate.add_mutually_exclusive_group()
+    budget.add_argument("--macs-ratio", type=_macs_ratio, help="fit each method to this share of the unpatched MACs")
+    budget.add_argument("--keep-ratio", type=_ratio, help="the same keep ratio for every method (default: each "
+                        "method's own)")
+    evaluate.add_argument("--calibration", type=_positive, default=16,
+                          help="images the --macs-ratio fit counts MACs on")
+    evaluate.add_argument("--limit", type=_positive, help="use only the first N images")
+    evaluate.add_argument("--batch-size", type=_positive, default=50)
+    evaluate.add_argument("--img-size", type=_positive, help="input size (default: the model's)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    evaluate.set_defaults(run=_eval)
 
     tune = commands.add_parser("finetune", help="self-distil a patched model from its unpatched weights on an image folder")
     tune.add_argument("model", help="timm model name or hf:NAME (weights from --checkpoint)")

@@ -147,6 +147,8 @@ class Method(ABC, Generic[ConfigT, StateT]):
     structural_options: ClassVar[frozenset[str]] = frozenset()
     #: option sets the generic test suites run besides the defaults, by a short name
     variants: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: True when the method's own modules must be trained before it is useful (a learned policy)
+    needs_training: ClassVar[bool] = False
 
     @abstractmethod
     def schedule(self, config: ConfigT, depth: int) -> list[Optional[float]]:

@@ -53,3 +53,8 @@ def get_method(name: str) -> Method:
 def fixed_count_methods() -> list[str]:
     """Registered methods whose default options keep image-independent token counts (exportable)."""
     return sorted(name for name, m in METHODS.items() if m.fixed_token_counts(m.config_class()))
+
+
+def training_free_methods() -> list[str]:
+    """Registered methods that work without training (no learned policy to fit first)."""
+    return sorted(name for name, m in METHODS.items() if not m.needs_training)

@@ -82,6 +82,8 @@ def set_macs_ratio(model: nn.Module, macs_ratio: float, macs_input: Optional[Uni
     knobs(1.0)  # the method refuses options it can't fit before anything is counted
     shape = (1, 3, *find_backend(model).input_size(model))
     images = as_input(model, macs_input if macs_input is not None else shape)
+    if ctx.method.fixed_token_counts(config):
+        images = images[:1]  # every image costs the same: one is enough, and fvcore's tracing is slow
 
     def macs_at(keep: float) -> float:
         with overriding(model, **knobs(keep)):

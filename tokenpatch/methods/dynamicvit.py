@@ -102,6 +102,7 @@ class DynamicViT(Method[DynamicViTConfig, DynamicViTState]):
     name = "dynamicvit"
     summary = "DynamicViT: learned predictors drop tokens before a few blocks (needs fine-tuning)"
     config_class = DynamicViTConfig
+    needs_training = True
     structural_options = frozenset({"prune_blocks"})
 
     def start_pass(self, config: DynamicViTConfig) -> DynamicViTState:

@@ -104,6 +104,7 @@ class IARed2(Method[IARed2Config, None]):
     name = "iared2"
     summary = "IA-RED²: interpreters drop patches before each block group (REINFORCE-trained, interpretable)"
     config_class = IARed2Config
+    needs_training = True
     structural_options = frozenset({"groups", "heads"})
     variants = {"top_k": {"threshold": None}}
 
