@@ -25,8 +25,9 @@ def test_maps_have_the_grid_shape_and_their_counts_match_the_trace(method, optio
         real = record.counts - 1 if record.counts is not None else torch.full((3,), (record.positions[0] >= 1).sum())
         assert explanation.computed[:, block].flatten(1).sum(dim=1).tolist() == real.tolist()
     assert explanation.importance().shape == (3, 6, 6)
-    assert explanation.scores and explanation.score_name is not None or method in ("dynamicvit", "tome")
-    assert (explanation.groups is not None) == (method == "tome")
+    merging = method in ("tome", "pitome")
+    assert explanation.scores and explanation.score_name is not None or merging or method == "dynamicvit"
+    assert (explanation.groups is not None) == merging
 
 
 def test_tome_merge_groups_partition_the_patches_like_the_trace():

@@ -148,3 +148,51 @@ def test_dynamicvit_inference_is_the_official_inference():
     with torch.no_grad():
         expected = reference_dynamicvit_logits(model, x, [2, 4, 6], 0.7)
     assert torch.allclose(logits, expected, atol=1e-4)
+
+
+def reference_pitome_logits(model, x, keep_ratio, margin=0.75):
+    """PiToMe's official vision inference (``hchautran/PiToMe``, ``pitome_vision`` with the DeiT patch):
+    per block, energies ``mean ELU(cos - m_l)`` of the head-averaged keys of the patches order them;
+    the first half of the blocks runs bipartite matching over that order, the rest merges the A
+    half of the ``2r`` highest-energy patches into their best B partners; size-weighted means."""
+    out, depth = [], len(model.blocks)
+    for t in model._pos_embed(model.patch_embed(x)):
+        sizes = torch.ones(t.shape[0])
+        for i, block in enumerate(model.blocks):
+            attended, _, k, _ = explicit_attention(block, t)
+            t = t + block.ls1(attended)
+            patches = t.shape[0] - 1
+            r = min(math.floor(patches - patches * keep_ratio), patches // 2)
+            if r > 0:
+                unit = torch.nn.functional.normalize(k.mean(0)[1:], dim=-1)
+                similarity = unit @ unit.T
+                ranked = torch.nn.functional.elu(similarity - (margin - margin * i / depth)).mean(-1).argsort(descending=True)
+                if i < math.ceil(depth / 2):
+                    a, b = ranked[0::2], ranked[1::2]
+                    best, partner = similarity[a][:, b].max(-1)
+                    edges = best.argsort(descending=True)
+                    merging, staying = a[edges[:r]], a[edges[r:]]
+                    into = b[partner[edges[:r]]]
+                else:
+                    a, b, staying = ranked[: 2 * r : 2], ranked[1 : 2 * r : 2], ranked[2 * r :]
+                    merging, into = a, b[similarity[a][:, b].argmax(-1)]
+                kept, kept_sizes = [t[0]], [sizes[0]]
+                for token in list(staying + 1) + list(b + 1):
+                    members = [token] + [m + 1 for m, d in zip(merging, into) if d + 1 == token]
+                    total = sum(sizes[m] for m in members)
+                    kept.append(sum(t[m] * sizes[m] for m in members) / total)
+                    kept_sizes.append(total)
+                t, sizes = torch.stack(kept), torch.stack(kept_sizes)
+            t = mlp_residual(block, t)
+        out.append(head(model, t))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("keep_ratio", [0.9, 0.7])
+def test_pitome_default_is_the_official_inference(keep_ratio):
+    model = sharp_model()
+    x = images(model, batch=3)
+    logits = patched_logits(model, "pitome", x, keep_ratio=keep_ratio)
+    with torch.no_grad():
+        expected = reference_pitome_logits(model, x, keep_ratio)
+    assert torch.allclose(logits, expected, atol=1e-4)

@@ -21,9 +21,13 @@ traces, compiles and exports.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .ops import gather_tokens
+from .state import PassState
 
 
 @dataclass(frozen=True)
@@ -134,3 +138,34 @@ def destinations(matching: Matching, m: int) -> Tensor:
     dest = torch.empty(batch, m, dtype=torch.long, device=device)
     dest[:, 0::2], dest[:, 1::2] = a_dest, b_dest
     return dest
+
+
+@dataclass
+class MergeState:
+    """Per pass of a merging method: (B, N) original tokens each current token stands for (None
+    until the first merge)."""
+
+    sizes: Optional[Tensor] = None
+
+
+def follow_groups(state: PassState, moved: Tensor) -> None:
+    """Record, when a trace or a dense output needs it, which token carries each original patch.
+
+    Args:
+        moved: (B, T) for each current patch, its index among the patches after the merge.
+    """
+    if state.trace is None and not state.keeps_grid:
+        return
+    groups = state.groups
+    if groups is None:
+        groups = torch.arange(moved.shape[1], device=moved.device).expand(moved.shape[0], -1)
+    state.groups = moved.gather(1, groups)
+
+
+def restore_merged_grid(x: Tensor, state: PassState) -> Tensor:
+    """The (B, N, C) grid of a merging method's (B, M, C) tokens: each merged token copied back to
+    every patch it stands for."""
+    if state.groups is None:
+        return state.to_grid(x)
+    p = state.num_prefix
+    return torch.cat([x[:, :p], gather_tokens(x[:, p:], state.groups)], dim=1)

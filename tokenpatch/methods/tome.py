@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 
 from ..core.blocks import BlockView
-from ..core.merging import arrange, bipartite_matching, destinations, merge_tokens
+from ..core.merging import (MergeState, arrange, bipartite_matching, destinations, follow_groups, merge_tokens,
+                            restore_merged_grid)
 from ..core.method import Method, MethodConfig, check_positive
-from ..core.ops import gather_tokens
 from ..core.pieces import attention_with_projections, mlp_residual
 from ..core.registry import register_method
 from ..core.state import PassState
@@ -66,13 +66,6 @@ class ToMeConfig(MethodConfig):
         check_positive("r", self.r, allow_zero=True)
 
 
-@dataclasses.dataclass
-class ToMeState:
-    """Per pass: (B, N) original tokens each current token stands for; None until a merge."""
-
-    sizes: Optional[Tensor] = None
-
-
 def remaining_fractions(decline: float, depth: int) -> list[float]:
     """Share of the patches left after each block when ``decline`` of them merge per block.
 
@@ -104,15 +97,15 @@ def keep_ratio_schedule(keep_ratio: float, depth: int) -> tuple[float, ...]:
 
 
 @register_method
-class ToMe(Method[ToMeConfig, ToMeState]):
+class ToMe(Method[ToMeConfig, MergeState]):
     name = "tome"
     summary = "ToMe: merge similar tokens in every block (bipartite soft matching)"
     config_class = ToMeConfig
     variants = {"r": {"r": 2}, "no_proportional_attention": {"proportional_attention": False},
                 "patch_split": {"split": "patches"}}
 
-    def start_pass(self, config: ToMeConfig) -> ToMeState:
-        return ToMeState()
+    def start_pass(self, config: ToMeConfig) -> MergeState:
+        return MergeState()
 
     def budget_options(self, config: ToMeConfig, keep_ratio: float) -> dict[str, Any]:
         if config.r is not None:
@@ -127,7 +120,7 @@ class ToMe(Method[ToMeConfig, ToMeState]):
             return [R_MODE_RATIO if config.r > 0 else None] * depth
         return list(keep_ratio_schedule(config.keep_ratio, depth))
 
-    def reduce_block(self, view: BlockView, x: Tensor, state: PassState[ToMeState], block: int, ratio: float,
+    def reduce_block(self, view: BlockView, x: Tensor, state: PassState[MergeState], block: int, ratio: float,
                      config: ToMeConfig) -> Tensor:
         p, attention_tokens = state.num_prefix, x.shape[1]
         sizes = state.own.sizes
@@ -140,12 +133,9 @@ class ToMe(Method[ToMeConfig, ToMeState]):
         state.record(block, attention_tokens, x.shape[1])
         return mlp_residual(view, x)
 
-    def restore_grid(self, x: Tensor, state: PassState[ToMeState]) -> Tensor:
+    def restore_grid(self, x: Tensor, state: PassState[MergeState]) -> Tensor:
         """Each merged token copied back to every patch it stands for."""
-        if state.groups is None:
-            return state.to_grid(x)
-        p = state.num_prefix
-        return torch.cat([x[:, :p], gather_tokens(x[:, p:], state.groups)], dim=1)
+        return restore_merged_grid(x, state)
 
     @staticmethod
     def _merges(config: ToMeConfig, ratio: float, initial: int, patches: int) -> int:
@@ -155,7 +145,7 @@ class ToMe(Method[ToMeConfig, ToMeState]):
         return max(0, patches - max(1, round(ratio * initial)))
 
     @staticmethod
-    def _merge(x: Tensor, keys: Tensor, state: PassState[ToMeState], r: int, start: int) -> Tensor:
+    def _merge(x: Tensor, keys: Tensor, state: PassState[MergeState], r: int, start: int) -> Tensor:
         """Merge ``r`` of the patches of (B, N, C) ``x``, matched on (B, N, D) ``keys`` from token
         ``start`` on (0: the whole sequence, prefix protected; P: the patches); update the state."""
         p, n = state.num_prefix, int(x.shape[1])
@@ -164,8 +154,5 @@ class ToMe(Method[ToMeConfig, ToMeState]):
         merged, merged_sizes = merge_tokens(x[:, start:], sizes[:, start:], matching)
         state.own.sizes = torch.cat([sizes[:, :start], merged_sizes], dim=1)
         state.positions = torch.cat([state.positions[:, :start], arrange(state.positions[:, start:], matching)], dim=1)
-        if state.trace is not None or state.keeps_grid:  # which token carries each patch: explain, dense outputs
-            groups = state.groups if state.groups is not None else torch.arange(n - p, device=x.device).expand(x.shape[0], -1)
-            moved = destinations(matching, n - start) + start - p  # each token's new index among the patches
-            state.groups = moved.gather(1, groups + p - start)
+        follow_groups(state, (destinations(matching, n - start) + start - p)[:, p - start:])
         return torch.cat([x[:, :start], merged], dim=1)
