@@ -25,7 +25,7 @@ def test_maps_have_the_grid_shape_and_their_counts_match_the_trace(method, optio
         real = record.counts - 1 if record.counts is not None else torch.full((3,), (record.positions[0] >= 1).sum())
         assert explanation.computed[:, block].flatten(1).sum(dim=1).tolist() == real.tolist()
     assert explanation.importance().shape == (3, 6, 6)
-    merging = method in ("tome", "pitome")
+    merging = method in ("tome", "pitome", "ppt")  # their trace says which token carries each patch
     assert explanation.scores and explanation.score_name is not None or merging or method == "dynamicvit"
     assert (explanation.groups is not None) == merging
 

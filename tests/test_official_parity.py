@@ -14,16 +14,18 @@ import torch
 import tokenpatch
 
 from conftest import images, make_model
+from test_tome_ats import reference_bipartite_merge
 
 
-def explicit_attention(block, t, rows=None):
-    """Block ``block``'s attention output (before the residual) for the tokens ``rows`` of (N, C) ``t``
-    (all when None), attending to every token of ``t``; also the (H, N, D) queries and keys."""
+def explicit_attention(block, t, sizes=None):
+    """Block ``block``'s attention output (before the residual) for (N, C) ``t``, with ToMe's
+    ``log(size)`` bias when ``sizes`` is given; also the (H, N, D) queries, keys, (H, N, N)
+    attention weights and (H, N, D) values."""
     attn, n = block.attn, t.shape[0]
     q, k, v = attn.qkv(block.norm1(t)).reshape(n, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
-    q_rows = q if rows is None else q[:, rows]
-    weights = ((q_rows @ k.transpose(-2, -1)) * attn.scale).softmax(-1)
-    return attn.proj((weights @ v).transpose(0, 1).reshape(q_rows.shape[1], -1)), q, k, weights
+    logits = (q @ k.transpose(-2, -1)) * attn.scale
+    weights = (logits if sizes is None else logits + sizes.log()).softmax(-1)
+    return attn.proj((weights @ v).transpose(0, 1).reshape(n, -1)), q, k, weights, v
 
 
 def mlp_residual(block, t):
@@ -46,7 +48,7 @@ def reference_idlevit_logits(model, x, idle_layers, keep_ratios):
             if i not in idle_layers:
                 t = mlp_residual(block, t + block.ls1(explicit_attention(block, t)[0]))
                 continue
-            _, q, k, _ = explicit_attention(block, t)
+            _, q, k, _, _ = explicit_attention(block, t)
             logits = (q[:, :1] @ k.transpose(-2, -1)).mean(0)[0, 1:]
             chosen = logits.argsort(descending=True)[: int(patches * keep_ratios[idle_layers.index(i)])]
             selected = torch.cat([torch.zeros(1, dtype=torch.long), chosen + 1])
@@ -65,7 +67,7 @@ def reference_evit_logits(model, x, blocks, keep_rate, fuse=False):
     out = []
     for t in model._pos_embed(model.patch_embed(x)):
         for i, block in enumerate(model.blocks):
-            attended, _, _, weights = explicit_attention(block, t)
+            attended, _, _, weights, _ = explicit_attention(block, t)
             t = t + block.ls1(attended)
             if i in blocks:
                 scores = weights[:, 0, 1:].mean(0)
@@ -159,7 +161,7 @@ def reference_pitome_logits(model, x, keep_ratio, margin=0.75):
     for t in model._pos_embed(model.patch_embed(x)):
         sizes = torch.ones(t.shape[0])
         for i, block in enumerate(model.blocks):
-            attended, _, k, _ = explicit_attention(block, t)
+            attended, _, k, _, _ = explicit_attention(block, t)
             t = t + block.ls1(attended)
             patches = t.shape[0] - 1
             r = min(math.floor(patches - patches * keep_ratio), patches // 2)
@@ -195,4 +197,45 @@ def test_pitome_default_is_the_official_inference(keep_ratio):
     logits = patched_logits(model, "pitome", x, keep_ratio=keep_ratio)
     with torch.no_grad():
         expected = reference_pitome_logits(model, x, keep_ratio)
+    assert torch.allclose(logits, expected, atol=1e-4)
+
+
+def reference_ppt_logits(model, x, blocks, r, threshold):
+    """PPT's official inference (``xjwu1024/PPT``, ``pp_block_adaptive``): at a PPT block, after the
+    attention (proportional to the sizes), the ATS significance of the patches; an image whose
+    significance variance is below the threshold pools ``r`` tokens with ToMe's merge, the others
+    keep the class token and their most significant patches, in decreasing order."""
+    out = []
+    for t in model._pos_embed(model.patch_embed(x)):
+        sizes = torch.ones(t.shape[0])
+        for i, block in enumerate(model.blocks):
+            attended, _, k, weights, v = explicit_attention(block, t, sizes)
+            t = t + block.ls1(attended)
+            removed = min(r, (t.shape[0] - 1) // 2)
+            if i in blocks and removed > 0:
+                score = weights[:, 0, 1:].sum(0) * v.transpose(0, 1).reshape(t.shape[0], -1)[1:].norm(dim=-1)
+                score = score / score.sum()
+                if score.var() < threshold:
+                    t, sizes = reference_bipartite_merge(t, sizes, k.mean(0), removed, protected=1)
+                else:
+                    kept = torch.cat([torch.zeros(1, dtype=torch.long), score.argsort(descending=True)[:-removed] + 1])
+                    t, sizes = t[kept], sizes[kept]
+            t = mlp_residual(block, t)
+        out.append(head(model, t))
+    return torch.cat(out)
+
+
+def test_ppt_default_is_the_official_inference_with_both_branches_in_one_batch():
+    model = sharp_model()
+    x = images(model, batch=6)
+    tokenpatch.patch(model, "ppt", r=6)
+    with tokenpatch.trace(model) as t, torch.no_grad():
+        model(x)
+    variances = t.scores[0].values.var(dim=1).sort().values
+    threshold = float(variances[2:4].mean())  # half of the images pool at the first PPT block, half prune
+    assert (variances < threshold).any() and (variances >= threshold).any()
+    tokenpatch.set_options(model, threshold=threshold)
+    with torch.no_grad():
+        logits = model(x)
+        expected = reference_ppt_logits(model, x, (2, 4, 6), 6, threshold)
     assert torch.allclose(logits, expected, atol=1e-4)

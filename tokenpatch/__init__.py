@@ -22,7 +22,8 @@ from .errors import (
 )
 from .interpret import Explanation, explain
 from .measure import BudgetFit, count_macs, set_macs_ratio
-from .methods import ATSConfig, DynamicViTConfig, EViTConfig, IARed2Config, IdleConfig, SaiTConfig, ToMeConfig
+from .methods import (ATSConfig, DynamicViTConfig, EViTConfig, IARed2Config, IdleConfig, PiToMeConfig, PPTConfig,
+                      SaiTConfig, ToMeConfig)
 
 __version__ = "0.1.0"
 
@@ -60,6 +61,8 @@ __all__ = [
     "IARed2Config",
     "ToMeConfig",
     "ATSConfig",
+    "PiToMeConfig",
+    "PPTConfig",
     "TokenPatchError",
     "UnknownMethodError",
     "InvalidOptionError",

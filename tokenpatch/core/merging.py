@@ -140,6 +140,41 @@ def destinations(matching: Matching, m: int) -> Tensor:
     return dest
 
 
+@dataclass(frozen=True)
+class Merged:
+    """The result of merging ``r`` of N tokens of a batch.
+
+    Attributes:
+        tokens: (B, N - r, C) tokens, prefix first.
+        sizes: (B, N - r) original tokens each stands for.
+        positions: (B, N - r) their (representative) original positions.
+        moved: (B, T) for each of the T = N - P patches before the merge, its index among the
+            patches after it.
+    """
+
+    tokens: Tensor
+    sizes: Tensor
+    positions: Tensor
+    moved: Tensor
+
+
+def bipartite_merge(x: Tensor, keys: Tensor, sizes: Tensor, positions: Tensor, num_prefix: int, r: int,
+                    start: int = 0) -> Merged:
+    """ToMe's merge of ``r`` patches of (B, N, C) ``x``, matched on (B, N, D) ``keys``.
+
+    The bipartite split starts at token ``start``: 0 alternates over the whole sequence with the
+    ``num_prefix`` prefix tokens protected (the official rule), ``num_prefix`` over the patches
+    alone. ``sizes`` and ``positions`` are (B, N).
+    """
+    p, n = num_prefix, int(x.shape[1])
+    matching = bipartite_matching(keys[:, start:], r, protected=p - start)
+    merged, merged_sizes = merge_tokens(x[:, start:], sizes[:, start:], matching)
+    return Merged(tokens=torch.cat([x[:, :start], merged], dim=1),
+                  sizes=torch.cat([sizes[:, :start], merged_sizes], dim=1),
+                  positions=torch.cat([positions[:, :start], arrange(positions[:, start:], matching)], dim=1),
+                  moved=(destinations(matching, n - start) + start - p)[:, p - start:])
+
+
 @dataclass
 class MergeState:
     """Per pass of a merging method: (B, N) original tokens each current token stands for (None
@@ -152,20 +187,23 @@ def follow_groups(state: PassState, moved: Tensor) -> None:
     """Record, when a trace or a dense output needs it, which token carries each original patch.
 
     Args:
-        moved: (B, T) for each current patch, its index among the patches after the merge.
+        moved: (B, T) for each current patch, its index among the patches after the merge, or
+            -1 for a patch dropped here (its grid row is then the state it left with).
     """
     if state.trace is None and not state.keeps_grid:
         return
     groups = state.groups
     if groups is None:
         groups = torch.arange(moved.shape[1], device=moved.device).expand(moved.shape[0], -1)
-    state.groups = moved.gather(1, groups)
+    state.groups = torch.where(groups >= 0, moved.gather(1, groups.clamp_min(0)), -1)
 
 
 def restore_merged_grid(x: Tensor, state: PassState) -> Tensor:
     """The (B, N, C) grid of a merging method's (B, M, C) tokens: each merged token copied back to
-    every patch it stands for."""
+    every patch it stands for, and each dropped patch as it left (:meth:`PassState.to_grid`)."""
+    grid = state.to_grid(x)
     if state.groups is None:
-        return state.to_grid(x)
+        return grid
     p = state.num_prefix
-    return torch.cat([x[:, :p], gather_tokens(x[:, p:], state.groups)], dim=1)
+    carried = gather_tokens(x[:, p:], state.groups.clamp_min(0))
+    return torch.cat([grid[:, :p], torch.where(state.groups.unsqueeze(-1) >= 0, carried, grid[:, p:])], dim=1)

@@ -104,7 +104,7 @@ def prefix_positions(batch: int, num_prefix: int, device: torch.device) -> Tenso
 
 
 def cls_attention(q_cls: Tensor, k: Tensor, scale: float, key_mask: Optional[Tensor] = None,
-                  probabilities: bool = True) -> Tensor:
+                  probabilities: bool = True, key_bias: Optional[Tensor] = None) -> Tensor:
     """Head-averaged attention of the class token over all keys, without the N x N matrix.
 
     Costs ``H * N * D`` multiply-adds, against ``H * N * N * D`` for the full attention map.
@@ -116,11 +116,14 @@ def cls_attention(q_cls: Tensor, k: Tensor, scale: float, key_mask: Optional[Ten
         key_mask: (B, N) bool, False for padding keys (they get probability 0); None: all keys.
         probabilities: softmax over the keys before the head mean (EViT, ATS); False averages
             the scaled logits themselves (IdleViT's official inference ranking).
+        key_bias: (B, N) added to the logits (ToMe's ``log(size)``), as the block's attention does.
 
     Returns:
         (B, N) attention probabilities (or logits) of the class token, averaged over heads.
     """
     logits = (q_cls * scale) @ k.transpose(-2, -1)
+    if key_bias is not None:
+        logits = logits + key_bias[:, None, None, :].to(logits.dtype)
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     return (logits.softmax(dim=-1) if probabilities else logits).mean(dim=1).squeeze(1)

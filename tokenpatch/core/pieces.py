@@ -90,7 +90,8 @@ def scorer_rule(scorer: str, state: PassState) -> str:
 
 
 def patch_scores(view: BlockView, q: Tensor, k: Tensor, state: PassState, scorer: str,
-                 key_mask: Optional[Tensor] = None, probabilities: bool = True) -> Tensor:
+                 key_mask: Optional[Tensor] = None, probabilities: bool = True,
+                 key_bias: Optional[Tensor] = None) -> Tensor:
     """Head-averaged attention one scoring query pays every patch, without the N x N map.
 
     The query is the class token's (``"class_token"``) or the mean of the real patches' queries
@@ -104,6 +105,7 @@ def patch_scores(view: BlockView, q: Tensor, k: Tensor, state: PassState, scorer
         key_mask: (B, N) bool, False for padding (left out of the mean and of the softmax).
         probabilities: softmax over all N keys before the head mean; False: the head mean of
             the scaled logits (see :func:`~tokenpatch.core.ops.cls_attention`).
+        key_bias: (B, N) logit bias of the keys, as the block's attention has it (merged sizes).
 
     Returns:
         (B, N - P) scores of the patches.
@@ -116,7 +118,7 @@ def patch_scores(view: BlockView, q: Tensor, k: Tensor, state: PassState, scorer
     else:
         weights = key_mask[:, None, p:, None].to(q.dtype)
         query = (q[:, :, p:] * weights).sum(dim=2, keepdim=True) / weights.sum(dim=2, keepdim=True).clamp_min(1)
-    return cls_attention(query, k, view.scale, key_mask, probabilities)[:, p:]
+    return cls_attention(query, k, view.scale, key_mask, probabilities, key_bias)[:, p:]
 
 
 def scoring_projections(view: BlockView, x: Tensor, state: PassState,

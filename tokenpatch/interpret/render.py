@@ -54,19 +54,22 @@ def heatmap(pixels: Tensor, values: Tensor) -> Tensor:
 
 
 def merged(pixels: Tensor, groups: Tensor) -> Tensor:
-    """(H, W, 3) pixels with each merged token shown as one colour (its patches' mean) and outlined.
+    """(H, W, 3) pixels with each merged token shown as one colour (its patches' mean) and outlined;
+    dropped patches greyed.
 
     Args:
-        groups: (gh, gw) int64, patches with the same value were merged into one token.
+        groups: (gh, gw) int64, patches with the same value were merged into one token; -1 for
+            patches that were dropped (``ppt`` prunes some images).
     """
     gh, gw = groups.shape
     height, width = pixels.shape[:2]
     patch_colours = pixels[: height // gh * gh, : width // gw * gw].reshape(gh, height // gh, gw, width // gw, 3).mean(dim=(1, 3))
-    flat = groups.flatten()
+    ids = groups + 1  # 0 gathers the dropped patches
+    flat = ids.flatten()
     sums = torch.zeros(int(flat.max()) + 1, 3).index_add_(0, flat, patch_colours.reshape(-1, 3))
     counts = torch.zeros(int(flat.max()) + 1).index_add_(0, flat, torch.ones(len(flat)))
-    out = _upsample((sums / counts.clamp_min(1).unsqueeze(-1))[groups], height, width)
-    cell = _upsample(groups, height, width)
+    out = greyed(_upsample((sums / counts.clamp_min(1).unsqueeze(-1))[ids], height, width), groups >= 0)
+    cell = _upsample(ids, height, width)
     edge = torch.zeros(height, width, dtype=torch.bool)
     edge[:, 1:] |= cell[:, 1:] != cell[:, :-1]
     edge[1:, :] |= cell[1:, :] != cell[:-1, :]
@@ -116,7 +119,8 @@ def _merge_tiles(pixels: Tensor, groups: Tensor, max_stages: int) -> list[Image.
     """Tiles of one image's (depth, gh, gw) merge groups at up to ``max_stages`` evenly spread blocks."""
     depth = groups.shape[0]
     blocks = sorted({depth - 1 - i * depth // max_stages for i in range(max_stages)})
-    return [_labelled(merged(pixels, groups[b]), f"block {b}: {len(groups[b].unique())} tokens") for b in blocks]
+    return [_labelled(merged(pixels, groups[b]), f"block {b}: {int((groups[b].unique() >= 0).sum())} tokens")
+            for b in blocks]
 
 
 def contact_sheet(panels: Sequence[Image.Image], gap: int = 6) -> Image.Image:

@@ -15,7 +15,10 @@ from .dynamicvit import DynamicViTConfig  # noqa: E402
 from .evit import EViTConfig  # noqa: E402
 from .iared2 import IARed2Config  # noqa: E402
 from .idle import IdleConfig  # noqa: E402
+from .pitome import PiToMeConfig  # noqa: E402
+from .ppt import PPTConfig  # noqa: E402
 from .sait import SaiTConfig  # noqa: E402
 from .tome import ToMeConfig  # noqa: E402
 
-__all__ = ["ATSConfig", "DynamicViTConfig", "EViTConfig", "IARed2Config", "IdleConfig", "SaiTConfig", "ToMeConfig"]
+__all__ = ["ATSConfig", "DynamicViTConfig", "EViTConfig", "IARed2Config", "IdleConfig", "PiToMeConfig", "PPTConfig",
+           "SaiTConfig", "ToMeConfig"]

@@ -26,12 +26,10 @@ import dataclasses
 from functools import lru_cache
 from typing import Any, Literal, Optional
 
-import torch
 from torch import Tensor
 
 from ..core.blocks import BlockView
-from ..core.merging import (MergeState, arrange, bipartite_matching, destinations, follow_groups, merge_tokens,
-                            restore_merged_grid)
+from ..core.merging import MergeState, bipartite_merge, follow_groups, restore_merged_grid
 from ..core.method import Method, MethodConfig, check_positive
 from ..core.pieces import attention_with_projections, mlp_residual
 from ..core.registry import register_method
@@ -148,11 +146,8 @@ class ToMe(Method[ToMeConfig, MergeState]):
     def _merge(x: Tensor, keys: Tensor, state: PassState[MergeState], r: int, start: int) -> Tensor:
         """Merge ``r`` of the patches of (B, N, C) ``x``, matched on (B, N, D) ``keys`` from token
         ``start`` on (0: the whole sequence, prefix protected; P: the patches); update the state."""
-        p, n = state.num_prefix, int(x.shape[1])
         sizes = state.own.sizes if state.own.sizes is not None else x.new_ones(x.shape[:2])
-        matching = bipartite_matching(keys[:, start:], r, protected=p - start)
-        merged, merged_sizes = merge_tokens(x[:, start:], sizes[:, start:], matching)
-        state.own.sizes = torch.cat([sizes[:, :start], merged_sizes], dim=1)
-        state.positions = torch.cat([state.positions[:, :start], arrange(state.positions[:, start:], matching)], dim=1)
-        follow_groups(state, (destinations(matching, n - start) + start - p)[:, p - start:])
-        return torch.cat([x[:, :start], merged], dim=1)
+        merged = bipartite_merge(x, keys, sizes, state.positions, state.num_prefix, r, start)
+        state.own.sizes, state.positions = merged.sizes, merged.positions
+        follow_groups(state, merged.moved)
+        return merged.tokens
