@@ -22,6 +22,7 @@ from .errors import (
 )
 from .interpret import Explanation, explain
 from .measure import BudgetFit, count_macs, set_macs_ratio
+from .measure.calibration import Calibration, calibrate
 from .methods import (ATSConfig, DynamicViTConfig, EViTConfig, IARed2Config, IdleConfig, PiToMeConfig, PPTConfig,
                       SaiTConfig, ToMeConfig)
 
@@ -40,6 +41,8 @@ __all__ = [
     "Method",
     "MethodConfig",
     "count_macs",
+    "calibrate",
+    "Calibration",
     "get_config",
     "get_method_name",
     "is_patched",

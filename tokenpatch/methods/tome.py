@@ -52,16 +52,24 @@ class ToMeConfig(MethodConfig):
         proportional_attention: add ``log(size)`` to the attention logits of merged tokens.
         split: ``"sequence"`` (official) alternates A/B over the whole sequence with the prefix
             tokens protected in it; ``"patches"`` alternates over the patches only.
+        remaining: per block, the share of the pass's patches left after it (a schedule, e.g.
+            from :func:`tokenpatch.calibrate`); overrides ``keep_ratio`` and ``r``.
     """
 
     keep_ratio: float = 0.6
     r: Optional[int] = None
     proportional_attention: bool = True
     split: Literal["sequence", "patches"] = "sequence"
+    remaining: Optional[tuple[float, ...]] = None
 
     def validate(self, depth: int) -> None:
         super().validate(depth)
         check_positive("r", self.r, allow_zero=True)
+        if self.remaining is not None:
+            if len(self.remaining) != depth or not all(0 < share <= 1 for share in self.remaining):
+                raise InvalidOptionError(f"remaining must give a share in (0, 1] for each of the {depth} blocks, "
+                                         f"got {list(self.remaining)}")
+            self.remaining = tuple(float(share) for share in self.remaining)
 
 
 def remaining_fractions(decline: float, depth: int) -> list[float]:
@@ -106,12 +114,15 @@ class ToMe(Method[ToMeConfig, MergeState]):
         return MergeState()
 
     def budget_options(self, config: ToMeConfig, keep_ratio: float) -> dict[str, Any]:
-        if config.r is not None:
-            raise InvalidOptionError("a MAC budget chooses tome's merges through keep_ratio; patch with r=None to use it")
+        if config.r is not None or config.remaining is not None:
+            raise InvalidOptionError("a MAC budget chooses tome's merges through keep_ratio; patch with r=None and "
+                                     "remaining=None to use it")
         return {"keep_ratio": keep_ratio}
 
     def schedule(self, config: ToMeConfig, depth: int) -> list[Optional[float]]:
         """Per block, the share of the pass's patches left after it (under ``r=``, a marker)."""
+        if config.remaining is not None:
+            return [None if share >= 1.0 else share for share in config.remaining]
         if config.keep_ratio >= 1.0:
             return [None] * depth
         if config.r is not None:
@@ -138,7 +149,7 @@ class ToMe(Method[ToMeConfig, MergeState]):
     @staticmethod
     def _merges(config: ToMeConfig, ratio: float, initial: int, patches: int) -> int:
         """Tokens this block merges: ``r``, or down to its share of the pass's initial patches."""
-        if config.r is not None:
+        if config.r is not None and config.remaining is None:
             return config.r
         return max(0, patches - max(1, round(ratio * initial)))
 
