@@ -4,9 +4,9 @@
 
 Rows: unpatched DeiT-Ti/S/B at 224 (published 1.3 / 4.6 / 17.6 GMACs, precise 1.26 / 4.61 /
 17.58); EViT with fusion on DeiT-S at keep 0.9 ... 0.5 (published 4.0 / 3.5 / 3.0 / 2.6 / 2.3);
-``idle`` with the paper's schedule (start block 3, geometric) and with the default settings on
-DeiT-S, whose reductions are checked against the claims "up to 33 % fewer FLOPs" (IdleViT)
-and "39-43 %" (SaiT).
+``idle`` with its official inference schedule (the default: start block 3, geometric) and with
+one keep ratio from block 2 on DeiT-S, whose reductions are checked against the claims "up to
+33 % fewer FLOPs" (IdleViT) and "39-43 %" (SaiT).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from tokenpatch.measure.report import format_table, write_json
 UNPATCHED = {"deit_tiny_patch16_224": 1.26, "deit_small_patch16_224": 4.61, "deit_base_patch16_224": 17.58}
 EVIT_FUSE_DEIT_S = {0.9: 4.0, 0.8: 3.5, 0.7: 3.0, 0.6: 2.6, 0.5: 2.3}
 IDLE_SETTINGS = {
-    "idle paper (start=3, geometric)": {"start_block": 3, "schedule": "geometric", "score": "fresh"},
-    "idle default": {},
+    "idle (official: start=3, geometric, fresh)": {},
+    "idle constant start=2": {"schedule": "constant", "start_block": 2},
 }
 
 
