@@ -11,6 +11,7 @@ import pytest
 import tokenpatch
 from tokenpatch.cli import main
 from tokenpatch.backends.build import build_timm_model
+from tokenpatch.core.registry import DEFAULT_METHOD
 from tokenpatch.measure.flops import count_macs
 
 AUDIT = ["audit", "deit_tiny_patch16_224", "--img-size", "64", "--batch-size", "2", "--repeats", "2"]
@@ -24,7 +25,8 @@ def test_audit_json_agrees_with_the_library(capsys):
     assert required <= set(out)
     model = build_timm_model("deit_tiny_patch16_224", 64)
     assert out["macs_unpatched"] == count_macs(model, (1, 3, 64, 64)).total
-    tokenpatch.patch(model, "idle", keep_ratio=0.5)
+    assert out["method"] == DEFAULT_METHOD == "tome"
+    tokenpatch.patch(model, DEFAULT_METHOD, keep_ratio=0.5)
     assert out["macs"] == count_macs(model, (1, 3, 64, 64)).total
     assert out["reduction"] == pytest.approx(1 - out["macs"] / out["macs_unpatched"])
     assert out["throughput"] > 0 and out["throughput_unpatched"] > 0
@@ -177,3 +179,48 @@ def test_the_finetune_example_runs_and_saves_a_loadable_model(tuning_inputs, tmp
     assert done.returncode == 0, done.stderr[-2000:]
     assert "saved sait@0.5" in done.stdout
     assert tokenpatch.get_method_name(tokenpatch.load(build_timm_model("deit_tiny_patch16_224"), out)) == "sait"
+
+
+EVAL = ["eval", "deit_tiny_patch16_224"]
+
+
+def test_eval_compares_methods_with_their_options_on_an_unlabelled_folder(tuning_inputs, capsys):
+    data, weights = tuning_inputs
+    argv = EVAL + ["--data", str(data), "--checkpoint", str(weights), "--keep-ratio", "0.5",
+                   "--methods", "tome", "idle:score=fixed,ranking=softmax", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["images"], out["labelled"]) == (10, False)
+    rows = out["results"]
+    assert [r["method"] for r in rows] == ["unpatched", "tome", "idle:score=fixed,ranking=softmax"]
+    assert rows[0]["agreement"] == 100.0 and rows[0]["macs_ratio"] == 1.0
+    assert all(r["top1"] is None and r["keep_ratio"] in (None, 0.5) for r in rows)
+    assert all(r["macs_ratio"] < 1 for r in rows[1:])
+
+
+def test_eval_reports_accuracy_when_labelled_and_notes_a_budget_a_method_cannot_take(tuning_inputs, capsys):
+    data, weights = tuning_inputs
+    with open(data / "labels.csv", "w") as f:
+        f.write("file,class_index\n" + "".join(f"{p.name},{i % 3}\n" for i, p in enumerate(sorted(data.glob("*.png")))))
+    argv = EVAL + ["--data", str(data), "--checkpoint", str(weights), "--macs-ratio", "0.3", "--methods", "evit", "tome:r=2"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "10 labelled images" in lines[0] and "30% of the MACs" in lines[0]
+    assert lines[1].split() == ["method", "keep_ratio", "gmacs", "macs_ratio", "top1", "top5", "agreement"]
+    assert [line.split()[0] for line in lines[3:5]] == ["unpatched", "evit"]
+    assert lines[-1].startswith("tome:r=2: a MAC budget chooses tome's merges through keep_ratio")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--methods", "nope"], "unknown method 'nope'"),
+    (["--methods", "tome:fuse=true"], "fuse"),
+    (["--methods", "evit:fuse"], "KEY=VALUE pairs"),
+    (["--macs-ratio", "0.5", "--keep-ratio", "0.5"], "not allowed with argument"),
+])
+def test_eval_refuses_bad_arguments_with_one_line(tuning_inputs, capsys, extra, message):
+    data, _ = tuning_inputs
+    with pytest.raises(SystemExit) as exit_info:
+        main(EVAL + ["--data", str(data)] + extra)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error

@@ -70,13 +70,12 @@ def test_merge_matches_the_reference_bipartite_soft_matching(m, c, data):
                                   sum(x[b, t] * sizes[b, t] for t in members) / sum(sizes[b, t] for t in members))
 
 
-def reference_tome_logits(model, x, merges, split="sequence"):
+def reference_tome_logits(model, x, merges):
     """The whole DeiT forward with ToMe written out: explicit softmax attention with the log-size
     bias, then the reference merge of ``merges[i]`` tokens after block i's attention, over the
-    whole sequence with the prefix protected (official) or over the patches alone."""
+    whole sequence with the prefix protected (the official split)."""
     tokens = model._pos_embed(model.patch_embed(x))
     p = model.num_prefix_tokens
-    start = 0 if split == "sequence" else p
     out = []
     for sample in tokens:
         t, sizes = sample, torch.ones(sample.shape[0])
@@ -88,15 +87,14 @@ def reference_tome_logits(model, x, merges, split="sequence"):
             o = (logits.softmax(-1) @ v).transpose(0, 1).reshape(n, -1)
             t = t + block.ls1(attn.proj(o))
             if r:
-                merged, merged_sizes = reference_bipartite_merge(t[start:], sizes[start:], k.mean(0)[start:], r, p - start)
-                t, sizes = torch.cat([t[:start], merged]), torch.cat([sizes[:start], merged_sizes])
+                t, sizes = reference_bipartite_merge(t, sizes, k.mean(0), r, p)
             t = t + block.ls2(block.mlp(block.norm2(t)))
         out.append(model.forward_head(model.norm(t[None])))
     return torch.cat(out)
 
 
 @pytest.mark.parametrize("key", ["deit_tiny", "deit_tiny_distilled", "vit_reg4"])
-@pytest.mark.parametrize("options", [{"r": 3}, {"keep_ratio": 0.5}, {"r": 3, "split": "patches"}])
+@pytest.mark.parametrize("options", [{"r": 3}, {"keep_ratio": 0.5}])
 def test_tome_model_equals_the_reference_forward(key, options):
     model = make_model(key, img_size=96 if key != "vit_reg4" else 56)
     x = images(model, batch=2)
@@ -106,16 +104,7 @@ def test_tome_model_equals_the_reference_forward(key, options):
     merges = [r.attention_tokens - r.mlp_tokens for r in t.records]
     assert sum(merges) > 0
     with torch.no_grad():
-        assert torch.allclose(logits, reference_tome_logits(model, x, merges, options.get("split", "sequence")), atol=1e-4)
-
-
-def test_the_two_splits_merge_different_tokens():
-    model = make_model("deit_tiny", img_size=96)
-    x = images(model, batch=2)
-    tokenpatch.patch(model, "tome", r=4)
-    official = model(x)
-    tokenpatch.set_options(model, split="patches")
-    assert not torch.allclose(official, model(x), atol=1e-4)
+        assert torch.allclose(logits, reference_tome_logits(model, x, merges), atol=1e-4)
 
 
 @pytest.mark.parametrize("key", ["deit_tiny_distilled", "vit_reg4"])

@@ -10,7 +10,7 @@ from torch import nn
 from . import methods as _builtin_methods  # noqa: F401  (registers the built-in methods)
 from .backends import find_backend
 from .core.method import MethodConfig
-from .core.registry import METHODS, get_method
+from .core.registry import DEFAULT_METHOD, METHODS, get_method
 from .core.runner import (PatchContext, build_config, context_of, install, is_patched, reconfigure, remove_patch,
                           uninstall)
 from .errors import AlreadyPatchedError, InvalidOptionError
@@ -24,7 +24,7 @@ def available_methods() -> dict[str, str]:
     return {name: method.summary for name, method in sorted(METHODS.items())}
 
 
-def patch(model: ModelT, method: str = "idle", keep_ratio: Optional[float] = None, *,
+def patch(model: ModelT, method: str = DEFAULT_METHOD, keep_ratio: Optional[float] = None, *,
           macs_ratio: Optional[float] = None, macs_input: Optional[Any] = None, outputs: str = "full",
           **options: Any) -> ModelT:
     """Make ``model`` compute on fewer tokens, in place.
@@ -34,7 +34,8 @@ def patch(model: ModelT, method: str = "idle", keep_ratio: Optional[float] = Non
 
     Args:
         model: a supported ViT (see the README for the list), e.g. from ``timm.create_model``.
-        method: one of :func:`available_methods` (``"idle"`` by default).
+        method: one of :func:`available_methods` (``"tome"`` by default: ToMe's official rule,
+            which ranks tokens by similarity rather than by one model's attention statistics).
         keep_ratio: fraction of patch tokens kept, in (0, 1]; None takes the method's default.
             1.0 reproduces the unpatched outputs.
         macs_ratio: instead of ``keep_ratio``, the share of the unpatched MACs to spend, in

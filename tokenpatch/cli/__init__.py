@@ -17,7 +17,7 @@ from ..api import available_methods, get_config, get_method_name
 from ..backends.build import build_model, load_checkpoint
 from ..core.method import check_keep_ratio
 from ..core.options import parse_options
-from ..core.registry import get_method, training_free_methods
+from ..core.registry import DEFAULT_METHOD, get_method, training_free_methods
 from ..errors import TokenPatchError
 from ..data import eval_transform, image_dataset, load_images
 from ..jobs.audit import AUDIT_COLUMNS, audit_rows
@@ -115,7 +115,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    options = method_options(args.method or "idle", args.option) if args.option else {}
+    options = method_options(args.method or DEFAULT_METHOD, args.option) if args.option else {}
     model = patched_model(args.model, args.checkpoint, args.method, args.keep_ratio, options)
     result = write_explanations(model, args.images, args.model, args.out)
     if args.json:
@@ -153,7 +153,8 @@ def _option(text: str) -> tuple[str, str]:
 
 
 def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="idle", choices=sorted(available_methods()))
+    parser.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(available_methods()),
+                        help=f"token-reduction method (default {DEFAULT_METHOD})")
     parser.add_argument("--keep-ratio", type=_ratio, default=0.5)
     parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                         help="a method option (its loss weights included), read by the option's declared type: "
@@ -238,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     _add_method_arguments(show)
     show.set_defaults(method=None, keep_ratio=None)  # a tokenpatch checkpoint brings its own
-    show.add_argument("--checkpoint", help="weights: a state dict (then --method, default idle, and --keep-ratio, "
+    show.add_argument("--checkpoint", help=f"weights: a state dict (then --method, default {DEFAULT_METHOD}, and --keep-ratio, "
                       "default 0.5, apply), or a tokenpatch.save file (its method and options)")
     show.add_argument("--out", required=True, help="folder for the PNG files")
     show.add_argument("--json", action="store_true", help="print one JSON object instead of text")

@@ -158,21 +158,14 @@ class Merged:
     moved: Tensor
 
 
-def bipartite_merge(x: Tensor, keys: Tensor, sizes: Tensor, positions: Tensor, num_prefix: int, r: int,
-                    start: int = 0) -> Merged:
-    """ToMe's merge of ``r`` patches of (B, N, C) ``x``, matched on (B, N, D) ``keys``.
-
-    The bipartite split starts at token ``start``: 0 alternates over the whole sequence with the
-    ``num_prefix`` prefix tokens protected (the official rule), ``num_prefix`` over the patches
-    alone. ``sizes`` and ``positions`` are (B, N).
-    """
-    p, n = num_prefix, int(x.shape[1])
-    matching = bipartite_matching(keys[:, start:], r, protected=p - start)
-    merged, merged_sizes = merge_tokens(x[:, start:], sizes[:, start:], matching)
-    return Merged(tokens=torch.cat([x[:, :start], merged], dim=1),
-                  sizes=torch.cat([sizes[:, :start], merged_sizes], dim=1),
-                  positions=torch.cat([positions[:, :start], arrange(positions[:, start:], matching)], dim=1),
-                  moved=(destinations(matching, n - start) + start - p)[:, p - start:])
+def bipartite_merge(x: Tensor, keys: Tensor, sizes: Tensor, positions: Tensor, num_prefix: int, r: int) -> Merged:
+    """ToMe's merge of ``r`` patches of (B, N, C) ``x``, matched on (B, N, D) ``keys``, the bipartite
+    split alternating over the whole sequence with the ``num_prefix`` prefix tokens protected (the
+    official rule). ``sizes`` and ``positions`` are (B, N)."""
+    matching = bipartite_matching(keys, r, protected=num_prefix)
+    merged, merged_sizes = merge_tokens(x, sizes, matching)
+    moved = destinations(matching, int(x.shape[1]))[:, num_prefix:] - num_prefix
+    return Merged(tokens=merged, sizes=merged_sizes, positions=arrange(positions, matching), moved=moved)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from torch import nn
 from ..api import get_method_name, patch, set_options
 from ..backends.build import build_model, load_checkpoint, timm_twin
 from ..checkpoint import is_checkpoint, load
+from ..core.registry import DEFAULT_METHOD
 from ..data import eval_transform, normalisation
 from ..errors import TokenPatchError
 from ..interpret.explanation import explain
@@ -63,7 +64,7 @@ def patched_model(model_spec: str, checkpoint: Optional[str], method: Optional[s
     if not (checkpoint and is_checkpoint(checkpoint)):
         if checkpoint:
             load_checkpoint(model, checkpoint)
-        return patch(model, method or "idle", keep_ratio=keep_ratio or 0.5, **options)
+        return patch(model, method or DEFAULT_METHOD, keep_ratio=keep_ratio or 0.5, **options)
     load(model, checkpoint)
     if method not in (None, get_method_name(model)):
         raise TokenPatchError(f"{checkpoint} holds a {get_method_name(model)!r} model; drop --method {method} "

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from ..api import patch
 from ..backends.build import build_model, load_checkpoint
 from ..checkpoint import save
+from ..core.registry import DEFAULT_METHOD
 from ..data import image_dataset, load_images, transform_for
 from ..measure.evaluate import accuracy, predict
 from ..measure.flops import count_macs
@@ -45,7 +46,7 @@ class FinetuneJob:
 
     model: str
     data: str
-    method: str = "idle"
+    method: str = DEFAULT_METHOD
     keep_ratio: Optional[float] = 0.5
     options: dict[str, Any] = field(default_factory=dict)
     checkpoint: Optional[str] = None
