@@ -26,7 +26,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .blocks import BlockView
 from .ops import gather_tokens
+from .pieces import attention_with_projections
 from .state import PassState
 
 
@@ -174,6 +176,23 @@ class MergeState:
     until the first merge)."""
 
     sizes: Optional[Tensor] = None
+
+
+def sized_attention(view: BlockView, x: Tensor, state: PassState[MergeState],
+                    proportional: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """The attention residual of a merging method's block on (B, N, C) ``x``.
+
+    With ``proportional``, a token standing for several adds ``log(size)`` to every query's logit
+    for it (ToMe's proportional attention), as an SDPA additive mask.
+
+    Returns:
+        ``x + attn(norm1(x))``, the (B, H, N, D) queries, keys and values, and the (B, N) logit
+        bias used (None: none).
+    """
+    sizes = state.own.sizes
+    bias = sizes.log() if proportional and sizes is not None else None
+    x, q, k, v = attention_with_projections(view, x, state.positions, key_bias=bias)
+    return x, q, k, v, bias
 
 
 def follow_groups(state: PassState, moved: Tensor) -> None:

@@ -35,10 +35,10 @@ from torch import Tensor
 
 from ..core.blocks import BlockView
 from ..core.merging import (MergeState, arrange, bipartite_matching, destinations, follow_groups, merge_tokens,
-                            restore_merged_grid)
+                            restore_merged_grid, sized_attention)
 from ..core.method import Method, MethodConfig
 from ..core.ops import gather_tokens
-from ..core.pieces import attention_with_projections, mlp_residual
+from ..core.pieces import mlp_residual
 from ..core.registry import register_method
 from ..core.state import PassState
 
@@ -81,9 +81,7 @@ class PiToMe(Method[PiToMeConfig, MergeState]):
     def reduce_block(self, view: BlockView, x: Tensor, state: PassState[MergeState], block: int, ratio: float,
                      config: PiToMeConfig) -> Tensor:
         p, attention_tokens = state.num_prefix, x.shape[1]
-        sizes = state.own.sizes
-        bias = sizes.log() if config.proportional_attention and sizes is not None else None
-        x, _, k, _ = attention_with_projections(view, x, state.positions, key_bias=bias)
+        x, _, k, _, _ = sized_attention(view, x, state, config.proportional_attention)
         patches = int(x.shape[1]) - p  # int: shapes are tensors while fvcore traces
         r = min(math.floor(patches - patches * ratio), patches // 2)
         if r > 0:

@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from ..core.blocks import BlockView
-from ..core.merging import MergeState, bipartite_merge, follow_groups, restore_merged_grid
+from ..core.merging import MergeState, bipartite_merge, follow_groups, restore_merged_grid, sized_attention
 from ..core.method import Method, MethodConfig, check_blocks, check_positive, quarter_blocks
 from ..core.ops import gather_tokens
-from ..core.pieces import attention_with_projections, kept_index, mlp_residual, patch_scores
+from ..core.pieces import kept_index, mlp_residual, patch_scores
 from ..core.registry import register_method
 from ..core.state import PassState
 from ..errors import InvalidOptionError
@@ -95,9 +95,8 @@ class PPT(Method[PPTConfig, MergeState]):
 
     def reduce_block(self, view: BlockView, x: Tensor, state: PassState[MergeState], block: int, ratio: float,
                      config: PPTConfig) -> Tensor:
-        p, attention_tokens, sizes = state.num_prefix, x.shape[1], state.own.sizes
-        bias = sizes.log() if config.proportional_attention and sizes is not None else None
-        x, q, k, v = attention_with_projections(view, x, state.positions, key_bias=bias)
+        p, attention_tokens = state.num_prefix, x.shape[1]
+        x, q, k, v, bias = sized_attention(view, x, state, config.proportional_attention)
         patches = int(x.shape[1]) - p
         r = config.r if config.r is not None else round((1.0 - ratio) * int(state.initial_patches))
         r = min(r, patches // 2)

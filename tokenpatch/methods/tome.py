@@ -28,9 +28,9 @@ from typing import Any, Optional
 from torch import Tensor
 
 from ..core.blocks import BlockView
-from ..core.merging import MergeState, bipartite_merge, follow_groups, restore_merged_grid
+from ..core.merging import MergeState, bipartite_merge, follow_groups, restore_merged_grid, sized_attention
 from ..core.method import Method, MethodConfig, check_positive
-from ..core.pieces import attention_with_projections, mlp_residual
+from ..core.pieces import mlp_residual
 from ..core.registry import register_method
 from ..core.state import PassState
 from ..errors import InvalidOptionError
@@ -127,9 +127,7 @@ class ToMe(Method[ToMeConfig, MergeState]):
     def reduce_block(self, view: BlockView, x: Tensor, state: PassState[MergeState], block: int, ratio: float,
                      config: ToMeConfig) -> Tensor:
         p, attention_tokens = state.num_prefix, x.shape[1]
-        sizes = state.own.sizes
-        bias = sizes.log() if config.proportional_attention and sizes is not None else None
-        x, _, k, _ = attention_with_projections(view, x, state.positions, key_bias=bias)
+        x, _, k, _, _ = sized_attention(view, x, state, config.proportional_attention)
         patches = int(x.shape[1]) - p  # int: shapes are tensors while fvcore traces
         r = min(self._merges(config, ratio, int(state.initial_patches), patches), patches // 2)
         if r > 0:
