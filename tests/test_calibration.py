@@ -5,7 +5,7 @@ import torch
 
 import tokenpatch
 from tokenpatch.errors import InvalidOptionError
-from tokenpatch.measure.calibration import schedule_family
+from tokenpatch.jobs.calibration import schedule_family
 
 from conftest import images, make_model
 

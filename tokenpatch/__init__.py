@@ -22,7 +22,7 @@ from .errors import (
 )
 from .interpret import Explanation, explain
 from .measure import BudgetFit, count_macs, set_macs_ratio
-from .measure.calibration import Calibration, calibrate
+from .jobs.calibration import Calibration, calibrate
 from .methods import (ATSConfig, DynamicViTConfig, EViTConfig, IARed2Config, IdleConfig, PiToMeConfig, PPTConfig,
                       SaiTConfig, ToMeConfig)
 

@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 from ..api import get_method_name, is_patched, patch
 from ..core.runner import context_of, overriding, reconfigure
 from ..errors import InvalidOptionError
-from .budget import TOLERANCE, check_macs_ratio, set_macs_ratio
-from .evaluate import predict
-from .flops import count_macs
+from ..measure.budget import TOLERANCE, check_macs_ratio, set_macs_ratio
+from ..measure.evaluate import predict
+from ..measure.flops import count_macs
 
 #: exponents of the schedule family: < 1 merges early, > 1 late
 SHAPES = (0.5, 0.75, 1.0, 1.5, 2.0)
