@@ -41,8 +41,12 @@ def test_calibrate_refuses_another_method_and_a_bad_budget():
     model = tokenpatch.patch(make_model("deit_tiny", depth=2), "evit")
     with pytest.raises(InvalidOptionError, match="calibrate searches tome's merge schedule.*'evit'"):
         tokenpatch.calibrate(model, images(model), 0.6, progress=False)
+    unpatched = make_model("deit_tiny", depth=2)
     with pytest.raises(InvalidOptionError, match="macs_ratio must be a number in"):
-        tokenpatch.calibrate(make_model("deit_tiny", depth=2), images(model), 1.5, progress=False)
+        tokenpatch.calibrate(unpatched, images(model), 1.5, progress=False)
+    with pytest.raises(tokenpatch.InputShapeError):
+        tokenpatch.calibrate(unpatched, torch.randn(2, 3, 64), 0.6, progress=False)
+    assert not tokenpatch.is_patched(unpatched)  # a failed calibration leaves the model as it came
 
 
 def test_a_remaining_schedule_sets_the_tokens_per_block_and_refuses_a_budget():

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..api import get_method_name, is_patched, patch
+from ..api import get_method_name, is_patched, patch, unpatch
 from ..core.runner import context_of, overriding, reconfigure
 from ..errors import InvalidOptionError
 from ..measure.budget import TOLERANCE, check_macs_ratio, set_macs_ratio
@@ -74,11 +74,21 @@ def calibrate(model: nn.Module, images: Tensor, macs_ratio: float = 0.65, progre
         InvalidOptionError: the model is patched with another method, or the budget is out of range.
     """
     target = check_macs_ratio(macs_ratio)
-    if not is_patched(model):
-        patch(model, "tome")
-    elif get_method_name(model) != "tome":
-        raise InvalidOptionError(f"calibrate searches tome's merge schedule; this model is patched with "
-                                 f"{get_method_name(model)!r} (unpatch it first)")
+    if is_patched(model):
+        if get_method_name(model) != "tome":
+            raise InvalidOptionError(f"calibrate searches tome's merge schedule; this model is patched with "
+                                     f"{get_method_name(model)!r} (unpatch it first)")
+        return _search(model, images, target, progress)
+    patch(model, "tome")
+    try:
+        return _search(model, images, target, progress)
+    except BaseException:
+        unpatch(model)  # a failed calibration leaves the model as it came
+        raise
+
+
+def _search(model: nn.Module, images: Tensor, target: float, progress: bool) -> Calibration:
+    """:func:`calibrate` on a ``tome``-patched model."""
     reconfigure(model, remaining=None)
     depth = context_of(model).facts.depth
     costs = _BlockCosts.fit(model, images[:1])
