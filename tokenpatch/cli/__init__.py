@@ -18,8 +18,8 @@ from ..backends.build import build_model, load_checkpoint
 from ..core.method import check_keep_ratio
 from ..core.options import parse_options
 from ..core.registry import DEFAULT_METHOD, get_method, training_free_methods
-from ..errors import TokenPatchError
 from ..data import eval_transform, image_dataset, load_images
+from ..errors import TokenPatchError
 from ..jobs.audit import AUDIT_COLUMNS, audit_rows
 from ..jobs.evaluation import EVAL_COLUMNS, EvalData, MethodSpec, evaluation_rows
 from ..jobs.explain import patched_model, write_explanations
@@ -72,12 +72,18 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         print(f"{args.model}: {len(labels)} {'labelled' if data.labelled else 'unlabelled'} images from {args.data}, "
               f"{budget}")
-        columns = EVAL_COLUMNS if data.labelled else [c for c in EVAL_COLUMNS if c not in ("top1", "top5")]
-        print(format_table([r for r in rows if "note" not in r], columns, digits=3))
-        for row in rows:
-            if "note" in row:
-                print(f"{row['method']}: {row['note']}")
+        _print_eval_table(rows, data.labelled)
     return 0
+
+
+def _print_eval_table(rows: Sequence[dict[str, Any]], labelled: bool) -> None:
+    """The measured rows as a table (top-1/top-5 only when labelled), then a line per method that
+    could not take the budget."""
+    columns = EVAL_COLUMNS if labelled else [c for c in EVAL_COLUMNS if c not in ("top1", "top5")]
+    print(format_table([r for r in rows if "note" not in r], columns, digits=3))
+    for row in rows:
+        if "note" in row:
+            print(f"{row['method']}: {row['note']}")
 
 
 def _method_spec(text: str) -> MethodSpec:
