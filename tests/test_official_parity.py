@@ -239,3 +239,17 @@ def test_ppt_default_is_the_official_inference_with_both_branches_in_one_batch()
         logits = model(x)
         expected = reference_ppt_logits(model, x, (2, 4, 6), 6, threshold)
     assert torch.allclose(logits, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("method, options", [("evit", {"drop_blocks": (1,)}), ("ats", {"sample_blocks": (1,)}),
+                                             ("sait", {"prune_block": 1}), ("sait", {"prune_block": 1, "mass": 0.5})])
+def test_a_method_that_drops_after_the_attention_projects_only_the_rows_it_keeps(method, options):
+    model = tokenpatch.patch(make_model("deit_tiny", depth=2, img_size=96), method, keep_ratio=0.5, **options)
+    x = images(model, batch=1)
+    with tokenpatch.trace(model) as t:
+        model(x)
+    projected = []
+    hook = model.blocks[1].attn.proj.register_forward_hook(lambda module, inputs, output: projected.append(inputs[0].shape[1]))
+    model(x)
+    hook.remove()
+    assert t.records[1].mlp_tokens < 37 and projected == [t.records[1].mlp_tokens]

@@ -281,20 +281,6 @@ def test_ats_counts_follow_the_image_and_stay_below_k():
     assert [len(s.values[0]) for s in t.scores] == [36, int(first.max())]
 
 
-def test_ats_computes_no_row_it_drops():
-    model = sharpened_model(depth=2)
-    x = images(model, batch=1)
-    tokenpatch.patch(model, "ats", points=36, sample_blocks=(1,))
-    with tokenpatch.trace(model) as t:
-        model(x)
-    kept = t.records[1].mlp_tokens
-    projected = []
-    hook = model.blocks[1].attn.proj.register_forward_hook(lambda module, inputs, output: projected.append(inputs[0].shape[1]))
-    model(x)
-    hook.remove()
-    assert kept < 37 and projected == [kept]
-
-
 def test_ats_is_refused_for_average_pooling_models():
     model = make_model("avg_pool")
     with pytest.raises(InvalidOptionError, match="ats pads each batch.*global_pool='avg'"):

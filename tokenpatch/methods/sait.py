@@ -28,14 +28,13 @@ import dataclasses
 import math
 from typing import Any, Optional
 
-import torch
 from torch import Tensor
 
 from ..core.blocks import BlockView, ModelFacts
 from ..core.method import Method, ScoringConfig, check_block, check_positive, require_class_token_pooling
-from ..core.ops import gather_tokens, padded_top_positions, prefix_positions, top_k_positions
-from ..core.pieces import (SCORE_NAMES, attention_with_projections, mlp_residual, padded_block, patch_scores,
-                           refuse_export, scorer_rule)
+from ..core.ops import padded_top_positions, top_k_positions
+from ..core.pieces import (SCORE_NAMES, drop_after_attention, kept_index, mlp_residual, padded_block, patch_scores,
+                           refuse_export, scorer_rule, scoring_projections)
 from ..core.registry import register_method
 from ..core.state import PassState
 from ..errors import InvalidOptionError
@@ -125,27 +124,25 @@ class SaiT(Method[SaiTConfig, SaiTState]):
         if state.own.pruned:
             return self._after_prune(view, x, state, block)
         attention_tokens = x.shape[1]
-        x, q, k, _ = attention_with_projections(view, x, state.positions)
-        scores = patch_scores(view, q, k, state, config.scorer).detach()
+        xn, queries, k, v = scoring_projections(view, x, state, config.scorer)
+        scores = patch_scores(view, queries, k, state, config.scorer).detach()
         state.record_scores(block, SCORE_NAMES[scorer_rule(config.scorer, state)], scores)
-        x = self._prune(x, state, scores, ratio, config.mass)
+        index, counts = self._kept(state, scores, ratio, config.mass)
+        x = drop_after_attention(view, x, xn, queries, k, v, index, state, counts=counts)
         state.own.pruned = True
         state.record(block, attention_tokens, x.shape[1])
         return mlp_residual(view, x)
 
     @staticmethod
-    def _prune(x: Tensor, state: PassState, scores: Tensor, ratio: float, mass: Optional[float]) -> Tensor:
-        p, patches = state.num_prefix, scores.shape[1]
-        cap, counts = math.ceil(ratio * patches), None
+    def _kept(state: PassState, scores: Tensor, ratio: float, mass: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:
+        """(B, K) indices of the tokens the prune keeps, and the (B,) real tokens per image of a
+        padded batch (None for a fixed count)."""
+        cap = math.ceil(ratio * scores.shape[1])
         if mass is None:  # a fixed count: no data-dependent width, so the pass stays exportable
-            keep = top_k_positions(scores, cap)
-        else:
-            refuse_export("sait with mass")
-            counts = mass_counts(scores, mass).clamp(max=cap)
-            keep = padded_top_positions(scores, counts)
-        index = torch.cat([prefix_positions(x.shape[0], p, x.device), keep + p], dim=1)
-        state.select(index, x, None if counts is None else counts + p)
-        return gather_tokens(x, index)
+            return kept_index(state, top_k_positions(scores, cap)), None
+        refuse_export("sait with mass")
+        counts = mass_counts(scores, mass).clamp(max=cap)
+        return kept_index(state, padded_top_positions(scores, counts)), counts + state.num_prefix
 
     @staticmethod
     def _after_prune(view: BlockView, x: Tensor, state: PassState, block: int) -> Tensor:
