@@ -12,7 +12,8 @@ arXiv:2210.05832 (2022). Two ideas, both here:
 
 This implementation prunes once, at ``prune_block`` (a quarter of the depth), after that
 block's attention and before its MLP, and ranks patches by the block's head-averaged
-class-token attention (the score ``evit`` uses). The paper's full text was not available to us
+class-token attention (the score ``evit`` uses); only the kept patches' attention rows are
+computed. The paper's full text was not available to us
 offline, so its exact score and location may differ; both are options here.
 
 Batching with per-image counts: the batch keeps as many tokens as its largest count; each
