@@ -16,6 +16,11 @@ in order, then the other B tokens: for one protected class token, exactly the of
 
 Only ``gather`` and ``scatter_add`` move tokens (no ``scatter_reduce(mean)``), so the merge
 traces, compiles and exports.
+
+The merging methods (``tome``, ``pitome``, ``ppt``) also share their per-pass sizes
+(:class:`MergeState`), proportional attention (:func:`sized_attention`), the record of which token
+carries each patch (:func:`follow_groups`) and the full grid behind their tokens
+(:func:`restore_merged_grid`).
 """
 
 from __future__ import annotations
