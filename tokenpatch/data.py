@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from .backends import find_backend
 from .backends.build import timm_twin
@@ -141,8 +142,6 @@ def load_deit_tiny(root: PathLike) -> nn.Module:
 
 def load_images(dataset: Dataset, limit: Optional[int] = None, progress: bool = False) -> tuple[Tensor, Tensor]:
     """All (or the first ``limit``) items of ``dataset`` stacked: (M, 3, H, W) images, (M,) labels."""
-    from tqdm.auto import tqdm
-
     count = len(dataset) if limit is None else min(limit, len(dataset))
     images, labels = zip(*(dataset[i] for i in tqdm(range(count), desc="images", disable=not progress, leave=False)))
     return torch.stack(images), torch.tensor(labels)

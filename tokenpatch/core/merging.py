@@ -93,7 +93,8 @@ def _protected_first(kept: int, size: int, protected: int) -> tuple[int, ...]:
     The protected tokens alternate A, B, A, ... and lead their halves.
     """
     front = [i // 2 if i % 2 == 0 else kept + i // 2 for i in range(protected)]
-    return tuple(front + [i for i in range(size) if i not in set(front)])
+    taken = set(front)
+    return tuple(front + [i for i in range(size) if i not in taken])
 
 
 def _joined(kept_a: Tensor, b: Tensor, matching: Matching) -> Tensor:
@@ -133,17 +134,12 @@ def arrange(t: Tensor, matching: Matching) -> Tensor:
 
 def destinations(matching: Matching, m: int) -> Tensor:
     """(B, M) index, among the merged tokens, of the token each of the M input tokens ends up in."""
-    batch, a_size, device = matching.kept.shape[0], (m + 1) // 2, matching.kept.device
+    batch, device = matching.kept.shape[0], matching.kept.device
     slots = arrange(torch.arange(m, device=device).expand(batch, -1), matching)  # input token in each merged slot
-    # slot of every input token that has one (kept A and all B; merged A tokens are filled in below)
-    position = torch.zeros(batch, m, dtype=torch.long, device=device)
-    position.scatter_(1, slots, torch.arange(slots.shape[1], device=device).expand(batch, -1))
-    b_dest = position[:, 1::2]  # every B token has its own slot
-    a_dest = torch.zeros(batch, a_size, dtype=torch.long, device=device)
-    a_dest = a_dest.scatter(1, matching.kept, position[:, 0::2].gather(1, matching.kept))
-    a_dest = a_dest.scatter(1, matching.merged, b_dest.gather(1, matching.into))
-    dest = torch.empty(batch, m, dtype=torch.long, device=device)
-    dest[:, 0::2], dest[:, 1::2] = a_dest, b_dest
+    # slot of every input token that has one (kept A and all B); a merged A token goes where its partner went
+    dest = torch.zeros(batch, m, dtype=torch.long, device=device)
+    dest.scatter_(1, slots, torch.arange(slots.shape[1], device=device).expand(batch, -1))
+    dest[:, 0::2] = dest[:, 0::2].scatter(1, matching.merged, dest[:, 1::2].gather(1, matching.into))
     return dest
 
 

@@ -121,23 +121,39 @@ def patch_scores(view: BlockView, q: Tensor, k: Tensor, state: PassState, scorer
     return cls_attention(query, k, view.scale, key_mask, probabilities, key_bias)[:, p:]
 
 
-def scoring_projections(view: BlockView, x: Tensor, state: PassState,
-                        scorer: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def scoring_queries_and_keys(view: BlockView, xn: Tensor, state: PassState, scorer: str) -> tuple[Tensor, Tensor]:
     """What scoring needs before any token is dropped, without the queries of tokens that may go.
 
     Args:
-        x: (B, N, C) current tokens.
+        xn: (B, N, C) ``norm1`` of the current tokens.
 
     Returns:
-        ``norm1(x)`` (B, N, C); the scoring queries: (B, H, 1, D) of the class token, or
-        (B, H, N, D) of every token for the mean-query scorer (:func:`patch_scores`); and the
-        (B, H, N, D) keys and values of every token.
+        The scoring queries: (B, H, 1, D) of the class token, or (B, H, N, D) of every token for
+        the mean-query scorer (:func:`patch_scores`); and the (B, H, N, D) keys of every token.
     """
-    xn = view.norm1(x)
     positions = state.positions
     by_class = scorer_rule(scorer, state) == "class_token"
     queries = view.query(xn[:, :1] if by_class else xn, positions[:, :1] if by_class else positions)
-    return xn, queries, view.key(xn, positions), view.value(xn)
+    return queries, view.key(xn, positions)
+
+
+def scoring_projections(view: BlockView, x: Tensor, state: PassState,
+                        scorer: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``norm1(x)`` of (B, N, C) ``x``, its scoring queries and keys (:func:`scoring_queries_and_keys`)
+    and the (B, H, N, D) values of every token."""
+    xn = view.norm1(x)
+    queries, keys = scoring_queries_and_keys(view, xn, state, scorer)
+    return xn, queries, keys, view.value(xn)
+
+
+def kept_queries(view: BlockView, queries: Tensor, xn_kept: Tensor, kept_positions: Tensor,
+                 index: Optional[Tensor] = None) -> Tensor:
+    """(B, H, K, D) queries of the kept tokens, whose ``norm1`` is (B, K, C) ``xn_kept`` at
+    ``kept_positions``: taken from the scoring ``queries`` where those are every token's (the
+    mean-query scorer; ``index`` picks the kept ones, None: all), else projected."""
+    if queries.shape[2] > 1:  # every token's; one row is the class token's alone (or a lone token's)
+        return queries if index is None else gather_heads(queries, index)
+    return view.query(xn_kept, kept_positions)
 
 
 def drop_after_attention(view: BlockView, x: Tensor, xn: Tensor, queries: Tensor, k: Tensor, v: Tensor,
@@ -161,15 +177,15 @@ def drop_after_attention(view: BlockView, x: Tensor, xn: Tensor, queries: Tensor
         (B, K, C) the kept tokens after the attention residual.
     """
     positions = state.positions
-    every_query = queries.shape[2] == x.shape[1]  # the mean-query scorer projected them all already
     if state.keeps_grid:
-        q = queries if every_query else view.query(xn, positions)
-        x = view.add_attention(x, attend(view, q, k, v, xn, key_mask, query_positions=positions, key_positions=positions))
+        q = kept_queries(view, queries, xn, positions)
+        attended = attend(view, q, k, v, xn, key_mask, query_positions=positions, key_positions=positions)
+        x = view.add_attention(x, attended)
         state.select(index, x, counts)
         return gather_tokens(x, index)
     state.select(index, x, counts)
     xn_kept, kept_positions = gather_tokens(xn, index), positions.gather(1, index)
-    q = gather_heads(queries, index) if every_query else view.query(xn_kept, kept_positions)
+    q = kept_queries(view, queries, xn_kept, kept_positions, index)
     attended = attend(view, q, k, v, xn_kept, key_mask, query_positions=kept_positions, key_positions=positions)
     return view.add_attention(gather_tokens(x, index), attended)
 

@@ -168,7 +168,8 @@ def _solve(costs: _BlockCosts, target: float, start: int, shape: float, depth: i
     return tuple(max(share, 1.0 / costs.patches) for share in schedule_family(start, shape, low, depth))
 
 
-def _score(model: nn.Module, images: Tensor, reference: Tensor, schedule: Optional[tuple[float, ...]]) -> tuple[float, float]:
+def _score(model: nn.Module, images: Tensor, reference: Tensor,
+           schedule: Optional[tuple[float, ...]]) -> tuple[float, float]:
     """(mean KL from the unpatched predictions, top-1 agreement in percent) of ``schedule``."""
     if schedule is None:
         log_probs = predict(model, images).log_softmax(dim=-1)

@@ -39,7 +39,8 @@ class MethodSpec:
         for item in filter(None, rest.split(",")):
             key, sep, value = item.partition("=")
             if not sep or not key.isidentifier():
-                raise InvalidOptionError(f"method options are KEY=VALUE pairs separated by commas, got {item!r} in {text!r}")
+                raise InvalidOptionError(f"method options are KEY=VALUE pairs separated by commas, "
+                                         f"got {item!r} in {text!r}")
             pairs.append((key, value))
         return cls(name, parse_options(get_method(name).config_class, pairs), text)
 

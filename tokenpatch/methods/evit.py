@@ -2,8 +2,8 @@
 
 Liang et al., "Not All Patches are What You Need: Expediting Vision Transformers via Token
 Reorganizations", ICLR 2022 (arXiv:2202.07800); official code ``youweiliang/evit``, whose
-inference this follows exactly (same kept tokens, measured beside it). At a few blocks, after the attention
-residual and before the MLP, keep the ``ceil(r * (N - P))`` non-prefix tokens with the highest
+inference this follows exactly (same kept tokens, measured beside it). At a few blocks, after
+the attention residual and before the MLP, keep the ``ceil(r * (N - P))`` non-prefix tokens with the highest
 head-averaged class-token attention of that block; the rest are dropped, or with ``fuse=True``
 summed into one extra token weighted by their class-token attention. A fused token is an
 ordinary candidate at later reductions.
@@ -76,7 +76,8 @@ class EViT(Method[EViTConfig, None]):
         else:
             xn, queries, k, v = scoring_projections(view, x, state, config.scorer)
             patch_attn = self._scores(view, queries, k, state, block, config)
-            x = drop_after_attention(view, x, xn, queries, k, v, kept_index(state, top_k_positions(patch_attn, keep)), state)
+            index = kept_index(state, top_k_positions(patch_attn, keep))
+            x = drop_after_attention(view, x, xn, queries, k, v, index, state)
         state.record(block, attention_tokens, x.shape[1])
         return mlp_residual(view, x)
 

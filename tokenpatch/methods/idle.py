@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from ..core.blocks import BlockView
 from ..core.method import LossTerm, Method, ScoringConfig, check_block, check_positive
 from ..core.ops import gather_heads, gather_tokens, scatter_tokens, top_k_positions
-from ..core.pieces import (SCORE_NAMES, attend, keep_tokens, mean_attention_logits, mlp_residual, patch_scores,
-                           scorer_rule)
+from ..core.pieces import (SCORE_NAMES, attend, keep_tokens, kept_queries, mean_attention_logits, mlp_residual,
+                           patch_scores, scorer_rule, scoring_queries_and_keys)
 from ..core.registry import register_method
 from ..core.runner import last_training_outputs
 from ..core.state import PassState
@@ -119,13 +119,10 @@ class Idle(Method[IdleConfig, IdleState]):
     def reduce_block(self, view: BlockView, x: Tensor, state: PassState[IdleState], block: int, ratio: float,
                      config: IdleConfig) -> Tensor:
         keep = max(1, int(ratio * (x.shape[1] - state.num_prefix)))
-        by_class = scorer_rule(config.scorer, state) == "class_token"
         xn = queries = keys = None
         if config.score == "fresh" or state.own.scores is None:
             xn = view.norm1(x)
-            keys = view.key(xn, state.positions)
-            # the class token's query alone, or every patch's (their mean scores; the selected reuse theirs)
-            queries = view.query(xn[:, :1] if by_class else xn, state.positions[:, :1] if by_class else state.positions)
+            queries, keys = scoring_queries_and_keys(view, xn, state, config.scorer)
             scores = patch_scores(view, queries, keys, state, config.scorer, probabilities=config.ranking == "softmax")
         else:
             scores = state.own.scores
@@ -136,7 +133,7 @@ class Idle(Method[IdleConfig, IdleState]):
             q, k, v = view.qkv(xn_sel, positions)
         else:  # keys of the selected tokens are already projected
             xn_sel = gather_tokens(xn, index)
-            q = view.query(xn_sel, positions) if by_class else gather_heads(queries, index)
+            q = kept_queries(view, queries, xn_sel, positions, index)
             k, v = gather_heads(keys, index), view.value(xn_sel)
         state.record_scores(block, SCORE_NAMES[scorer_rule(config.scorer, state)], scores)
         if config.score == "fixed":
