@@ -1,12 +1,23 @@
-"""Measured vs ideal speed-up of patched models (random weights; speed does not depend on them).
+"""Measured vs ideal speed-up of every method at one MAC budget, eager and compiled (random weights).
 
-    python benchmarks/throughput.py --model deit_small_patch16_224 --method idle --keep-ratios 0.5 \\
-        --batch-sizes 1 32 --json benchmarks/results/throughput.json
+    python benchmarks/throughput.py --model deit_small_patch16_224 --macs-ratio 0.65 --batch-sizes 1 32 \\
+        --modes eager compiled --json benchmarks/results/throughput.json
 
-For each batch size, the unpatched model and each patched copy are timed alternately in this
-process (warm-up, then ``--repeats`` rounds). ``ideal`` is unpatched MACs / patched MACs;
-``speedup`` is the median over rounds of the paired throughput ratio; ``efficiency`` is
-speedup / ideal.
+Each method (default: every registered one, with its default options; ``NAME:KEY=VALUE,...``
+for others) is fitted to ``--macs-ratio`` of the unpatched MACs (methods that cannot reach it
+get their nearest budget, shown in ``macs_ratio``). For each batch size and mode the unpatched
+model and the patched copies are timed alternately in this process (warm-up, then
+``--repeats`` rounds): ``ideal`` is unpatched MACs / patched MACs (per image, counted on the
+timed images), ``speedup`` the median over rounds of the paired throughput ratio,
+``efficiency`` = speedup / ideal. ``compiled`` wraps every model, the unpatched one included,
+in ``torch.compile`` (default inductor backend) and compares compiled with compiled.
+
+The row ``fewer tokens`` is the unpatched model run on a smaller image, with about the
+same MACs as the budget (the image size whose MACs are nearest): every block computes on fewer
+tokens with no token bookkeeping at all, so its efficiency shows what the hardware gives for
+fewer rows per matrix product, the ceiling a token-reduction method works under.
+
+``--device cuda --dtype float16`` measures on a GPU (CUDA events); the timing code is the same.
 """
 
 from __future__ import annotations
@@ -14,22 +25,88 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import warnings
+from typing import Any
 
 import timm
 import torch
+from torch import nn
 
 import tokenpatch
-from tokenpatch.measure.flops import count_macs
+from tokenpatch.errors import InvalidOptionError
+from tokenpatch.jobs.evaluation import MethodSpec
+from tokenpatch.measure.budget import mean_macs_per_image
 from tokenpatch.measure.report import format_table, write_json
 from tokenpatch.measure.speed import compare_throughput, paired_speedup
+
+COLUMNS = ["method", "mode", "batch", "macs_ratio", "unpatched_img_s", "patched_img_s", "ideal", "speedup",
+           "efficiency", "note"]
+REFERENCE = "fewer tokens"
+
+
+def fit(base: nn.Module, spec: MethodSpec, macs_ratio: float, images: torch.Tensor) -> nn.Module:
+    """A patched copy of ``base`` at ``macs_ratio`` of its MACs, or at the nearest share the method reaches."""
+    model = tokenpatch.patch(copy.deepcopy(base), spec.name, **spec.options)
+    try:
+        tokenpatch.set_macs_ratio(model, macs_ratio, images)
+    except InvalidOptionError:
+        tokenpatch.set_macs_ratio(model, macs_ratio, images, tolerance=0.25)
+    return model
+
+
+def smaller_image_model(name: str, macs_ratio: float) -> tuple[nn.Module, int]:
+    """The unpatched ``name`` at the square image size whose MACs share is nearest ``macs_ratio``."""
+    base = timm.create_model(name, pretrained=False).eval()
+    full, patch = base.patch_embed.img_size[0], base.patch_embed.patch_size[0]
+    full_macs = mean_macs_per_image(base, torch.randn(1, 3, full, full))
+    shares = {}
+    for size in range(patch * 2, full, patch):
+        model = timm.create_model(name, pretrained=False, img_size=size).eval()
+        shares[size] = mean_macs_per_image(model, torch.randn(1, 3, size, size)) / full_macs
+    size = min(shares, key=lambda s: abs(shares[s] - macs_ratio))
+    return timm.create_model(name, pretrained=False, img_size=size).eval(), size
+
+
+def timed_rows(models: dict[str, nn.Module], macs: dict[str, float], inputs: dict[str, torch.Tensor], batch: int,
+               mode: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Time ``models`` alternately (the unpatched one first) and return one row per non-unpatched model."""
+    dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    timed = {name: torch.compile(m) if mode == "compiled" else m for name, m in models.items()}
+    runners = {name: OwnInput(m, inputs[name][:batch]) for name, m in timed.items()}
+    timings = compare_throughput(runners, batch, repeats=args.repeats, warmup=args.warmup, device=args.device,
+                                 dtype=dtype, inputs=torch.zeros(batch, 1))
+    rows = []
+    for name in models:
+        if name == "unpatched":
+            continue
+        speedup, ideal = paired_speedup(timings[name], timings["unpatched"]), macs["unpatched"] / macs[name]
+        rows.append(dict(method=name, mode=mode, batch=batch, macs_ratio=macs[name] / macs["unpatched"],
+                         unpatched_img_s=timings["unpatched"].median, patched_img_s=timings[name].median, ideal=ideal,
+                         speedup=speedup, efficiency=speedup / ideal, note=""))
+    return rows
+
+
+class OwnInput(nn.Module):
+    """Runs ``model`` on its own (B, 3, H, W) ``images`` whatever it is called with, so that models
+    with different input sizes share the alternating timer (the images move with ``.to()``)."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("images", images)
+
+    def forward(self, _: torch.Tensor) -> torch.Tensor:
+        return self.model(self.images)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="deit_small_patch16_224")
-    parser.add_argument("--method", nargs="+", default=["idle"])
-    parser.add_argument("--keep-ratios", type=float, nargs="+", default=[0.5])
+    parser.add_argument("--methods", nargs="+", default=sorted(tokenpatch.available_methods()),
+                        help="METHOD or METHOD:KEY=VALUE,... (default: every registered method)")
+    parser.add_argument("--macs-ratio", type=float, default=0.65)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager"])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -40,30 +117,30 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    warnings.filterwarnings("ignore", module="torch._dynamo")
     base = timm.create_model(args.model, pretrained=False).eval()
     size = base.patch_embed.img_size
-    base_macs = count_macs(base, (1, 3, *size)).total
-    models = {"unpatched": base}
-    ideal = {}
-    for method in args.method:
-        for ratio in args.keep_ratios:
-            name = f"{method}@{ratio}"
-            models[name] = tokenpatch.patch(copy.deepcopy(base), method, keep_ratio=ratio)
-            ideal[name] = base_macs / count_macs(models[name], (1, 3, *size)).total
+    images = torch.randn(max(args.batch_sizes), 3, *size)
+    models: dict[str, nn.Module] = {"unpatched": base}
+    for spec in map(MethodSpec.parse, args.methods):
+        models[spec.label] = fit(base, spec, args.macs_ratio, images[:8])
+    models[REFERENCE], small = smaller_image_model(args.model, args.macs_ratio)
+    inputs = {name: images for name in models}
+    inputs[REFERENCE] = torch.randn(len(images), 3, small, small)
+    macs = {name: mean_macs_per_image(m, inputs[name][:8]) for name, m in models.items()}
     rows = []
-    for batch in args.batch_sizes:
-        timings = compare_throughput(models, batch, size, repeats=args.repeats, warmup=args.warmup,
-                                     device=args.device, dtype=None if dtype == torch.float32 else dtype)
-        for name in ideal:
-            speedup = paired_speedup(timings[name], timings["unpatched"])
-            rows.append(dict(model=args.model, config=name, device=args.device, dtype=args.dtype, batch=batch,
-                             unpatched_img_s=timings["unpatched"].median, patched_img_s=timings[name].median,
-                             ideal=ideal[name], speedup=speedup, efficiency=speedup / ideal[name]))
-    print(f"threads={torch.get_num_threads()} repeats={args.repeats}")
-    print(format_table(rows, digits=3))
+    for mode in args.modes:
+        for batch in args.batch_sizes:
+            rows += timed_rows(models, macs, inputs, batch, mode, args)
+    for row in rows:
+        if row["method"] == REFERENCE:
+            row["note"] = f"unpatched at {small}x{small}"
+    print(f"{args.model}, {args.device} {args.dtype}, threads={torch.get_num_threads()}, repeats={args.repeats}")
+    print(format_table(rows, COLUMNS, digits=3))
     if args.json:
-        write_json({"rows": rows, "threads": torch.get_num_threads(), "repeats": args.repeats}, args.json)
+        write_json({"rows": rows, "model": args.model, "device": args.device, "dtype": args.dtype,
+                    "threads": torch.get_num_threads(), "repeats": args.repeats, "torch": torch.__version__}, args.json)
     return 0
 
 

@@ -135,17 +135,18 @@ class PassState(Generic[OwnT]):
         """True when some block of this pass returns the full grid, so dropped tokens are remembered."""
         return self.grid_from < self.depth
 
-    def select(self, index: Tensor, tokens: Tensor, counts: Optional[Tensor] = None) -> None:
+    def select(self, index: Tensor, tokens: Tensor, counts: Optional[Tensor] = None, remember: bool = False) -> None:
         """Tokens were dropped: keep only those at (B, K) ``index`` of (B, N, C) ``tokens``.
 
         Updates the positions (and remembers the dropped tokens' last states when a block
-        returns the full grid).
+        returns the full grid, or when ``remember`` asks for it: the method brings them back
+        with :meth:`rejoin`).
 
         Args:
             counts: (B,) real tokens per sample among the kept ones when the batch is padded
                 (becomes :attr:`counts`); None: unpadded.
         """
-        if self.keeps_grid:
+        if self.keeps_grid or remember:
             self.last_states = write_grid(self._known_grid(tokens), tokens, self.grid_positions(tokens.shape[1]))
         self.positions = torch.gather(self.positions, 1, index)
         self.counts = counts
@@ -161,6 +162,15 @@ class PassState(Generic[OwnT]):
         if self.last_states is None and x.shape[1] == self.num_tokens:
             return x  # every token is still in the sequence, in order
         return write_grid(self._known_grid(x), x, self.grid_positions(x.shape[1]))
+
+    def rejoin(self, x: Tensor) -> Tensor:
+        """Every original token back in the sequence, in order: the (B, N, C) grid of the current
+        (B, M, C) ``x`` and the tokens that left as they left (selected with ``remember``); the
+        positions become ``0..N-1`` again."""
+        grid = self.to_grid(x)
+        self.positions = torch.arange(self.num_tokens, device=x.device).expand(x.shape[0], -1)
+        self.last_states = None
+        return grid
 
     def _known_grid(self, like: Tensor) -> Tensor:
         """The remembered (B, N, C) states, or zeros like (B, M, C) ``like`` before any token left."""

@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from ..core.blocks import BlockView
 from ..core.method import LossTerm, Method, ScoringConfig, check_block, check_positive
 from ..core.ops import gather_heads, gather_tokens, scatter_tokens, top_k_positions
-from ..core.pieces import (SCORE_NAMES, attend, keep_tokens, kept_queries, mean_attention_logits, mlp_residual,
-                           patch_scores, scorer_rule, scoring_queries_and_keys)
+from ..core.pieces import (SCORE_NAMES, attend, attention_residual, keep_tokens, kept_index, kept_queries,
+                           mean_attention_logits, mlp_residual, patch_scores, scorer_rule, scoring_queries_and_keys)
 from ..core.registry import register_method
 from ..core.runner import last_training_outputs
 from ..core.state import PassState
@@ -118,6 +118,8 @@ class Idle(Method[IdleConfig, IdleState]):
 
     def reduce_block(self, view: BlockView, x: Tensor, state: PassState[IdleState], block: int, ratio: float,
                      config: IdleConfig) -> Tensor:
+        if config.score == "fixed" and "attention" not in state.collect:
+            return _working_set_block(view, x, state, block, ratio, config)
         keep = max(1, int(ratio * (x.shape[1] - state.num_prefix)))
         xn = queries = keys = None
         if config.score == "fresh" or state.own.scores is None:
@@ -144,6 +146,42 @@ class Idle(Method[IdleConfig, IdleState]):
         selected = mlp_residual(view, view.add_attention(selected, attended))
         state.record(block, index.shape[1], x.shape[1], computed=index)
         return scatter_tokens(x, index, selected)
+
+
+def _working_set_block(view: BlockView, x: Tensor, state: PassState[IdleState], block: int, ratio: float,
+                       config: IdleConfig) -> Tensor:
+    """A reducing block under ``score="fixed"``, whose selections are nested: the selected tokens
+    stay gathered from block to block (the working set, the block's (B, W, C) input after the
+    first) and the idle ones are written back once, after the last block.
+
+    Same tokens, same order and same arithmetic as selecting from the whole sequence in every
+    block and writing back each time; only the copies are gone.
+    """
+    p, keep = state.num_prefix, max(1, int(ratio * state.initial_patches))
+    first = state.own.scores is None
+    if first:  # x is the whole sequence: rank every patch once
+        xn = view.norm1(x)
+        queries, keys = scoring_queries_and_keys(view, xn, state, config.scorer)
+        state.own.scores = patch_scores(view, queries, keys, state, config.scorer,
+                                        probabilities=config.ranking == "softmax").detach()
+    scores = state.own.scores.gather(1, state.positions[:, p:] - p)  # the current patches'
+    state.record_scores(block, SCORE_NAMES[scorer_rule(config.scorer, state)], scores)
+    shrinks = keep < x.shape[1] - p  # nested: the top-k of the same scores
+    if shrinks:
+        index = kept_index(state, top_k_positions(scores, keep))
+        state.select(index, x, remember=True)
+        x = gather_tokens(x, index)
+    if first and shrinks:  # the kept tokens' keys are already projected
+        xn_kept = gather_tokens(xn, index)
+        q = kept_queries(view, queries, xn_kept, state.positions, index)
+        attended = attend(view, q, gather_heads(keys, index), view.value(xn_kept), xn_kept,
+                          query_positions=state.positions, key_positions=state.positions)
+        x = view.add_attention(x, attended)
+    else:
+        x = attention_residual(view, x, state.positions)
+    x = mlp_residual(view, x)
+    state.record(block, x.shape[1], state.num_tokens)
+    return state.rejoin(x) if block == state.depth - 1 else x
 
 
 def _leave_token_cut_inputs(view: BlockView, x: Tensor, state: PassState, index: Tensor) -> None:

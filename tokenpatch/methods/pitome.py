@@ -114,7 +114,11 @@ class PiToMe(Method[PiToMeConfig, MergeState]):
         state.own.sizes = torch.cat([sizes[:, :p], patch_sizes[:, taking_part:], merged_sizes], dim=1)
         state.positions = torch.cat([state.positions[:, :p], positions[:, taking_part:],
                                      arrange(positions[:, :taking_part], matching)], dim=1)
-        by_rank = torch.cat([destinations(matching, taking_part) + protected,  # new index of each energy rank
-                             torch.arange(protected, device=x.device).expand(x.shape[0], -1)], dim=1)
-        follow_groups(state, torch.empty_like(by_rank).scatter_(1, order, by_rank))
+
+        def moved() -> Tensor:
+            by_rank = torch.cat([destinations(matching, taking_part) + protected,  # new index of each energy rank
+                                 torch.arange(protected, device=x.device).expand(x.shape[0], -1)], dim=1)
+            return torch.empty_like(by_rank).scatter_(1, order, by_rank)
+
+        follow_groups(state, moved)
         return torch.cat([x[:, :p], patches[:, taking_part:], merged], dim=1)

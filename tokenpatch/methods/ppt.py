@@ -122,8 +122,6 @@ class PPT(Method[PPTConfig, MergeState]):
         pooled = bipartite_merge(x, keys, sizes, state.positions, p, r)
         survivors = scores.topk(patches - r, dim=1).indices  # by decreasing significance, as the official code
         index = kept_index(state, survivors)
-        moved = torch.full_like(scores, -1, dtype=torch.long).scatter(
-            1, survivors, torch.arange(patches - r, device=x.device).expand(x.shape[0], -1))
         positions = state.positions
         state.select(index, x)  # remembers the pruned tokens for a dense output
 
@@ -132,5 +130,11 @@ class PPT(Method[PPTConfig, MergeState]):
 
         state.own.sizes = choose(pooled.sizes, sizes.gather(1, index))
         state.positions = choose(pooled.positions, positions.gather(1, index))
-        follow_groups(state, choose(pooled.moved, moved))
+
+        def moved() -> Tensor:
+            pruned = torch.full_like(scores, -1, dtype=torch.long).scatter(
+                1, survivors, torch.arange(patches - r, device=x.device).expand(x.shape[0], -1))
+            return choose(pooled.moved(), pruned)
+
+        follow_groups(state, moved)
         return choose(pooled.tokens, gather_tokens(x, index))
