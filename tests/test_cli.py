@@ -224,3 +224,40 @@ def test_eval_refuses_bad_arguments_with_one_line(tuning_inputs, capsys, extra, 
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert message in error
+
+
+def _compile_with(monkeypatch, backend):
+    """torch.compile with another backend: the CLI's compile path, without inductor's minutes of C++ builds."""
+    import torch
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real(model, backend=backend, **kwargs))
+
+
+def test_audit_compile_reports_compiled_next_to_eager(monkeypatch, capsys):
+    import torch
+
+    torch._dynamo.reset()
+    _compile_with(monkeypatch, "eager")
+    assert main(AUDIT + ["--method", "evit", "--keep-ratio", "0.5", "--compile", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["img_s"] > 0 and out["img_s_compiled"] > 0 and out["img_s_unpatched_compiled"] > 0
+    assert out["speedup_compiled"] > 0
+    assert main(AUDIT + ["--method", "evit", "--keep-ratio", "0.5", "--compile"]) == 0
+    header = capsys.readouterr().out.splitlines()[1].split()
+    assert header[-4:] == ["speedup", "img_s_unpatched_compiled", "img_s_compiled", "speedup_compiled"]
+
+
+def test_audit_compile_failure_is_one_line(monkeypatch, capsys):
+    import torch
+
+    class Uncompilable(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("Compiler: cc not found\nlong inductor log")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: Uncompilable())
+    assert main(AUDIT + ["--method", "evit", "--compile"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # after the progress bars
+    assert "torch.compile failed (RuntimeError: Compiler: cc not found)" in last

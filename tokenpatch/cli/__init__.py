@@ -20,7 +20,7 @@ from ..core.options import parse_options
 from ..core.registry import DEFAULT_METHOD, get_method, training_free_methods
 from ..data import eval_transform, image_dataset, load_images
 from ..errors import TokenPatchError
-from ..jobs.audit import AUDIT_COLUMNS, audit_rows
+from ..jobs.audit import AUDIT_COLUMNS, COMPILED_COLUMNS, audit_rows
 from ..jobs.evaluation import EVAL_COLUMNS, EvalData, MethodSpec, evaluation_rows
 from ..jobs.explain import patched_model, write_explanations
 from ..jobs.finetune import FinetuneJob, run_finetune_job
@@ -43,14 +43,15 @@ def _audit(args: argparse.Namespace) -> int:
         load_checkpoint(model, args.checkpoint)
     keep_ratio = None if args.macs_ratio is not None else args.keep_ratio
     options = method_options(methods[0], args.option)
-    rows = audit_rows(model, methods, keep_ratio, args.batch_size, args.repeats, args.device, options, args.macs_ratio)
+    rows = audit_rows(model, methods, keep_ratio, args.batch_size, args.repeats, args.device, options, args.macs_ratio,
+                      compiled=args.compile)
     header = {"model": args.model, "batch_size": args.batch_size, "device": args.device}
     if args.json:
         _print_json({**header, **rows[0]} if len(rows) == 1 else {**header, "results": rows})
     else:
         print(f"{args.model}: {rows[0]['params'] / 1e6:.2f} M params, batch {args.batch_size}, {args.device}, "
               f"{torch.get_num_threads()} threads")
-        print(format_table(rows, AUDIT_COLUMNS, digits=2))
+        print(format_table(rows, AUDIT_COLUMNS + (COMPILED_COLUMNS if args.compile else []), digits=2))
     return 0
 
 
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--checkpoint", help="state_dict file (.safetensors or torch) to load")
     audit.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     audit.add_argument("--repeats", type=_positive, default=10, help="timed rounds (median reported)")
+    audit.add_argument("--compile", action="store_true",
+                       help="also time every model under torch.compile (inductor) and report compiled next to eager")
     audit.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     audit.set_defaults(run=_audit)
 

@@ -119,11 +119,13 @@ def merge_tokens(x: Tensor, sizes: Tensor, matching: Matching) -> tuple[Tensor, 
         merged A tokens averaged in; and their (B, M - r) sizes.
     """
     a_sizes, b_sizes = sizes[:, 0::2], sizes[:, 1::2]
-    weighted = x * sizes.unsqueeze(-1)
+    merged_sizes = a_sizes.gather(1, matching.merged)
+    # A token i is token 2i of x: rows picked straight from x, and only the r merged ones weighted
+    merged = gather_tokens(x, 2 * matching.merged) * merged_sizes.unsqueeze(-1)
     into = matching.into.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-    b_sum = weighted[:, 1::2].scatter_add(1, into, _rows(weighted[:, 0::2], matching.merged))
-    b_sizes = b_sizes.scatter_add(1, matching.into, a_sizes.gather(1, matching.merged))
-    kept = _rows(x[:, 0::2], matching.kept)
+    b_sum = (x[:, 1::2] * b_sizes.unsqueeze(-1)).scatter_add(1, into, merged)
+    b_sizes = b_sizes.scatter_add(1, matching.into, merged_sizes)
+    kept = gather_tokens(x, 2 * matching.kept)
     return (_joined(kept, b_sum / b_sizes.unsqueeze(-1), matching),
             _joined(a_sizes.gather(1, matching.kept), b_sizes, matching))
 

@@ -5,23 +5,30 @@ from __future__ import annotations
 import copy
 from typing import Any, Optional, Sequence
 
+import torch
 from torch import nn
 
 from ..api import get_config, patch
 from ..backends import find_backend
+from ..errors import TokenPatchError
 from ..measure.flops import count_macs
-from ..measure.speed import compare_throughput, paired_speedup
+from ..measure.speed import Throughput, compare_throughput, paired_speedup
 
 AUDIT_COLUMNS = ["method", "keep_ratio", "gmacs_unpatched", "gmacs", "reduction_%", "ideal_speedup",
                  "img_s_unpatched", "img_s", "speedup"]
+#: columns added by ``compiled=True``: the same models under ``torch.compile``, compared with each other
+COMPILED_COLUMNS = ["img_s_unpatched_compiled", "img_s_compiled", "speedup_compiled"]
 
 
 def audit_rows(model: nn.Module, methods: Sequence[str], keep_ratio: Optional[float], batch_size: int,
                repeats: int, device: str, options: Optional[dict[str, Any]] = None,
-               macs_ratio: Optional[float] = None) -> list[dict[str, Any]]:
+               macs_ratio: Optional[float] = None, compiled: bool = False) -> list[dict[str, Any]]:
     """One row per method: MACs and measured throughput against the unpatched ``model``.
 
     With ``macs_ratio`` each method's keep ratio is solved for that share of the unpatched MACs.
+    With ``compiled`` every model, the unpatched one included, is also timed under
+    ``torch.compile`` (default inductor backend; compiling takes a while), adding the
+    :data:`COMPILED_COLUMNS`: compiled patched against compiled unpatched.
     """
     size = find_backend(model).input_size(model)
     shape = (1, 3, *size)
@@ -29,10 +36,13 @@ def audit_rows(model: nn.Module, methods: Sequence[str], keep_ratio: Optional[fl
     patched = {m: patch(copy.deepcopy(model), m, keep_ratio=keep_ratio, macs_ratio=macs_ratio, **(options or {}))
                for m in methods}
     macs = {m: count_macs(p, shape).total for m, p in patched.items()}
-    timings = compare_throughput({"unpatched": model, **patched}, batch_size, size, repeats=repeats, device=device)
+    models = {"unpatched": model, **patched}
+    timings = compare_throughput(models, batch_size, size, repeats=repeats, device=device)
+    compiled_timings = _compiled_throughput(models, batch_size, size, repeats, device) if compiled else {}
     params = sum(p.numel() for p in model.parameters())
-    return [
-        {
+    rows = []
+    for m in methods:
+        row = {
             "method": m, "keep_ratio": get_config(patched[m]).keep_ratio, "params": params,
             "macs": macs[m], "macs_unpatched": base_macs,
             "gmacs": macs[m] / 1e9, "gmacs_unpatched": base_macs / 1e9,
@@ -42,5 +52,21 @@ def audit_rows(model: nn.Module, methods: Sequence[str], keep_ratio: Optional[fl
             "img_s": timings[m].median, "img_s_unpatched": timings["unpatched"].median,
             "speedup": paired_speedup(timings[m], timings["unpatched"]),
         }
-        for m in methods
-    ]
+        if compiled_timings:
+            row.update(img_s_unpatched_compiled=compiled_timings["unpatched"].median,
+                       img_s_compiled=compiled_timings[m].median,
+                       speedup_compiled=paired_speedup(compiled_timings[m], compiled_timings["unpatched"]))
+        rows.append(row)
+    return rows
+
+
+def _compiled_throughput(models: dict[str, nn.Module], batch_size: int, size: tuple[int, int], repeats: int,
+                         device: str) -> dict[str, Throughput]:
+    """Throughput of every model under ``torch.compile``, timed alternately; a one-line error if compiling fails."""
+    try:
+        return compare_throughput({name: torch.compile(m) for name, m in models.items()}, batch_size, size,
+                                  repeats=repeats, device=device)
+    except Exception as exc:  # inductor needs a working C++ (or CUDA) toolchain
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TokenPatchError(f"torch.compile failed ({type(exc).__name__}: {first_line}); "
+                              "audit without --compile, or fix the compiler set-up") from exc
