@@ -17,6 +17,12 @@ same MACs as the budget (the image size whose MACs are nearest): every block com
 tokens with no token bookkeeping at all, so its efficiency shows what the hardware gives for
 fewer rows per matrix product, the ceiling a token-reduction method works under.
 
+``--replay`` adds, for each method, the unpatched model replaying that method's schedule: block
+i runs its own forward on the first n_i tokens, n_i being the tokens the method's block i ran its
+MLP on (from a trace), with no scoring, gathering, merging or writing back. Its efficiency is
+the ceiling of that schedule on this hardware; the gap to the method's is the method's own
+overhead.
+
 ``--device cuda --dtype float16`` measures on a GPU (CUDA events); the timing code is the same.
 """
 
@@ -36,6 +42,7 @@ import tokenpatch
 from tokenpatch.errors import InvalidOptionError
 from tokenpatch.jobs.evaluation import MethodSpec
 from tokenpatch.measure.budget import mean_macs_per_image
+from tokenpatch.measure.flops import sdpa_mac_handle
 from tokenpatch.measure.report import format_table, write_json
 from tokenpatch.measure.speed import compare_throughput, paired_speedup
 
@@ -86,6 +93,39 @@ def timed_rows(models: dict[str, nn.Module], macs: dict[str, float], inputs: dic
     return rows
 
 
+class ScheduleReplay(nn.Module):
+    """An unpatched timm ViT whose block i runs on its first ``counts[i]`` tokens (a schedule, no bookkeeping)."""
+
+    def __init__(self, model: nn.Module, counts: list[int]) -> None:
+        super().__init__()
+        self.model, self.counts = model, counts
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+        for block, count in zip(model.blocks, self.counts):
+            x = block(x[:, :count])
+        return model.forward_head(model.norm(x))
+
+
+def replay_macs(replay: ScheduleReplay, images: torch.Tensor) -> float:
+    """MACs per image of a replay (fvcore, SDPA counted as :func:`~tokenpatch.measure.flops.count_macs` counts it)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    with torch.no_grad():
+        analysis = FlopCountAnalysis(replay, images[:1])
+        analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_mac_handle)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        return float(analysis.total())
+
+
+def replay_of(base: nn.Module, patched: nn.Module, images: torch.Tensor) -> ScheduleReplay:
+    """The :class:`ScheduleReplay` of ``patched``'s per-block MLP token counts on ``images``."""
+    with torch.inference_mode(), tokenpatch.trace(patched) as recorded:
+        patched(images)
+    return ScheduleReplay(base, [record.mlp_tokens for record in recorded.records])
+
+
 class OwnInput(nn.Module):
     """Runs ``model`` on its own (B, 3, H, W) ``images`` whatever it is called with, so that models
     with different input sizes share the alternating timer (the images move with ``.to()``)."""
@@ -109,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager"])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--replay", action="store_true", help="add each method's schedule replayed without bookkeeping")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
@@ -125,10 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     models: dict[str, nn.Module] = {"unpatched": base}
     for spec in map(MethodSpec.parse, args.methods):
         models[spec.label] = fit(base, spec, args.macs_ratio, images[:8])
+    if args.replay:
+        for name in [n for n in models if n != "unpatched"]:
+            models[f"{name} (replay)"] = replay_of(base, models[name], images[:1])
     models[REFERENCE], small = smaller_image_model(args.model, args.macs_ratio)
     inputs = {name: images for name in models}
     inputs[REFERENCE] = torch.randn(len(images), 3, small, small)
-    macs = {name: mean_macs_per_image(m, inputs[name][:8]) for name, m in models.items()}
+    macs = {name: replay_macs(m, images) if isinstance(m, ScheduleReplay) else mean_macs_per_image(m, inputs[name][:8])
+            for name, m in models.items()}
     rows = []
     for mode in args.modes:
         for batch in args.batch_sizes:

@@ -17,7 +17,9 @@ Deviations kept as options because they measured better without fine-tuning on t
 DeiT-Tiny (README, "Method fidelity"):
 
 - ``score="fixed"``: the first idle block's scores, reused by every later block (nested
-  selections under the geometric schedule) instead of ranking afresh.
+  selections under the geometric schedule) instead of ranking afresh. The selected tokens then
+  stay gathered from block to block and the idle ones are written back once, after the last
+  block (same outputs as writing back in every block, fewer copies).
 - ``ranking="softmax"``: rank by the head mean of the softmax probabilities (EViT's score).
 - ``start_block`` and ``schedule="constant"``: other layers and one keep ratio for all.
 """
