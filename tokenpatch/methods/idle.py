@@ -131,23 +131,30 @@ class Idle(Method[IdleConfig, IdleState]):
         else:
             scores = state.own.scores
         selected, index = keep_tokens(x, state, top_k_positions(scores, keep))
-        positions = state.positions.gather(1, index)
-        if xn is None:
-            xn_sel = view.norm1(selected)
-            q, k, v = view.qkv(xn_sel, positions)
-        else:  # keys of the selected tokens are already projected
-            xn_sel = gather_tokens(xn, index)
-            q = kept_queries(view, queries, xn_sel, positions, index)
-            k, v = gather_heads(keys, index), view.value(xn_sel)
         state.record_scores(block, SCORE_NAMES[scorer_rule(config.scorer, state)], scores)
         if config.score == "fixed":
             state.own.scores = scores.detach()
         if "attention" in state.collect:
             _leave_token_cut_inputs(view, x, state, index)
-        attended = attend(view, q, k, v, xn_sel, query_positions=positions, key_positions=positions)
-        selected = mlp_residual(view, view.add_attention(selected, attended))
+        scored = None if xn is None else (xn, queries, keys, index)
+        selected = mlp_residual(view, _attention_among(view, selected, state.positions.gather(1, index), scored))
         state.record(block, index.shape[1], x.shape[1], computed=index)
         return scatter_tokens(x, index, selected)
+
+
+def _attention_among(view: BlockView, selected: Tensor, positions: Tensor,
+                     scored: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> Tensor:
+    """``selected + attn(norm1(selected))`` with the (B, K, C) selected tokens at (B, K) ``positions``
+    attending among themselves. ``scored``: the whole sequence's ``norm1``, scoring queries and
+    keys and the (B, K) index of the selected tokens in it, when scoring already projected them."""
+    if scored is None:
+        return attention_residual(view, selected, positions)
+    xn, queries, keys, index = scored
+    xn_sel = gather_tokens(xn, index)
+    q = kept_queries(view, queries, xn_sel, positions, index)
+    attended = attend(view, q, gather_heads(keys, index), view.value(xn_sel), xn_sel, query_positions=positions,
+                      key_positions=positions)
+    return view.add_attention(selected, attended)
 
 
 def _working_set_block(view: BlockView, x: Tensor, state: PassState[IdleState], block: int, ratio: float,
@@ -160,12 +167,13 @@ def _working_set_block(view: BlockView, x: Tensor, state: PassState[IdleState], 
     block and writing back each time; only the copies are gone.
     """
     p, keep = state.num_prefix, max(1, int(ratio * state.initial_patches))
-    first = state.own.scores is None
-    if first:  # x is the whole sequence: rank every patch once
+    scored = None
+    if state.own.scores is None:  # the first reducing block: x is the whole sequence, rank every patch once
         xn = view.norm1(x)
         queries, keys = scoring_queries_and_keys(view, xn, state, config.scorer)
         state.own.scores = patch_scores(view, queries, keys, state, config.scorer,
                                         probabilities=config.ranking == "softmax").detach()
+        scored = (xn, queries, keys)
     scores = state.own.scores.gather(1, state.positions[:, p:] - p)  # the current patches'
     state.record_scores(block, SCORE_NAMES[scorer_rule(config.scorer, state)], scores)
     shrinks = keep < x.shape[1] - p  # nested: the top-k of the same scores
@@ -173,15 +181,8 @@ def _working_set_block(view: BlockView, x: Tensor, state: PassState[IdleState], 
         index = kept_index(state, top_k_positions(scores, keep))
         state.select(index, x, remember=True)
         x = gather_tokens(x, index)
-    if first and shrinks:  # the kept tokens' keys are already projected
-        xn_kept = gather_tokens(xn, index)
-        q = kept_queries(view, queries, xn_kept, state.positions, index)
-        attended = attend(view, q, gather_heads(keys, index), view.value(xn_kept), xn_kept,
-                          query_positions=state.positions, key_positions=state.positions)
-        x = view.add_attention(x, attended)
-    else:
-        x = attention_residual(view, x, state.positions)
-    x = mlp_residual(view, x)
+    reuse = (*scored, index) if scored is not None and shrinks else None  # the kept tokens' keys are projected
+    x = mlp_residual(view, _attention_among(view, x, state.positions, reuse))
     state.record(block, x.shape[1], state.num_tokens)
     return state.rejoin(x) if block == state.depth - 1 else x
 
