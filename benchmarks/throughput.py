@@ -42,7 +42,7 @@ import tokenpatch
 from tokenpatch.errors import InvalidOptionError
 from tokenpatch.jobs.evaluation import MethodSpec
 from tokenpatch.measure.budget import mean_macs_per_image
-from tokenpatch.measure.flops import sdpa_mac_handle
+from tokenpatch.measure.flops import mac_analysis
 from tokenpatch.measure.report import format_table, write_json
 from tokenpatch.measure.speed import compare_throughput, paired_speedup
 
@@ -71,6 +71,7 @@ def smaller_image_model(name: str, macs_ratio: float) -> tuple[nn.Module, int]:
         model = timm.create_model(name, pretrained=False, img_size=size).eval()
         shares[size] = mean_macs_per_image(model, torch.randn(1, 3, size, size)) / full_macs
     size = min(shares, key=lambda s: abs(shares[s] - macs_ratio))
+    # built again rather than keeping every candidate in memory
     return timm.create_model(name, pretrained=False, img_size=size).eval(), size
 
 
@@ -109,14 +110,9 @@ class ScheduleReplay(nn.Module):
 
 
 def replay_macs(replay: ScheduleReplay, images: torch.Tensor) -> float:
-    """MACs per image of a replay (fvcore, SDPA counted as :func:`~tokenpatch.measure.flops.count_macs` counts it)."""
-    from fvcore.nn import FlopCountAnalysis
-
+    """MACs per image of a replay, counted as :func:`~tokenpatch.measure.flops.count_macs` counts them."""
     with torch.no_grad():
-        analysis = FlopCountAnalysis(replay, images[:1])
-        analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_mac_handle)
-        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-        return float(analysis.total())
+        return float(mac_analysis(replay, images[:1])[0].total())
 
 
 def replay_of(base: nn.Module, patched: nn.Module, images: torch.Tensor) -> ScheduleReplay:

@@ -92,6 +92,27 @@ def _block_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if id(module) in blocks]
 
 
+def mac_analysis(module: nn.Module, x: Tensor) -> tuple[Any, Counter]:
+    """fvcore's analysis of ``module(x)`` with this module's handles: SDPA counted, token
+    bookkeeping and elementwise ops counted as zero; and the counter those zero-MAC ops fill
+    as the analysis runs. Any module works (no backend needed); call it under ``no_grad``.
+
+    Returns:
+        (``fvcore.nn.FlopCountAnalysis``, Counter of zero-MAC op names).
+    """
+    with warnings.catch_warnings():  # fvcore's import scripts a helper with torch.jit.script
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
+
+    analysis = FlopCountAnalysis(module, x)
+    analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_mac_handle)
+    zero_ops: Counter = Counter()
+    analysis.set_op_handle(**{op: _zero_mac_handle(op, zero_ops) for op in ZERO_MAC_OPS})
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    analysis.tracer_warnings("none")
+    return analysis, zero_ops
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, input_or_shape: Optional[Union[Tensor, Shape]] = None) -> MacReport:
     """Count the MACs of one eval-mode forward of ``model`` (patched or not).
@@ -107,20 +128,11 @@ def count_macs(model: nn.Module, input_or_shape: Optional[Union[Tensor, Shape]] 
     Returns:
         A :class:`MacReport`.
     """
-    with warnings.catch_warnings():  # fvcore's import scripts a helper with torch.jit.script
-        warnings.simplefilter("ignore", FutureWarning)
-        from fvcore.nn import FlopCountAnalysis
-
     if input_or_shape is None:
         input_or_shape = (1, 3, *find_backend(model).input_size(model))
     x = as_input(model, input_or_shape)
     with eval_mode(model), (trace(model) if is_patched(model) else nullcontext()) as recorded:
-        analysis = FlopCountAnalysis(model, x)
-        analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_mac_handle)
-        zero_ops: Counter = Counter()
-        analysis.set_op_handle(**{op: _zero_mac_handle(op, zero_ops) for op in ZERO_MAC_OPS})
-        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        analysis.tracer_warnings("none")
+        analysis, zero_ops = mac_analysis(model, x)
         total = analysis.total()
         by_module = analysis.by_module()
         ignored = zero_ops + analysis.unsupported_ops()
