@@ -29,7 +29,7 @@ def test_reinforce_keeps_tokens_without_penalty_and_drops_them_with_a_large_one(
         torch.nn.init.zeros_(interpreter.heads.bias)
     x = images(model, batch=16)
     before = _mean_first_group_probability(model, x)
-    config = FinetuneConfig(steps=10, module_lr=3e-2, warmup_steps=1, train_backbone=False)
+    config = FinetuneConfig(steps=10, module_lr=3e-2, warmup_steps=1, train_backbone=False, mixup=0.0)
     weights = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("tokenpatch.")}
     finetune(model, [x], config, progress=False)
     after = _mean_first_group_probability(model, x)

@@ -29,7 +29,7 @@ def test_one_optimisation_step_reduces_the_loss_on_a_fixed_batch(method, options
         options["cut_weight"] = cut
     model = tokenpatch.patch(make_model("deit_tiny", drop_path_rate=0.0), method, keep_ratio=0.4, **options)
     x = images(model, batch=8)
-    config = FinetuneConfig(steps=1, lr=1e-5, warmup_steps=1, module_lr=1e-4, feature_weight=feature)
+    config = FinetuneConfig(steps=1, lr=1e-5, warmup_steps=1, module_lr=1e-4, feature_weight=feature, mixup=0.0)
     teacher = frozen_teacher(model)
     with collecting(model, frozenset({"attention"}) if cut else frozenset()):
         before = _seeded_loss(model, teacher, x, config)
@@ -95,7 +95,7 @@ def test_ratio_loss_trains_the_predictors_towards_the_target_fraction():
         model.train()
         model(x)
         gaps.append(RatioLoss()(model).item())
-        finetune(model, [x], FinetuneConfig(steps=15, lr=0.0, module_lr=3e-3, warmup_steps=1),
+        finetune(model, [x], FinetuneConfig(steps=15, lr=0.0, module_lr=3e-3, warmup_steps=1, mixup=0.0),
                  progress=False)
     assert gaps[1] < 0.5 * gaps[0]
 

@@ -1,13 +1,16 @@
 """Self-distillation fine-tuning of patched models."""
 
+import time
+
 import pytest
 import torch
 
 import tokenpatch
 from tokenpatch.training.losses import FeatureDistillationLoss
+from tokenpatch.backends import find_backend
 from tokenpatch.errors import TokenPatchError
-from tokenpatch.training.finetune import (DistillationLoss, FinetuneConfig, finetune, frozen_teacher, head_features, mixed,
-                              training_loss)
+from tokenpatch.training.finetune import (DistillationLoss, FinetuneConfig, finetune, frozen_teacher, head_features,
+                                         lr_factor, mixed, prefix_parameters, training_loss)
 
 from conftest import images, make_model
 
@@ -68,7 +71,7 @@ def test_mixup_blends_the_batch_with_itself_and_refuses_labels():
 def test_finetuning_reduces_the_loss_on_a_fixed_batch(method):
     model = tokenpatch.patch(make_model("deit_tiny", drop_path_rate=0.0), method, keep_ratio=0.3)
     x = images(model, batch=8)
-    config = FinetuneConfig(steps=8, lr=3e-5, warmup_steps=1)
+    config = FinetuneConfig(steps=8, lr=3e-5, warmup_steps=1, mixup=0.0)
     teacher = frozen_teacher(model)
     before = training_loss(model, teacher, x, None, config, DistillationLoss()).item()
     history = finetune(model, [x], config, progress=False, teacher=teacher)
@@ -80,7 +83,7 @@ def test_finetuning_reduces_the_loss_on_a_fixed_batch(method):
 def test_labels_add_cross_entropy_and_evaluation_is_logged():
     model = tokenpatch.patch(make_model("deit_tiny"), "idle", keep_ratio=0.5)
     x, y = images(model, batch=4), torch.tensor([0, 1, 2, 3])
-    config = FinetuneConfig(steps=4, lr=1e-4, label_weight=1.0, eval_every=2)
+    config = FinetuneConfig(steps=4, lr=1e-4, label_weight=1.0, eval_every=2, mixup=0.0)
     history = finetune(model, [(x, y)], config, evaluate=lambda m: {"score": 1.0}, progress=False)
     assert [h.get("score") for h in history] == [None, 1.0, None, 1.0]
     teacher = frozen_teacher(model)
@@ -124,3 +127,86 @@ def test_augmented_training_split_is_random_and_validation_is_not(tmp_path):
     assert torch.equal(val[0][0], val[0][0]) and val[0][0].shape == (3, 224, 224)
     plain, _ = split_dataset("deit_tiny_patch16_224", str(tmp_path), None, 0.5, seed=0)
     assert torch.equal(plain[0][0], plain[0][0])
+
+
+def test_learning_rate_warms_up_then_decays_by_cosine_to_its_floor():
+    config = FinetuneConfig(warmup_steps=4, min_lr_ratio=0.1)
+    assert [lr_factor(config, step, 0.0) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(config, 10, 0.0) == 1.0
+    assert lr_factor(config, 10, 0.5) == pytest.approx(0.55)
+    assert lr_factor(config, 10, 1.0) == lr_factor(config, 10, 7.0) == pytest.approx(0.1)
+
+
+def test_a_time_budget_stops_the_loop_in_time_with_the_schedule_over_time():
+    model = tokenpatch.patch(make_model("deit_tiny", depth=2), "idle", keep_ratio=0.5)
+    budget = 0.02 * 60
+    started = time.perf_counter()
+    history = finetune(model, [images(model, batch=2)], FinetuneConfig(minutes=0.02, lr=1e-4, warmup_steps=1),
+                       progress=False)
+    wall = time.perf_counter() - started
+    steps = len(history)
+    assert steps > 3 and history[-1]["step"] == steps
+    step_time = history[-1]["seconds"] / steps
+    assert budget <= history[-1]["seconds"] < budget + 3 * step_time + 0.5  # stops at the first step past the budget
+    assert wall < budget + 5.0
+    assert history[-1]["lr"] < 0.25 * 1e-4 < history[1]["lr"]  # the cosine follows the time spent
+
+
+def test_the_loop_reports_its_throughput_by_phase():
+    model = tokenpatch.patch(make_model("deit_tiny", depth=2), "evit", keep_ratio=0.5)
+    history = finetune(model, [images(model, batch=2)], FinetuneConfig(steps=3), progress=False)
+    rates = {k: history[-1][k] for k in ("data_img_s", "teacher_img_s", "student_img_s", "loop_img_s")}
+    assert all(v > 0 for v in rates.values())
+    assert rates["loop_img_s"] < min(rates["data_img_s"], rates["teacher_img_s"], rates["student_img_s"])
+    assert 6 / history[-1]["seconds"] <= rates["loop_img_s"] * 1.001
+
+
+def test_empty_training_data_is_a_clear_error_not_an_endless_loop():
+    model = tokenpatch.patch(make_model("deit_tiny", depth=2), "idle", keep_ratio=0.5)
+    with pytest.raises(TokenPatchError, match="no training batches"):
+        finetune(model, [], FinetuneConfig(steps=2), progress=False)
+    with pytest.raises(TokenPatchError, match="no training batches"):
+        finetune(model, iter([images(model)]), FinetuneConfig(steps=2), progress=False)
+
+
+@pytest.mark.parametrize("method, frozen_blocks", [("idle", 1), ("evit", 1), ("tome", 0)])
+def test_the_prefix_before_the_first_reducing_block_is_frozen_when_asked(method, frozen_blocks):
+    model = tokenpatch.patch(make_model("deit_tiny", depth=4), method, keep_ratio=0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    prefix = {names[id(p)] for p in prefix_parameters(model)}
+    blocks = {f"blocks.{i}." for i in range(frozen_blocks)}
+    assert prefix == {n for n in names.values() if n.startswith(("cls_token", "pos_embed", "patch_embed", *blocks))}
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = images(model, batch=4)
+    for freeze in (True, False):
+        finetune(model, [x], FinetuneConfig(steps=2, lr=1e-3, warmup_steps=1, freeze_prefix=freeze), progress=False)
+        moved = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}
+        assert moved.isdisjoint(prefix) if freeze else prefix <= moved
+        assert "head.weight" in moved and all(p.requires_grad for p in model.parameters())
+
+
+def test_the_prefix_of_a_transformers_vit_is_its_embeddings_and_early_layers():
+    import transformers
+
+    config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                                    image_size=64, patch_size=16, num_labels=5)
+    model = tokenpatch.patch(transformers.ViTForImageClassification(config).eval(), "idle", keep_ratio=0.5)
+    first_block = {id(p) for p in find_backend(model).blocks(model)[0].parameters()}
+    prefix = {id(p) for p in prefix_parameters(model)}
+    embeddings = {id(p) for p in model.vit.embeddings.parameters()}
+    assert prefix == embeddings | first_block
+
+
+def test_folds_swap_the_halves_and_are_checked(tmp_path):
+    from PIL import Image
+
+    from tokenpatch.jobs.finetune import split_dataset
+
+    for i in range(6):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+    train0, val0 = split_dataset("deit_tiny_patch16_224", str(tmp_path), None, 0.5, seed=3, fold=0)
+    train1, val1 = split_dataset("deit_tiny_patch16_224", str(tmp_path), None, 0.5, seed=3, fold=1)
+    assert sorted(train0.indices) == sorted(val1.indices) and sorted(train1.indices) == sorted(val0.indices)
+    assert sorted(val0.indices + val1.indices) == list(range(6))
+    with pytest.raises(ValueError, match="--fold 2 out of range"):
+        split_dataset("deit_tiny_patch16_224", str(tmp_path), None, 0.5, seed=3, fold=2)
