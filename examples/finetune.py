@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="pretrained weights of the unpatched model")
     parser.add_argument("--method", default="idle")
     parser.add_argument("--keep-ratio", type=float, default=0.55)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=FinetuneConfig.steps)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default="finetuned.safetensors")
     args = parser.parse_args()
@@ -41,7 +41,7 @@ def main() -> None:
 
     images = image_dataset(args.data, transform=eval_transform(model))
     loader = DataLoader(images, batch_size=args.batch_size, shuffle=True)
-    history = finetune(model, loader, FinetuneConfig(steps=args.steps, lr=5e-5))
+    history = finetune(model, loader, FinetuneConfig(steps=args.steps))  # the measured defaults
     print(f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} after {args.steps} steps")
 
     tokenpatch.save(model, args.out)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,14 +155,32 @@ def test_finetune_runs_unchanged_under_torchrun(tuning_inputs, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "tokenpatch.cli", "finetune", "deit_tiny_patch16_224", "--data", str(data),
                "--checkpoint", str(weights), "--method", "dynamicvit", "--keep-ratio", "0.7",
-               "--steps", "2", "--batch-size", "2", "--out", str(out), "--json"]
+               "--minutes", "0.03", "--batch-size", "2", "--out", str(out), "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)  # rank 0 alone prints
     assert result["world_size"] == 2 and result["train_images"] == 8
+    assert result["steps"] >= 1 and result["loop"]["seconds"] >= 0.03 * 60  # both ranks stopped at the same step
     restored = tokenpatch.load(build_timm_model("deit_tiny_patch16_224"), out)
     assert tokenpatch.get_method_name(restored) == "dynamicvit"
+
+
+def test_finetune_minutes_stops_in_time_then_evaluates_and_saves(tuning_inputs, tmp_path, capsys):
+    data, weights = tuning_inputs
+    out = tmp_path / "timed.safetensors"
+    argv = ["finetune", "deit_tiny_patch16_224", "--data", str(data), "--checkpoint", str(weights),
+            "--minutes", "0.05", "--batch-size", "4", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    seconds = float(re.search(r"in (\d+) s, validated on 2", printed).group(1))
+    assert 3 <= seconds <= 3 + 8  # the 3 s budget, plus at most the step in flight
+    assert re.search(r"images/s: data [\d.]+, teacher [\d.]+, student [\d.]+, loop [\d.]+", printed)
+    assert tokenpatch.get_method_name(tokenpatch.load(build_timm_model("deit_tiny_patch16_224"), out)) == DEFAULT_METHOD
+    for wrong, message in ((["--steps", "2"], "not allowed with argument --minutes"), (["--minutes", "0"], "positive")):
+        with pytest.raises(SystemExit) as exited:
+            main(argv[:-2] + wrong)
+        assert exited.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_finetune_reports_a_missing_folder_in_one_line(capsys):

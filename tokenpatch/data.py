@@ -79,6 +79,24 @@ class UnlabelledImages(Dataset):
         return (self.transform(image) if self.transform else image), -1
 
 
+class RememberedItems(Dataset):
+    """``dataset`` whose items are read once and then kept in memory: for training epochs over a
+    small folder with a fixed transform, where decoding the same images again would be wasted.
+    Single-process loading only (each ``DataLoader`` worker would keep its own copy)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.items: dict[int, tuple[Tensor, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        if i not in self.items:
+            self.items[i] = self.dataset[i]
+        return self.items[i]
+
+
 def image_dataset(root: PathLike, labels_csv: Optional[PathLike] = None, transform: Optional[Callable] = None) -> Dataset:
     """A dataset of ``(image, label)`` for a folder, whichever layout it has.
 

@@ -100,13 +100,14 @@ def method_options(method: str, pairs: Sequence[tuple[str, str]]) -> dict[str, A
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    config = FinetuneConfig(steps=args.steps, lr=args.lr, label_weight=args.label_weight, eval_every=args.eval_every,
-                            module_lr=args.module_lr, feature_weight=args.feature_weight, temperature=args.temperature,
-                            train_backbone=not args.freeze_backbone, mixup=args.mixup)
+    config = FinetuneConfig(steps=args.steps, minutes=args.minutes, lr=args.lr, label_weight=args.label_weight,
+                            eval_every=args.eval_every, module_lr=args.module_lr, feature_weight=args.feature_weight,
+                            temperature=args.temperature, train_backbone=not args.freeze_backbone,
+                            freeze_prefix=args.freeze_prefix, mixup=args.mixup)
     job = FinetuneJob(model=args.model, data=args.data, method=args.method, keep_ratio=args.keep_ratio,
-                      options=method_options(args.method, args.option), checkpoint=args.checkpoint, labels=args.labels,
-                      val_fraction=args.val_fraction, augment=args.augment, batch_size=args.batch_size, seed=args.seed,
-                      out=args.out, config=config)
+                      macs_ratio=args.macs_ratio, options=method_options(args.method, args.option),
+                      checkpoint=args.checkpoint, labels=args.labels, val_fraction=args.val_fraction, fold=args.fold,
+                      augment=args.augment, batch_size=args.batch_size, seed=args.seed, out=args.out, config=config)
     result = run_finetune_job(job)
     if not is_main_process():
         return 0
@@ -114,10 +115,12 @@ def _finetune(args: argparse.Namespace) -> int:
         _print_json(result)
     else:
         rows = [{"": when, **result[when]} for when in ("unpatched", "before", "after")]
-        print(f"{args.model} {args.method}@{args.keep_ratio}: {result['macs'] / 1e9:.2f} of "
-              f"{result['macs_unpatched'] / 1e9:.2f} GMACs, {args.steps} steps on {result['train_images']} images, "
-              f"validated on {result['val_images']}")
+        loop = result["loop"]
+        print(f"{args.model} {args.method}@{result['keep_ratio']:.3g}: {result['macs'] / 1e9:.2f} of "
+              f"{result['macs_unpatched'] / 1e9:.2f} GMACs, {result['steps']} steps on {result['train_images']} images "
+              f"in {loop['seconds']:.0f} s, validated on {result['val_images']}")
         print(format_table(rows, digits=2))
+        print("images/s: " + ", ".join(f"{phase} {loop[f'{phase}_img_s']:.1f}" for phase in ("data", "teacher", "student", "loop")))
     return 0
 
 
@@ -174,6 +177,16 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenpatch", description="Token reduction for pretrained ViTs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -222,21 +235,35 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--data", required=True, help="image folder: flat, class sub-folders, or flat with labels.csv")
     tune.add_argument("--labels", help="file,class_index CSV (default: DATA/labels.csv when present)")
     tune.add_argument("--checkpoint", help="weights of the unpatched model (.safetensors or torch state dict)")
-    tune.add_argument("--steps", type=_positive, default=100)
-    tune.add_argument("--batch-size", type=_positive, default=16)
-    tune.add_argument("--lr", type=float, default=2e-5)
-    tune.add_argument("--label-weight", type=float, default=0.0, help="cross-entropy weight when labels exist")
-    tune.add_argument("--module-lr", type=float, default=1e-3,
-                      help="learning rate of a method's own new modules (predictors, interpreters)")
-    tune.add_argument("--feature-weight", type=float, default=0.0,
+    tune.add_argument("--macs-ratio", type=_macs_ratio, help="instead of --keep-ratio: the share of the unpatched MACs "
+                      "to spend (the keep ratio is fitted)")
+    defaults = FinetuneConfig()
+    length = tune.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive, default=defaults.steps,
+                        help=f"optimisation steps (default {defaults.steps})")
+    length.add_argument("--minutes", type=_positive_float,
+                        help="train for this long instead of --steps (then evaluate and save as usual)")
+    tune.add_argument("--batch-size", type=_positive, default=FinetuneJob.batch_size,
+                      help=f"images per step, per process under torchrun (default {FinetuneJob.batch_size})")
+    tune.add_argument("--lr", type=_positive_float, default=defaults.lr, help=f"peak learning rate (default {defaults.lr})")
+    tune.add_argument("--label-weight", type=float, default=defaults.label_weight,
+                      help="cross-entropy weight when labels exist (needs --mixup 0)")
+    tune.add_argument("--module-lr", type=_positive_float, default=defaults.module_lr,
+                      help=f"learning rate of a method's own new modules (predictors, interpreters; default {defaults.module_lr})")
+    tune.add_argument("--feature-weight", type=float, default=defaults.feature_weight,
                       help="weight of MSE between the student's and teacher's pooled features (0: off)")
     tune.add_argument("--freeze-backbone", action="store_true",
                       help="train only the method's own modules (predictors, interpreters), not the pretrained weights")
-    tune.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
-    tune.add_argument("--mixup", type=float, default=0.0,
-                      help="mixup alpha for the training images (0: off; distillation only, no labels)")
+    tune.add_argument("--freeze-prefix", action="store_true",
+                      help="keep the embedding and the blocks before the first reducing block as they are (faster steps)")
+    tune.add_argument("--temperature", type=_positive_float, default=defaults.temperature, help="distillation temperature")
+    tune.add_argument("--mixup", type=float, default=defaults.mixup,
+                      help=f"mixup alpha for the training images (default {defaults.mixup}; 0: off)")
     tune.add_argument("--augment", action="store_true", help="random resized crops and flips for the training images")
-    tune.add_argument("--val-fraction", type=float, default=0.2, help="share of images held out for evaluation")
+    tune.add_argument("--val-fraction", type=float, default=FinetuneJob.val_fraction,
+                      help=f"share of images held out for evaluation (default {FinetuneJob.val_fraction})")
+    tune.add_argument("--fold", type=int, default=0,
+                      help="which share of the seeded order is held out, from the end (0.5 with folds 0 and 1: swap halves)")
     tune.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--out", help="save the fine-tuned patched model here (tokenpatch.save format)")

@@ -14,13 +14,13 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from ..api import patch
+from ..api import get_config, patch
 from ..backends.build import build_model, load_checkpoint
 from ..checkpoint import save
 from ..core.registry import DEFAULT_METHOD
-from ..data import image_dataset, load_images, transform_for
+from ..data import RememberedItems, image_dataset, load_images, transform_for
 from ..measure.evaluate import accuracy, predict
 from ..measure.flops import count_macs
 from ..training.finetune import FinetuneConfig, finetune, in_process_group, is_main_process, unpatched_behaviour, world_size
@@ -36,7 +36,11 @@ class FinetuneJob:
         method, keep_ratio, options: the patch.
         checkpoint: weights of the unpatched model (.safetensors or torch state dict).
         labels: a ``file,class_index`` CSV (default: ``data/labels.csv`` when present).
+        macs_ratio: instead of ``keep_ratio``, the share of the unpatched MACs to spend (the keep
+            ratio is fitted, :func:`tokenpatch.set_macs_ratio`).
         val_fraction: share of the images held out for evaluation.
+        fold: which share is held out, counted from the end of the seeded order (cross-validation:
+            with ``val_fraction=0.5``, folds 0 and 1 swap the halves).
         augment: random resized crops and flips for the training images.
         batch_size: images per step (per process under torchrun).
         seed: seeds the split, the shuffling and the training.
@@ -51,9 +55,11 @@ class FinetuneJob:
     options: dict[str, Any] = field(default_factory=dict)
     checkpoint: Optional[str] = None
     labels: Optional[str] = None
+    macs_ratio: Optional[float] = None
     val_fraction: float = 0.2
+    fold: int = 0
     augment: bool = False
-    batch_size: int = 16
+    batch_size: int = 32
     seed: int = 0
     out: Optional[str] = None
     config: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -82,16 +88,24 @@ class HeldOut:
 
 
 def split_dataset(model_spec: str, data: str, labels: Optional[str], val_fraction: float, seed: int,
-                  augment: bool = False) -> tuple[Subset, Subset]:
+                  augment: bool = False, fold: int = 0) -> tuple[Subset, Subset]:
     """(train subset, validation subset) of the folder; validation uses the model's evaluation
-    transform, training too unless ``augment`` (then :func:`~tokenpatch.data.train_transform`)."""
+    transform, training too unless ``augment`` (then :func:`~tokenpatch.data.train_transform`).
+
+    The images are put in a seeded order; the validation subset is its ``fold``-th share of
+    ``val_fraction`` counted from the end, the training subset the rest.
+    """
     evaluated = image_dataset(data, labels, transform_for(model_spec))
     trained = image_dataset(data, labels, transform_for(model_spec, training=True)) if augment else evaluated
     order = torch.randperm(len(evaluated), generator=torch.Generator().manual_seed(seed)).tolist()
-    cut = int(round(len(order) * (1 - val_fraction)))
-    if cut == 0 or cut == len(order):
+    held = len(order) - int(round(len(order) * (1 - val_fraction)))
+    if held == 0 or held == len(order):
         raise ValueError(f"--val-fraction {val_fraction} leaves an empty split of {len(order)} images")
-    return Subset(trained, order[:cut]), Subset(evaluated, order[cut:])
+    folds = len(order) // held
+    if not 0 <= fold < folds:
+        raise ValueError(f"--fold {fold} out of range: --val-fraction {val_fraction} makes folds 0..{folds - 1}")
+    end = len(order) - fold * held
+    return Subset(trained, order[:end - held] + order[end:]), Subset(evaluated, order[end - held:end])
 
 
 def held_out(model: nn.Module, subset: Subset) -> HeldOut:
@@ -108,7 +122,12 @@ def init_distributed() -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
-def _loader(train: Subset, batch_size: int, seed: int) -> DataLoader:
+#: training folders up to this many images are decoded once and kept in memory when not augmented
+#: (about 0.6 MB per 224 px image); larger ones are read from disk every epoch
+REMEMBERED_IMAGES = 1024
+
+
+def _loader(train: Dataset, batch_size: int, seed: int) -> DataLoader:
     """Shuffled batches; under torchrun each process gets its own shard (``batch_size`` per process)."""
     if in_process_group():
         sampler = DistributedSampler(train, shuffle=True, seed=seed)
@@ -116,7 +135,7 @@ def _loader(train: Subset, batch_size: int, seed: int) -> DataLoader:
     return DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
 
-def run(model: nn.Module, train: Subset, val: HeldOut, config: FinetuneConfig, batch_size: int,
+def run(model: nn.Module, train: Dataset, val: HeldOut, config: FinetuneConfig, batch_size: int,
         seed: int) -> dict[str, Any]:
     """Fine-tune ``model`` on ``train`` and report before/after scores on ``val`` and the MACs."""
     before = val.evaluate(model.eval())
@@ -128,8 +147,9 @@ def run(model: nn.Module, train: Subset, val: HeldOut, config: FinetuneConfig, b
     after = {k: v for k, v in history[-1].items() if k in before}  # empty off rank 0, which alone evaluates
     with unpatched_behaviour(model):
         after_dense = val.evaluate(model) if is_main_process() else {}
+    loop = {k: v for k, v in history[-1].items() if k.endswith("_img_s") or k == "seconds"}
     return {"unpatched": val.scores(val.reference), "before": before, "after": after, "after_dense": after_dense,
-            "macs": macs, "macs_unpatched": macs_unpatched, "steps": config.steps,
+            "macs": macs, "macs_unpatched": macs_unpatched, "steps": history[-1]["step"], "loop": loop,
             "train_images": len(train), "val_images": len(val.images), "final_loss": history[-1]["loss"]}
 
 
@@ -140,11 +160,14 @@ def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
     model = build_model(job.model)
     if job.checkpoint:
         load_checkpoint(model, job.checkpoint)
-    patch(model, job.method, keep_ratio=job.keep_ratio, **job.options)
-    train, val = split_dataset(job.model, job.data, job.labels, job.val_fraction, job.seed, job.augment)
+    keep_ratio = None if job.macs_ratio is not None else job.keep_ratio
+    patch(model, job.method, keep_ratio=keep_ratio, macs_ratio=job.macs_ratio, **job.options)
+    train, val = split_dataset(job.model, job.data, job.labels, job.val_fraction, job.seed, job.augment, job.fold)
+    if not job.augment and len(train) <= REMEMBERED_IMAGES:
+        train = RememberedItems(train)
     result = run(model, train, held_out(model, val), job.config, job.batch_size, job.seed)
     if job.out and is_main_process():
         save(model, job.out)
-    return {"model": job.model, "method": job.method, "keep_ratio": job.keep_ratio, "options": job.options,
+    return {"model": job.model, "method": job.method, "keep_ratio": get_config(model).keep_ratio, "options": job.options,
             "world_size": world_size(), "augment": job.augment, "finetune_config": dataclasses.asdict(job.config),
             **result, "out": job.out}
