@@ -1,18 +1,19 @@
-"""Training-free vs briefly fine-tuned accuracy of a patched real DeiT-Tiny (CPU, no labels used).
+"""How much of the training-free accuracy drop ``tokenpatch finetune``'s defaults win back (CPU, no labels used).
 
-    python benchmarks/finetune_recovery.py --data ../shared/data --method idle --keep-ratio 0.55 \\
-        --steps 300 --mixup 1.0 --json benchmarks/results/finetune_idle_mixup.json
+    python benchmarks/finetune_recovery.py --data ../shared/data --methods idle \\
+        --json benchmarks/results/finetune_recovery.json
 
-Half of the 500 shared images (seeded split) are used for self-distillation from the unpatched
-weights (labels are never read for training); the other half is evaluated before and after:
-top-1, agreement with the unpatched model, and MACs. ``recovered`` is the share of the
-training-free top-1 drop that fine-tuning won back. ``after_dense`` runs the fine-tuned weights
-at keep ratio 1.0 (no reduction): how much the fine-tuning cost the dense model.
+For each method: the real DeiT-Tiny, patched at ``--macs-ratio`` of its MACs (keep ratio fitted),
+fine-tuned by :func:`tokenpatch.jobs.finetune.run_finetune_job` (what ``tokenpatch finetune``
+runs) with its default recipe, on each half of the 500 shared images in turn (two folds: train
+on one half, score on the other; labels are never read for training). Each row gives top-1 and
+agreement with the unpatched model before (training-free) and after fine-tuning, the share of the
+top-1 drop won back (``recovered``), the loop's images/s by phase and the job's wall time. The
+pooled row scores every image once, by the model that did not train on it.
 
-The job is :func:`tokenpatch.jobs.finetune.run_finetune_job` (what ``tokenpatch finetune``
-runs). Method options, including the method's loss weights, are ``--option KEY=VALUE`` (e.g.
-``--option mass=0.9``, ``--option cut_weight=1.0``); fine-tuning options: ``--module-lr``,
-``--mixup``, ``--feature-weight``, ``--temperature``, ``--augment``, ``--seed``.
+``--set KEY=VALUE`` changes a :class:`~tokenpatch.training.FinetuneConfig` field,
+``--option KEY=VALUE`` a method option (both repeatable) and ``--batch-size`` the images per step:
+for studies of the recipe. The output names every change; with none the rows are the defaults.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
 
 from tokenpatch.core.options import parse_options
 from tokenpatch.core.registry import get_method
@@ -28,49 +30,73 @@ from tokenpatch.jobs.finetune import FinetuneJob, run_finetune_job
 from tokenpatch.measure.report import format_table, write_json
 from tokenpatch.training import FinetuneConfig
 
+TRAINABLE = ("idle", "evit", "tome", "dynamicvit", "sait", "iared2")
+
+
+def _pairs(texts: list[str]) -> list[tuple[str, str]]:
+    return [(key, value) for key, _, value in (text.partition("=") for text in texts)]
+
+
+def fold_row(method: str, fold: int, result: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """One table row from a job's result."""
+    unpatched, before, after = (result[k]["top1"] for k in ("unpatched", "before", "after"))
+    drop = unpatched - before
+    return {"method": method, "fold": str(fold), "keep": result["keep_ratio"],
+            "macs": result["macs"] / result["macs_unpatched"], "unpatched": unpatched,
+            "free_top1": before, "free_agr": result["before"]["agreement"],
+            "tuned_top1": after, "tuned_agr": result["after"]["agreement"],
+            "recovered": (after - before) / drop if drop > 0 else float("nan"), "steps": result["steps"],
+            **{k: result["loop"].get(f"{k}_img_s", float("nan")) for k in ("data", "teacher", "student", "loop")},
+            "seconds": seconds}
+
+
+def pooled_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every image scored once, by the model that did not train on it (equal halves: the means)."""
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("unpatched", "free_top1", "free_agr", "tuned_top1",
+                                                                "tuned_agr", "macs")}
+    drop = mean["unpatched"] - mean["free_top1"]
+    return {"method": rows[0]["method"], "fold": "pooled", **mean,
+            "recovered": (mean["tuned_top1"] - mean["free_top1"]) / drop if drop > 0 else float("nan")}
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="shared data folder (default: $TOKENPATCH_DATA)")
-    parser.add_argument("--method", default="idle")
-    parser.add_argument("--keep-ratio", type=float, default=0.55)
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a method option; repeatable")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-5)
-    parser.add_argument("--module-lr", type=float, default=1e-3)
-    parser.add_argument("--mixup", type=float, default=0.0)
-    parser.add_argument("--feature-weight", type=float, default=0.0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--augment", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="also write the result to this JSON file")
+    parser.add_argument("--methods", nargs="+", default=["idle"], choices=TRAINABLE)
+    parser.add_argument("--macs-ratio", type=float, default=0.6, help="share of the unpatched MACs (default 0.6)")
+    parser.add_argument("--folds", type=int, nargs="+", default=[0, 1], choices=[0, 1])
+    parser.add_argument("--seed", type=int, default=0, help="seeds the halves, the shuffling and the training")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a FinetuneConfig field")
+    parser.add_argument("--batch-size", type=int, default=FinetuneJob.batch_size)
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a method option")
+    parser.add_argument("--json", help="also write the rows and the jobs' results to this JSON file")
     args = parser.parse_args(argv)
     root = data_dir(args.data)
     if root is None:
         parser.error("give --data or set TOKENPATCH_DATA")
-    pairs = [(key, value) for key, _, value in (text.partition("=") for text in args.option)]
-    options = parse_options(get_method(args.method).config_class, pairs)
-    started = time.time()
-    config = FinetuneConfig(steps=args.steps, lr=args.lr, module_lr=args.module_lr, mixup=args.mixup,
-                            feature_weight=args.feature_weight, temperature=args.temperature)
-    result = run_finetune_job(FinetuneJob(
-        model="deit_tiny_patch16_224", data=str(root / IMAGENET_SAMPLE), method=args.method, keep_ratio=args.keep_ratio,
-        options=options, checkpoint=str(root / DEIT_TINY_WEIGHTS), val_fraction=0.5, augment=args.augment,
-        batch_size=args.batch_size, seed=args.seed, config=config))
-    passthrough = [f"--option {text}" for text in args.option] + (["--augment"] if args.augment else [])
-    drop_before = result["unpatched"]["top1"] - result["before"]["top1"]
-    drop_after = result["unpatched"]["top1"] - result["after"]["top1"]
-    rows = [{"": k, "macs_ratio": (1.0 if k == "unpatched" else result["macs"] / result["macs_unpatched"]),
-             **result[k]} for k in ("unpatched", "before", "after", "after_dense")]
-    rows[-1]["macs_ratio"] = 1.0
-    print(f"{args.method}@{args.keep_ratio} {' '.join(passthrough)}, {args.steps} steps x {args.batch_size} on {result['train_images']} images, "
-          f"{time.time() - started:.0f} s; validated on {result['val_images']} images")
+    config = FinetuneConfig(**parse_options(FinetuneConfig, _pairs(args.set)))
+    rows, results = [], []
+    for method in args.methods:
+        options = parse_options(get_method(method).config_class, _pairs(args.option))
+        method_rows = []
+        for fold in args.folds:
+            started = time.time()
+            result = run_finetune_job(FinetuneJob(
+                model="deit_tiny_patch16_224", data=str(root / IMAGENET_SAMPLE), method=method, options=options,
+                macs_ratio=args.macs_ratio, checkpoint=str(root / DEIT_TINY_WEIGHTS), val_fraction=0.5, fold=fold,
+                batch_size=args.batch_size, seed=args.seed, config=config))
+            method_rows.append(fold_row(method, fold, result, time.time() - started))
+            results.append(result)
+            print(format_table(method_rows[-1:], digits=3), flush=True)
+        rows += method_rows + ([pooled_row(method_rows)] if len(method_rows) > 1 else [])
+    changes = " ".join([f"--set {t}" for t in args.set] + [f"--option {t}" for t in args.option]
+                       + ([f"--batch-size {args.batch_size}"] if args.batch_size != FinetuneJob.batch_size else []))
+    print(f"\nDeiT-Tiny at {args.macs_ratio} of the MACs, seed {args.seed}, {changes or 'defaults'}; top-1 and agreement "
+          "in %, data/teacher/student/loop in images/s, seconds per job")
     print(format_table(rows, digits=3))
-    recovered = (drop_before - drop_after) / drop_before if drop_before > 0 else float("nan")
-    print(f"top-1 drop: {drop_before:.1f} training-free -> {drop_after:.1f} fine-tuned; recovered {100 * recovered:.0f} %")
     if args.json:
-        write_json({**result, "recovered": recovered, "seconds": time.time() - started}, args.json)
+        write_json({"macs_ratio": args.macs_ratio, "seed": args.seed, "set": args.set, "option": args.option,
+                    "rows": rows, "results": results}, args.json)
     return 0
 
 
