@@ -32,7 +32,7 @@ class Budget:
         self.steps = steps
         self.seconds = None if minutes is None else 60.0 * minutes
         self.started = time.perf_counter()
-        self.spent = 0.0  # agreed elapsed seconds at the end of the last step
+        self.spent = 0.0  # under a time budget: the agreed elapsed seconds at the end of the last step
 
     def elapsed(self) -> float:
         """Seconds since the start, agreed between processes under ``torchrun``."""
@@ -49,8 +49,10 @@ class Budget:
 
     def done(self, step: int) -> bool:
         """True when the loop must stop after 1-based ``step``."""
-        self.spent = self.elapsed() if self.seconds is not None else time.perf_counter() - self.started
-        return self.spent >= self.seconds if self.seconds is not None else step >= self.steps
+        if self.seconds is None:
+            return step >= self.steps
+        self.spent = self.elapsed()
+        return self.spent >= self.seconds
 
     def progress_bar(self, enabled: bool) -> tqdm:
         """A bar over the steps, or over the seconds of a time budget."""
