@@ -38,7 +38,7 @@ from ..backends import find_backend
 from ..core.runner import collecting, context_of, overriding, remove_patch
 from ..errors import TokenPatchError
 from ..measure.evaluate import eval_mode, logits_of
-from .loop import Budget, LoopTimes
+from .loop import Budget, LoopTimes, in_process_group
 from .losses import DistillationLoss, FeatureDistillationLoss
 
 
@@ -265,11 +265,6 @@ def training_only(model: nn.Module, trained: list[nn.Parameter]) -> Iterator[Non
     finally:
         for p in stopped:
             p.requires_grad_(True)
-
-
-def in_process_group() -> bool:
-    """True when ``torch.distributed`` is initialised (e.g. under ``torchrun``)."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def world_size() -> int:

@@ -15,6 +15,11 @@ from ..errors import InvalidOptionError
 PHASES = ("data", "teacher", "student")
 
 
+def in_process_group() -> bool:
+    """True when ``torch.distributed`` is initialised (e.g. under ``torchrun``)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 class Budget:
     """When fine-tuning stops: after ``steps`` steps or, when ``minutes`` is given, at the first
     step boundary past that much time.
@@ -37,7 +42,7 @@ class Budget:
     def elapsed(self) -> float:
         """Seconds since the start, agreed between processes under ``torchrun``."""
         elapsed = torch.tensor(time.perf_counter() - self.started, dtype=torch.float64)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if in_process_group():
             torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
         return float(elapsed)
 
