@@ -33,7 +33,8 @@ from tokenpatch.interpret import (attention_rollout, cls_attention_map, deletion
 from tokenpatch.jobs.finetune import split_dataset
 from tokenpatch.measure.evaluate import accuracy, predict
 from tokenpatch.measure.flops import count_macs
-from tokenpatch.backends.build import build_timm_model, load_checkpoint
+from tokenpatch.backends.build import build_timm_model
+from tokenpatch.checkpoint import load_weights
 from tokenpatch.measure.report import format_table, write_json
 from tokenpatch.training.finetune import FinetuneConfig, finetune
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     train, val = split_dataset(MODEL, str(root / IMAGENET_SAMPLE), None, 0.5, args.seed)
     images, labels = load_images(val)
     model = build_timm_model(MODEL)
-    load_checkpoint(model, str(root / DEIT_TINY_WEIGHTS))
+    load_weights(model, root / DEIT_TINY_WEIGHTS)
     reference = predict(model, images)
     rows = [{"": "unpatched", **scores(model, images, labels, reference), "macs_ratio": 1.0}]
     unpatched_macs = count_macs(model, images[:1]).total

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 
 import tokenpatch
 from tokenpatch.data import eval_transform, image_dataset
-from tokenpatch.backends.build import build_timm_model, load_checkpoint
+from tokenpatch.backends.build import build_timm_model
+from tokenpatch.checkpoint import load_weights
 from tokenpatch.training.finetune import FinetuneConfig, finetune
 
 
@@ -36,7 +37,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_timm_model(args.model)
     if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
+        load_weights(model, args.checkpoint)
     tokenpatch.patch(model, args.method, keep_ratio=args.keep_ratio)
 
     images = image_dataset(args.data, transform=eval_transform(model))

@@ -13,6 +13,10 @@ from .core.registry import register_method, unregister_method
 from .core.runner import is_patched, output_positions, trace
 from .errors import (
     AlreadyPatchedError,
+    CheckpointError,
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    DataError,
     InputShapeError,
     InvalidOptionError,
     NotPatchedError,
@@ -73,4 +77,8 @@ __all__ = [
     "NotPatchedError",
     "AlreadyPatchedError",
     "InputShapeError",
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "CheckpointMismatchError",
+    "DataError",
 ]

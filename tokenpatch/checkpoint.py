@@ -1,26 +1,38 @@
 """Saving a patched model and re-creating it: weights plus the method and its options.
 
 A tokenpatch checkpoint is a safetensors file of the model's ``state_dict`` (the unpatched
-keys) whose metadata holds the method name and its options as JSON, so that
-``load(fresh_model, path)`` returns the same patched model.
+keys) whose metadata holds the method name and its options as JSON and a SHA-256 digest of the
+tensors, so that ``load(fresh_model, path)`` returns the same patched model or refuses a
+damaged file. Files are written under a temporary name and renamed, with the user's umask.
+Plain state dicts (``.safetensors`` or torch files) are read by :func:`load_weights`.
+
+Every problem with a file raises a :class:`~tokenpatch.errors.CheckpointError` whose one-line
+message names the path, and leaves the model as it was.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
 import os
-from typing import Any, TypeVar, Union
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar, Union
 
-from safetensors.torch import load_file, safe_open, save_file
-from torch import nn
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import safe_open, save_file
+from torch import Tensor, nn
 
 from .api import patch, unpatch
-from .core.registry import get_method
 from .core.runner import context_of, is_patched
-from .errors import TokenPatchError
+from .errors import (CheckpointError, CheckpointMismatchError, CorruptCheckpointError, InvalidOptionError,
+                     UnknownMethodError)
 
 METADATA_KEY = "tokenpatch"
+#: metadata key of the tensors' SHA-256 (:func:`tensor_digest`); files saved before it existed have none
+DIGEST_KEY = "tokenpatch_sha256"
 ModelT = TypeVar("ModelT", bound=nn.Module)
 PathLike = Union[str, os.PathLike]
 
@@ -32,76 +44,212 @@ def config_dict(model: nn.Module) -> dict[str, Any]:
 
 
 def save_config(model: nn.Module, path: PathLike) -> None:
-    """Write the patched model's method and options as JSON."""
-    with open(path, "w") as f:
-        json.dump(config_dict(model), f, indent=2)
+    """Write the patched model's method and options as JSON (atomically)."""
+    text = json.dumps(config_dict(model), indent=2)
+    _write_atomically(path, lambda name: Path(name).write_text(text))
 
 
 def load_config(path: PathLike) -> dict[str, Any]:
-    """Read a file written by :func:`save_config`."""
-    with open(path) as f:
-        return json.load(f)
+    """Read a file written by :func:`save_config` (a :class:`CheckpointError` if it is not one)."""
+    _check_file(path)
+    try:
+        return _config_from_text(path, Path(path).read_text())
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path} is not a tokenpatch config: not text") from exc
 
 
 def patch_from_config(model: ModelT, config: dict[str, Any]) -> ModelT:
-    """Patch an unpatched ``model`` with a ``{"method", "options"}`` dict."""
-    method = get_method(config["method"])
-    fields = {f.name for f in dataclasses.fields(method.config_class)}
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in config["options"].items() if k in fields}
-    return patch(model, method.name, **options)
+    """Patch an unpatched ``model`` with a ``{"method", "options"}`` dict (lists become tuples)."""
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in config["options"].items()}
+    return patch(model, config["method"], **options)
+
+
+def tensor_digest(state: Mapping[str, Tensor]) -> str:
+    """SHA-256 (hex) of every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def save(model: nn.Module, path: PathLike) -> None:
-    """Save a patched model's weights and tokenpatch configuration to one safetensors file."""
+    """Save a patched model's weights, tokenpatch configuration and their digest to one safetensors file.
+
+    The file is written under a temporary name in the same folder and renamed, so a reader never
+    sees a half-written checkpoint; it gets the permissions of any new file (0666 less the umask).
+    """
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={METADATA_KEY: json.dumps(config_dict(model))})
+    metadata = {METADATA_KEY: json.dumps(config_dict(model)), DIGEST_KEY: tensor_digest(state)}
+    _write_atomically(path, lambda name: save_file(state, name, metadata=metadata))
 
 
 def is_checkpoint(path: PathLike) -> bool:
     """True when ``path`` is a safetensors file written by :func:`save` (with tokenpatch metadata)."""
+    return _saved_metadata(path) is not None
+
+
+def saved_config(path: PathLike) -> Optional[dict[str, Any]]:
+    """The ``{"method", "options"}`` a :func:`save` file holds (read from its header only), or None
+    for any other file (plain weights, a missing file).
+
+    Raises:
+        CheckpointError: the file has tokenpatch metadata that is not a valid configuration.
+    """
+    metadata = _saved_metadata(path)
+    return None if metadata is None else _config_from_text(path, metadata)
+
+
+def _saved_metadata(path: PathLike) -> Optional[str]:
+    """The tokenpatch metadata of a safetensors file, or None (no such metadata, or not safetensors)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return METADATA_KEY in (f.metadata() or {})
+            return (f.metadata() or {}).get(METADATA_KEY)
     except Exception:  # not safetensors at all (a torch state dict, a missing file): not ours
-        return False
+        return None
 
 
 def load(model: ModelT, path: PathLike) -> ModelT:
     """Load a :func:`save` file into an unpatched ``model`` of the same architecture and patch it.
 
-    The model is patched first, so that modules the method adds (e.g. DynamicViT's
-    predictors, saved under ``tokenpatch.``) exist and receive their saved weights.
+    The file is read and its digest checked before the model is touched; then the model is
+    patched, so that modules the method adds (e.g. DynamicViT's predictors, saved under
+    ``tokenpatch.``) exist and receive their saved weights.
 
     Returns:
         ``model``, with the saved weights, patched with the saved method and options.
 
     Raises:
-        TokenPatchError: if the model is already patched, the file has no tokenpatch metadata, or
-            its tensors do not match the model's (the model is then left unpatched and unchanged).
+        TokenPatchError: if the model is already patched.
+        CheckpointError: the file is missing, empty, truncated, not safetensors or has no (or
+            unreadable) tokenpatch metadata; :class:`CorruptCheckpointError` when its tensors do not
+            match their digest; :class:`CheckpointMismatchError` when its method or options cannot
+            be built or its tensors do not fit the model. The model is then left unpatched and unchanged.
     """
     if is_patched(model):
-        raise TokenPatchError("load() expects an unpatched model; call tokenpatch.unpatch(model) first")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+        raise CheckpointError(f"load() expects an unpatched model, not one patched already; call "
+                              f"tokenpatch.unpatch(model) before loading {path}")
+    state, metadata = _read_safetensors(path)
     if METADATA_KEY not in metadata:
-        raise TokenPatchError(f"{path} is not a tokenpatch checkpoint (no {METADATA_KEY!r} metadata)")
-    state = load_file(str(path))
-    patch_from_config(model, json.loads(metadata[METADATA_KEY]))
+        raise CheckpointError(f"{path} is not a tokenpatch checkpoint (no {METADATA_KEY!r} metadata); "
+                              "plain weights load with tokenpatch.checkpoint.load_weights")
+    config = _config_from_text(path, metadata[METADATA_KEY])
+    if DIGEST_KEY in metadata and tensor_digest(state) != metadata[DIGEST_KEY]:
+        raise CorruptCheckpointError(f"{path} is corrupted: its tensors do not match the digest saved with them")
     try:
-        _check_keys(model, state, path)
-        model.load_state_dict(state, strict=True)
-    except Exception:
+        patch_from_config(model, config)
+    except (UnknownMethodError, InvalidOptionError) as exc:
+        raise CheckpointMismatchError(f"{path} cannot be patched in: {exc}") from exc
+    try:
+        _load_state(model, state, path)
+    except BaseException:
         unpatch(model)
         raise
     return model
 
 
-def _check_keys(model: nn.Module, state: dict[str, Any], path: PathLike) -> None:
+def read_state_dict(path: PathLike) -> dict[str, Tensor]:
+    """The tensors of a ``.safetensors`` file or of a torch state dict (also one under a ``model``
+    or ``state_dict`` key), read without unpickling code.
+
+    Raises:
+        CheckpointError: naming ``path`` and why it is not a state dict.
+    """
+    if Path(path).suffix == ".safetensors":
+        return _read_safetensors(path)[0]
+    _check_file(path)
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and torch errors: the file is not a torch save of tensors
+        reason = _first_line(exc).split(". ")[0]  # torch's refusal explains weights_only at length
+        raise CheckpointError(f"{path} is not a torch state dict or safetensors file ({reason})") from exc
+    if isinstance(content, Mapping):
+        content = content.get("model", content.get("state_dict", content))
+    if not isinstance(content, Mapping) or not all(isinstance(v, Tensor) for v in content.values()):
+        raise CheckpointError(f"{path} holds a {type(content).__name__} that is not a state dict (names to tensors)")
+    return dict(content)
+
+
+def load_weights(model: ModelT, path: PathLike) -> ModelT:
+    """Load a plain state dict (:func:`read_state_dict`) into ``model``, strictly.
+
+    Raises:
+        CheckpointError: the file cannot be read; :class:`CheckpointMismatchError` when its keys or
+            shapes do not fit ``model`` (which is then unchanged).
+    """
+    _load_state(model, read_state_dict(path), path)
+    return model
+
+
+def _load_state(model: nn.Module, state: dict[str, Tensor], path: PathLike) -> None:
+    """``load_state_dict(strict=True)`` after checking every key and shape, so it cannot fail half-way."""
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
     if missing or unexpected or wrong:
-        raise TokenPatchError(
+        raise CheckpointMismatchError(
             f"{path} does not fit this {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"shape mismatch {wrong[:5]} (first 5 of each)"
         )
+    model.load_state_dict(state, strict=True)
+
+
+def _check_file(path: PathLike) -> None:
+    """A :class:`CheckpointError` unless ``path`` is a non-empty file."""
+    file = Path(path)
+    if not file.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not a file")
+    if file.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty")
+
+
+def _read_safetensors(path: PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a :class:`CheckpointError` if it is not a whole one."""
+    _check_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated, or another format): "
+                              f"{_first_line(exc)}") from exc
+
+
+def _config_from_text(path: PathLike, text: str) -> dict[str, Any]:
+    """The ``{"method": str, "options": dict}`` JSON in ``text``; a :class:`CheckpointError` otherwise."""
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: tokenpatch metadata is not valid JSON ({exc.msg} at char {exc.pos})") from exc
+    if (not isinstance(config, dict) or not isinstance(config.get("method"), str)
+            or not isinstance(config.get("options"), dict)):
+        raise CheckpointError(f"{path}: tokenpatch metadata must be {{\"method\": name, \"options\": {{...}}}}")
+    return config
+
+
+def _write_atomically(path: PathLike, write: Callable[[str], None]) -> None:
+    """Run ``write(temporary_name)`` next to ``path``, then rename it over ``path``.
+
+    The file gets the permissions of any new file, 0666 less the umask: a placeholder created
+    with 0666 shows them, and they are set again after ``write`` (safetensors writes 0600 files).
+    """
+    target = Path(path)
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        mode = temporary.stat().st_mode & 0o777
+        write(str(temporary))
+        os.chmod(temporary, mode)
+        os.replace(temporary, target)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or _first_line(exc)}") from exc
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

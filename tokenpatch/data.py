@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .backends import find_backend
 from .backends.build import timm_twin
+from .errors import DataError
 
 DATA_ENV = "TOKENPATCH_DATA"
 DEIT_TINY_WEIGHTS = "weights/deit_tiny_patch16_224.safetensors"
@@ -34,6 +35,25 @@ def data_dir(explicit: Optional[PathLike] = None) -> Optional[Path]:
     return Path(chosen) if chosen else None
 
 
+def read_image(path: PathLike) -> Image.Image:
+    """The RGB image in the file ``path``, decoded.
+
+    Raises:
+        DataError: naming the path: no such file, a folder, or not a readable image (truncated,
+            another format).
+    """
+    file = Path(path)
+    if not file.exists():
+        raise DataError(f"{path}: no such image file")
+    if file.is_dir():
+        raise DataError(f"{path} is a folder; give image files")
+    try:
+        with Image.open(file) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # what PIL raises for bad files
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+
+
 class LabelledImages(Dataset):
     """A flat folder of images with a ``file,class_index`` CSV (extra columns are ignored).
 
@@ -43,13 +63,7 @@ class LabelledImages(Dataset):
     def __init__(self, root: PathLike, labels_csv: Optional[PathLike] = None, transform: Optional[Callable] = None) -> None:
         self.root = Path(root)
         csv_path = Path(labels_csv) if labels_csv is not None else self.root / "labels.csv"
-        if not csv_path.is_file():
-            raise FileNotFoundError(f"no labels file at {csv_path} (expected columns file,class_index)")
-        with open(csv_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if not rows or not {"file", "class_index"} <= set(rows[0]):
-            raise ValueError(f"{csv_path} must have the columns file,class_index")
-        self.items = [(self.root / r["file"], int(r["class_index"])) for r in rows]
+        self.items = _read_labels(csv_path, self.root)
         self.transform = transform
 
     def __len__(self) -> int:
@@ -57,8 +71,25 @@ class LabelledImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         path, label = self.items[i]
-        image = Image.open(path).convert("RGB")
+        image = read_image(path)
         return (self.transform(image) if self.transform else image), label
+
+
+def _read_labels(csv_path: Path, root: Path) -> list[tuple[Path, int]]:
+    """(image path, class index) per row of a ``file,class_index`` CSV; a :class:`DataError` naming the problem."""
+    if not csv_path.is_file():
+        raise DataError(f"no labels file at {csv_path} (expected columns file,class_index)")
+    try:
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{csv_path} is not a CSV file ({exc})") from exc
+    if not rows or not {"file", "class_index"} <= set(rows[0]):
+        raise DataError(f"{csv_path} must have the columns file,class_index and at least one row")
+    bad = [r["class_index"] for r in rows if not (r["class_index"] or "").strip().isdigit()]
+    if bad:
+        raise DataError(f"{csv_path}: class_index must be a non-negative integer, got {bad[0]!r}")
+    return [(root / r["file"], int(r["class_index"])) for r in rows]
 
 
 class UnlabelledImages(Dataset):
@@ -68,14 +99,14 @@ class UnlabelledImages(Dataset):
         self.root = Path(root)
         self.files = sorted(p for p in self.root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {self.root}")
+            raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {self.root}")
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        image = Image.open(self.files[i]).convert("RGB")
+        image = read_image(self.files[i])
         return (self.transform(image) if self.transform else image), -1
 
 
@@ -106,13 +137,16 @@ def image_dataset(root: PathLike, labels_csv: Optional[PathLike] = None, transfo
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"no image folder at {root}")
+        raise DataError(f"no image folder at {root}")
     if labels_csv is not None or (root / "labels.csv").is_file():
         return LabelledImages(root, labels_csv, transform)
     if any(p.is_dir() for p in root.iterdir()):
         from torchvision.datasets import ImageFolder
 
-        return ImageFolder(str(root), transform=transform)
+        try:
+            return ImageFolder(str(root), transform=transform, loader=read_image)
+        except FileNotFoundError as exc:  # class folders without images
+            raise DataError(f"{root}: {exc}") from exc
     return UnlabelledImages(root, transform)
 
 
@@ -136,9 +170,10 @@ def train_transform(model: nn.Module) -> Callable:
                             mean=config["mean"], std=config["std"])
 
 
-def transform_for(model_spec: str, training: bool = False) -> Callable:
-    """The input transform for a ``tokenpatch`` model spec (timm name or ``hf:NAME``, via its timm twin)."""
-    reference = timm_twin(model_spec)
+def transform_for(model_spec: str, training: bool = False, img_size: Optional[int] = None) -> Callable:
+    """The input transform for a ``tokenpatch`` model spec (timm name or ``hf:NAME``, via its timm twin)
+    built with ``img_size`` (default: the model's)."""
+    reference = timm_twin(model_spec, img_size)
     return train_transform(reference) if training else eval_transform(reference)
 
 
@@ -161,5 +196,6 @@ def load_deit_tiny(root: PathLike) -> nn.Module:
 def load_images(dataset: Dataset, limit: Optional[int] = None, progress: bool = False) -> tuple[Tensor, Tensor]:
     """All (or the first ``limit``) items of ``dataset`` stacked: (M, 3, H, W) images, (M,) labels."""
     count = len(dataset) if limit is None else min(limit, len(dataset))
-    images, labels = zip(*(dataset[i] for i in tqdm(range(count), desc="images", disable=not progress, leave=False)))
+    with tqdm(range(count), desc="images", disable=not progress, leave=False) as indices:  # erased on errors too
+        images, labels = zip(*(dataset[i] for i in indices))
     return torch.stack(images), torch.tensor(labels)

@@ -33,3 +33,21 @@ class AlreadyPatchedError(TokenPatchError):
 
 class InputShapeError(TokenPatchError):
     """The patched model was called with an input of the wrong shape."""
+
+
+class CheckpointError(TokenPatchError):
+    """A weights file cannot be used: missing, empty, truncated, not a safetensors or torch state
+    dict, or without tokenpatch metadata where one is needed. The message names the path."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A tokenpatch checkpoint's tensors do not match the digest :func:`tokenpatch.save` recorded."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A readable weights file does not fit the model (keys, shapes) or names a method or options
+    this tokenpatch cannot build."""
+
+
+class DataError(TokenPatchError):
+    """An image folder, labels file or image cannot be read. The message names the path."""

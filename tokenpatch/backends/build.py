@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import nn
 
 from ..errors import TokenPatchError
@@ -66,18 +65,6 @@ def build_model(spec: str, img_size: Optional[int] = None) -> nn.Module:
     return build_timm_model(spec, img_size)
 
 
-def load_checkpoint(model: nn.Module, path: str) -> None:
-    """Load a ``.safetensors`` or torch state dict into ``model`` (strict)."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("model", state.get("state_dict", state))
-    model.load_state_dict(state, strict=True)
-
-
-def timm_twin(model_spec: str) -> nn.Module:
+def timm_twin(model_spec: str, img_size: Optional[int] = None) -> nn.Module:
     """The timm model a ``tokenpatch`` model spec names (``hf:NAME``: its timm twin), for input configs."""
-    return build_timm_model(model_spec[len(HF_PREFIX):] if model_spec.startswith(HF_PREFIX) else model_spec)
+    return build_timm_model(model_spec[len(HF_PREFIX):] if model_spec.startswith(HF_PREFIX) else model_spec, img_size)

@@ -162,7 +162,8 @@ class TimmBackend(Backend):
         return tuple(model.patch_embed.img_size)
 
     def data_config(self, model: nn.Module) -> dict[str, Any]:
-        return resolve_data_config(model=model)
+        # the pretrained config's size is not the model's when it was built with another img_size
+        return {**resolve_data_config(model=model), "input_size": (3, *self.input_size(model))}
 
     def returned_blocks(self, model: nn.Module, kwargs: dict[str, Any]) -> str:
         # global_pool='' without an attention pool: forward returns (per-token outputs of) every token

@@ -164,6 +164,8 @@ class PatchContext:
     def run_block(self, block: nn.Module, index: int, x: Tensor, extra: dict[str, Any]) -> Tensor:
         """Forward of block ``index`` on (B, N, C) tokens (and the block's ``extra`` arguments)
         under this thread's pass."""
+        if x.shape[0] == 0:  # an empty batch has no tokens to choose from: the block's own (empty) output
+            return self.backend.run_original(original_forward(block), x, extra)
         state = getattr(self.local, "state", None)
         if index == 0 or state is None:  # every pass enters through block 0
             state = self.begin_pass(x)
