@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 import torch
 
 from ..api import available_methods, get_config, get_method_name
-from ..backends.build import build_model, load_checkpoint
+from ..checkpoint import saved_config
 from ..core.method import check_keep_ratio
 from ..core.options import parse_options
 from ..core.registry import DEFAULT_METHOD, get_method, training_free_methods
-from ..data import eval_transform, image_dataset, load_images
+from ..data import image_dataset, load_images, transform_for
 from ..errors import TokenPatchError
 from ..jobs.audit import AUDIT_COLUMNS, COMPILED_COLUMNS, audit_rows
 from ..jobs.evaluation import EVAL_COLUMNS, EvalData, MethodSpec, evaluation_rows
-from ..jobs.explain import patched_model, write_explanations
+from ..jobs.explain import write_explanations
 from ..jobs.finetune import FinetuneJob, run_finetune_job
+from ..jobs.models import DEFAULT_KEEP_RATIO, PatchRequest, load_model
 from ..measure.budget import check_macs_ratio
 from ..measure.report import format_table
 from ..training.finetune import FinetuneConfig, is_main_process
@@ -37,14 +39,14 @@ def _print_json(payload: dict[str, Any]) -> None:
 def _audit(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise TokenPatchError("--device cuda was asked for, but torch sees no CUDA device")
-    methods = sorted(available_methods()) if args.methods == "all" else [args.method]
-    model = build_model(args.model, args.img_size)
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
-    keep_ratio = None if args.macs_ratio is not None else args.keep_ratio
-    options = method_options(methods[0], args.option)
-    rows = audit_rows(model, methods, keep_ratio, args.batch_size, args.repeats, args.device, options, args.macs_ratio,
-                      compiled=args.compile)
+    loaded = load_model(args.model, args.checkpoint, args.img_size)
+    options = method_options(_method_named(args), args.option)
+    names = sorted(available_methods()) if args.methods == "all" else [args.method]
+    patched = {}
+    for name in names:
+        model = loaded.patched(PatchRequest(name, args.keep_ratio, args.macs_ratio, options))
+        patched[get_method_name(model)] = model
+    rows = audit_rows(loaded.unpatched, patched, args.batch_size, args.repeats, args.device, compiled=args.compile)
     header = {"model": args.model, "batch_size": args.batch_size, "device": args.device}
     if args.json:
         _print_json({**header, **rows[0]} if len(rows) == 1 else {**header, "results": rows})
@@ -56,14 +58,18 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    model = build_model(args.model, args.img_size)
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
-    methods = args.methods or [MethodSpec(name) for name in training_free_methods()]
-    images, labels = load_images(image_dataset(args.data, args.labels, eval_transform(model)), args.limit, progress=True)
+    loaded = load_model(args.model, args.checkpoint, args.img_size)
+    methods = args.methods
+    if not methods and loaded.saved is not None:  # the checkpoint's own patched model, as saved
+        name = get_method_name(loaded.saved)
+        methods = [MethodSpec(name, label=f"{name} (checkpoint)",
+                              model=loaded.patched(PatchRequest(keep_ratio=args.keep_ratio)))]
+    methods = methods or [MethodSpec(name) for name in training_free_methods()]
+    images, labels = load_images(image_dataset(args.data, args.labels, transform_for(args.model, img_size=args.img_size)),
+                                 args.limit, progress=True)
     data = EvalData(images, labels)
     keep_ratio = None if args.macs_ratio is not None else args.keep_ratio
-    rows = evaluation_rows(model, data, methods, keep_ratio, args.macs_ratio, args.calibration,
+    rows = evaluation_rows(loaded.unpatched, data, methods, keep_ratio, args.macs_ratio, args.calibration,
                            batch_size=args.batch_size)
     budget = f"{args.macs_ratio:.0%} of the MACs" if args.macs_ratio is not None else (
         f"keep ratio {args.keep_ratio}" if args.keep_ratio is not None else "each method's default keep ratio")
@@ -99,13 +105,19 @@ def method_options(method: str, pairs: Sequence[tuple[str, str]]) -> dict[str, A
     return parse_options(get_method(method).config_class, pairs)
 
 
+def _method_named(args: argparse.Namespace) -> str:
+    """The method a command's options belong to: ``--method``, else a tokenpatch checkpoint's, else the default."""
+    saved = saved_config(args.checkpoint) if args.checkpoint else None
+    return args.method or (saved["method"] if saved else DEFAULT_METHOD)
+
+
 def _finetune(args: argparse.Namespace) -> int:
     config = FinetuneConfig(steps=args.steps, minutes=args.minutes, lr=args.lr, label_weight=args.label_weight,
                             eval_every=args.eval_every, module_lr=args.module_lr, feature_weight=args.feature_weight,
                             temperature=args.temperature, train_backbone=not args.freeze_backbone,
                             freeze_prefix=args.freeze_prefix, mixup=args.mixup)
     job = FinetuneJob(model=args.model, data=args.data, method=args.method, keep_ratio=args.keep_ratio,
-                      macs_ratio=args.macs_ratio, options=method_options(args.method, args.option),
+                      macs_ratio=args.macs_ratio, options=method_options(_method_named(args), args.option),
                       checkpoint=args.checkpoint, labels=args.labels, val_fraction=args.val_fraction, fold=args.fold,
                       augment=args.augment, batch_size=args.batch_size, seed=args.seed, out=args.out, config=config)
     result = run_finetune_job(job)
@@ -116,7 +128,7 @@ def _finetune(args: argparse.Namespace) -> int:
     else:
         rows = [{"": when, **result[when]} for when in ("unpatched", "before", "after")]
         loop = result["loop"]
-        print(f"{args.model} {args.method}@{result['keep_ratio']:.3g}: {result['macs'] / 1e9:.2f} of "
+        print(f"{args.model} {result['method']}@{result['keep_ratio']:.3g}: {result['macs'] / 1e9:.2f} of "
               f"{result['macs_unpatched'] / 1e9:.2f} GMACs, {result['steps']} steps on {result['train_images']} images "
               f"in {loop['seconds']:.0f} s, validated on {result['val_images']}")
         print(format_table(rows, digits=2))
@@ -125,8 +137,8 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    options = method_options(args.method or DEFAULT_METHOD, args.option) if args.option else {}
-    model = patched_model(args.model, args.checkpoint, args.method, args.keep_ratio, options)
+    loaded = load_model(args.model, args.checkpoint)
+    model = loaded.patched(PatchRequest(args.method, args.keep_ratio, options=method_options(_method_named(args), args.option)))
     result = write_explanations(model, args.images, args.model, args.out)
     if args.json:
         options = get_config(model).to_dict()
@@ -162,44 +174,68 @@ def _option(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(available_methods()),
-                        help=f"token-reduction method (default {DEFAULT_METHOD})")
-    parser.add_argument("--keep-ratio", type=_ratio, default=0.5)
+def _add_method_arguments(parser: argparse.ArgumentParser, macs_ratio_help: Optional[str] = None) -> None:
+    """``--method``, ``--keep-ratio`` (or, exclusive with it, ``--macs-ratio`` when it has a help) and ``--option``."""
+    parser.add_argument("--method", choices=sorted(available_methods()),
+                        help=f"token-reduction method (default: a tokenpatch checkpoint's, else {DEFAULT_METHOD})")
+    budget = parser.add_mutually_exclusive_group()
+    if macs_ratio_help:
+        budget.add_argument("--macs-ratio", type=_macs_ratio, help=macs_ratio_help)
+    budget.add_argument("--keep-ratio", type=_ratio, help="share of the tokens kept (default: a tokenpatch checkpoint's, "
+                        f"else {DEFAULT_KEEP_RATIO})")
     parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                         help="a method option (its loss weights included), read by the option's declared type: "
                         "true/false, none, numbers, [lists]; e.g. --option fuse=true; repeatable")
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
+def _number_in(kind: type, low: float, high: float = math.inf, *, open_low: bool = False,
+               open_high: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type``: a finite ``kind`` (int or float) in the interval from ``low`` to ``high``
+    (ends excluded where ``open_*``), or a one-line error naming the interval."""
+    interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high or high == math.inf else ']'}"
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and low <= value <= high) or (open_low and value == low) or (
+                open_high and value == high):
+            raise argparse.ArgumentTypeError(f"expected {what} in {interval}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+_positive = _number_in(int, 1)
+_count = _number_in(int, 0)
+_positive_float = _number_in(float, 0, open_low=True)
+_non_negative = _number_in(float, 0)
+_fraction = _number_in(float, 0, 1, open_low=True, open_high=True)
+_CHECKPOINT_HELP = ("weights: a state dict (.safetensors or torch) of the unpatched model, or a tokenpatch.save file, "
+                    "whose method and options apply unless --method, --keep-ratio or --option say otherwise")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``--help`` shows the usage), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenpatch", description="Token reduction for pretrained ViTs.")
+    parser = _OneLineParser(prog="tokenpatch", description="Token reduction for pretrained ViTs.")
     commands = parser.add_subparsers(dest="command", required=True)
     audit = commands.add_parser("audit", help="MACs and throughput of a patched timm model vs the unpatched one")
     audit.add_argument("model", help="timm model name, e.g. deit_small_patch16_224, or hf:NAME for its transformers "
                        "ViT/DeiT twin (random weights)")
-    _add_method_arguments(audit)
-    audit.add_argument("--macs-ratio", type=_macs_ratio, help="instead of --keep-ratio: the share of the unpatched "
-                       "MACs to spend; each method's keep ratio is solved to within 1 %% of it")
+    _add_method_arguments(audit, "instead of --keep-ratio: the share of the unpatched MACs to spend; each method's "
+                          "keep ratio is solved to within 1 %% of it")
     audit.add_argument("--methods", choices=["all"], help="one row per available method")
     audit.add_argument("--batch-size", type=_positive, default=32)
     audit.add_argument("--img-size", type=_positive, help="input size (default: the model's)")
-    audit.add_argument("--checkpoint", help="state_dict file (.safetensors or torch) to load")
+    audit.add_argument("--checkpoint", help=_CHECKPOINT_HELP)
     audit.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     audit.add_argument("--repeats", type=_positive, default=10, help="timed rounds (median reported)")
     audit.add_argument("--compile", action="store_true",
@@ -213,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="image folder: flat (labels optional), class sub-folders, "
                           "or flat with labels.csv")
     evaluate.add_argument("--labels", help="file,class_index CSV (default: DATA/labels.csv when present)")
-    evaluate.add_argument("--checkpoint", help="state_dict file (.safetensors or torch) to load")
+    evaluate.add_argument("--checkpoint", help=_CHECKPOINT_HELP.replace("--method, --keep-ratio or --option", "--methods "
+                                                                        "or --keep-ratio"))
     evaluate.add_argument("--methods", nargs="+", type=_method_spec, metavar="METHOD[:KEY=VALUE,...]",
                           help="methods to compare, each with its own options, e.g. idle idle:score=fixed tome "
                           "(default: every method that needs no training)")
@@ -231,12 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = commands.add_parser("finetune", help="self-distil a patched model from its unpatched weights on an image folder")
     tune.add_argument("model", help="timm model name or hf:NAME (weights from --checkpoint)")
-    _add_method_arguments(tune)
+    _add_method_arguments(tune, "instead of --keep-ratio: the share of the unpatched MACs to spend (the keep ratio "
+                          "is fitted)")
     tune.add_argument("--data", required=True, help="image folder: flat, class sub-folders, or flat with labels.csv")
     tune.add_argument("--labels", help="file,class_index CSV (default: DATA/labels.csv when present)")
-    tune.add_argument("--checkpoint", help="weights of the unpatched model (.safetensors or torch state dict)")
-    tune.add_argument("--macs-ratio", type=_macs_ratio, help="instead of --keep-ratio: the share of the unpatched MACs "
-                      "to spend (the keep ratio is fitted)")
+    tune.add_argument("--checkpoint", help=_CHECKPOINT_HELP)
     defaults = FinetuneConfig()
     length = tune.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive, default=defaults.steps,
@@ -246,25 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--batch-size", type=_positive, default=FinetuneJob.batch_size,
                       help=f"images per step, per process under torchrun (default {FinetuneJob.batch_size})")
     tune.add_argument("--lr", type=_positive_float, default=defaults.lr, help=f"peak learning rate (default {defaults.lr})")
-    tune.add_argument("--label-weight", type=float, default=defaults.label_weight,
+    tune.add_argument("--label-weight", type=_non_negative, default=defaults.label_weight,
                       help="cross-entropy weight when labels exist (needs --mixup 0)")
     tune.add_argument("--module-lr", type=_positive_float, default=defaults.module_lr,
                       help=f"learning rate of a method's own new modules (predictors, interpreters; default {defaults.module_lr})")
-    tune.add_argument("--feature-weight", type=float, default=defaults.feature_weight,
+    tune.add_argument("--feature-weight", type=_non_negative, default=defaults.feature_weight,
                       help="weight of MSE between the student's and teacher's pooled features (0: off)")
     tune.add_argument("--freeze-backbone", action="store_true",
                       help="train only the method's own modules (predictors, interpreters), not the pretrained weights")
     tune.add_argument("--freeze-prefix", action="store_true",
                       help="keep the embedding and the blocks before the first reducing block as they are (faster steps)")
     tune.add_argument("--temperature", type=_positive_float, default=defaults.temperature, help="distillation temperature")
-    tune.add_argument("--mixup", type=float, default=defaults.mixup,
+    tune.add_argument("--mixup", type=_non_negative, default=defaults.mixup,
                       help=f"mixup alpha for the training images (default {defaults.mixup}; 0: off)")
     tune.add_argument("--augment", action="store_true", help="random resized crops and flips for the training images")
-    tune.add_argument("--val-fraction", type=float, default=FinetuneJob.val_fraction,
+    tune.add_argument("--val-fraction", type=_fraction, default=FinetuneJob.val_fraction,
                       help=f"share of images held out for evaluation (default {FinetuneJob.val_fraction})")
-    tune.add_argument("--fold", type=int, default=0,
+    tune.add_argument("--fold", type=_count, default=0,
                       help="which share of the seeded order is held out, from the end (0.5 with folds 0 and 1: swap halves)")
-    tune.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
+    tune.add_argument("--eval-every", type=_count, default=0, help="evaluate every N steps (0: at the end)")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--out", help="save the fine-tuned patched model here (tokenpatch.save format)")
     tune.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -274,9 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("model", help="timm model name or hf:NAME (weights from --checkpoint)")
     show.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     _add_method_arguments(show)
-    show.set_defaults(method=None, keep_ratio=None)  # a tokenpatch checkpoint brings its own
-    show.add_argument("--checkpoint", help=f"weights: a state dict (then --method, default {DEFAULT_METHOD}, and --keep-ratio, "
-                      "default 0.5, apply), or a tokenpatch.save file (its method and options)")
+    show.add_argument("--checkpoint", help=_CHECKPOINT_HELP)
     show.add_argument("--out", required=True, help="folder for the PNG files")
     show.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     show.set_defaults(run=_explain)
@@ -284,12 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``tokenpatch`` command."""
+    """Entry point of the ``tokenpatch`` command: 0 on success, 2 with one line on a user error
+    (a bad argument, path, image or checkpoint, or a file that cannot be written)."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (TokenPatchError, FileNotFoundError, RuntimeError, ValueError) as exc:  # user errors: one line, exit 2
-        message = " ".join(str(exc).split())  # one line, even for torch's multi-line load errors
+    except (TokenPatchError, OSError) as exc:  # user errors: one line, exit 2 (a bug keeps its traceback)
+        message = " ".join(str(exc).split())  # one line, even for multi-line messages
         print(f"tokenpatch: error: {message[:500]}", file=sys.stderr)
         return 2
-

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-from typing import Any, Optional, Sequence
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..api import get_config, patch
+from ..api import get_config
 from ..backends import find_backend
 from ..errors import TokenPatchError
 from ..measure.flops import count_macs
@@ -20,12 +20,10 @@ AUDIT_COLUMNS = ["method", "keep_ratio", "gmacs_unpatched", "gmacs", "reduction_
 COMPILED_COLUMNS = ["img_s_unpatched_compiled", "img_s_compiled", "speedup_compiled"]
 
 
-def audit_rows(model: nn.Module, methods: Sequence[str], keep_ratio: Optional[float], batch_size: int,
-               repeats: int, device: str, options: Optional[dict[str, Any]] = None,
-               macs_ratio: Optional[float] = None, compiled: bool = False) -> list[dict[str, Any]]:
-    """One row per method: MACs and measured throughput against the unpatched ``model``.
+def audit_rows(model: nn.Module, patched: Mapping[str, nn.Module], batch_size: int, repeats: int, device: str,
+               compiled: bool = False) -> list[dict[str, Any]]:
+    """One row per patched model (named by its key): MACs and measured throughput against the unpatched ``model``.
 
-    With ``macs_ratio`` each method's keep ratio is solved for that share of the unpatched MACs.
     With ``compiled`` every model, the unpatched one included, is also timed under
     ``torch.compile`` (default inductor backend; compiling takes a while), adding the
     :data:`COMPILED_COLUMNS`: compiled patched against compiled unpatched.
@@ -33,15 +31,13 @@ def audit_rows(model: nn.Module, methods: Sequence[str], keep_ratio: Optional[fl
     size = find_backend(model).input_size(model)
     shape = (1, 3, *size)
     base_macs = count_macs(model, shape).total
-    patched = {m: patch(copy.deepcopy(model), m, keep_ratio=keep_ratio, macs_ratio=macs_ratio, **(options or {}))
-               for m in methods}
     macs = {m: count_macs(p, shape).total for m, p in patched.items()}
     models = {"unpatched": model, **patched}
     timings = compare_throughput(models, batch_size, size, repeats=repeats, device=device)
     compiled_timings = _compiled_throughput(models, batch_size, size, repeats, device) if compiled else {}
     params = sum(p.numel() for p in model.parameters())
     rows = []
-    for m in methods:
+    for m in patched:
         row = {
             "method": m, "keep_ratio": get_config(patched[m]).keep_ratio, "params": params,
             "macs": macs[m], "macs_unpatched": base_macs,

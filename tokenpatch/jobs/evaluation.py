@@ -30,6 +30,8 @@ class MethodSpec:
     name: str
     options: dict[str, Any] = field(default_factory=dict)
     label: str = ""
+    #: an already patched model of this method (from a tokenpatch checkpoint), evaluated instead of a patched copy
+    model: Optional[nn.Module] = field(default=None, compare=False, repr=False)
 
     @classmethod
     def parse(cls, text: str) -> "MethodSpec":
@@ -63,7 +65,8 @@ def evaluation_rows(model: nn.Module, data: EvalData, methods: Sequence[MethodSp
     """One row for the unpatched ``model``, then one per method.
 
     Args:
-        keep_ratio: every method's keep ratio (None: each method's default), or
+        keep_ratio: every method's keep ratio (None: each method's default; a spec's own ``model``
+            keeps its ratio), or
         macs_ratio: the share of the unpatched MACs each method is fitted to, counted on the
             first ``calibration`` images (per-image counts vary for some methods).
         mac_images: MACs are the mean over this many images, counted one by one.
@@ -80,7 +83,9 @@ def evaluation_rows(model: nn.Module, data: EvalData, methods: Sequence[MethodSp
     rows = [_row("unpatched", None, base_macs, base_macs, reference, reference, data)]
     for spec in methods:
         label = spec.label or spec.name
-        patched = patch(copy.deepcopy(model), spec.name, keep_ratio=keep_ratio, **spec.options)
+        patched = spec.model
+        if patched is None:
+            patched = patch(copy.deepcopy(model), spec.name, keep_ratio=keep_ratio, **spec.options)
         if macs_ratio is not None:
             try:
                 set_macs_ratio(patched, macs_ratio, data.images[:calibration])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -16,14 +17,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from ..api import get_config, patch
-from ..backends.build import build_model, load_checkpoint
+from ..api import get_config, get_method_name
 from ..checkpoint import save
-from ..core.registry import DEFAULT_METHOD
 from ..data import RememberedItems, image_dataset, load_images, transform_for
+from ..errors import CheckpointError, InvalidOptionError
 from ..measure.evaluate import accuracy, predict
 from ..measure.flops import count_macs
 from ..training.finetune import FinetuneConfig, finetune, in_process_group, is_main_process, unpatched_behaviour, world_size
+from .models import PatchRequest, load_model
 
 
 @dataclass
@@ -33,8 +34,10 @@ class FinetuneJob:
     Attributes:
         model: timm model name or ``hf:NAME`` (random weights unless ``checkpoint``).
         data: image folder (flat, class sub-folders, or flat with ``labels.csv``).
-        method, keep_ratio, options: the patch.
-        checkpoint: weights of the unpatched model (.safetensors or torch state dict).
+        method, keep_ratio, options: the patch; ``None`` (and no options): the checkpoint's own
+            when it is a ``tokenpatch.save`` file, else ``idle`` at 0.5.
+        checkpoint: weights of the unpatched model (.safetensors or torch state dict), or a
+            ``tokenpatch.save`` file to fine-tune further (its method modules' weights included).
         labels: a ``file,class_index`` CSV (default: ``data/labels.csv`` when present).
         macs_ratio: instead of ``keep_ratio``, the share of the unpatched MACs to spend (the keep
             ratio is fitted, :func:`tokenpatch.set_macs_ratio`).
@@ -50,8 +53,8 @@ class FinetuneJob:
 
     model: str
     data: str
-    method: str = DEFAULT_METHOD
-    keep_ratio: Optional[float] = 0.5
+    method: Optional[str] = None
+    keep_ratio: Optional[float] = None
     options: dict[str, Any] = field(default_factory=dict)
     checkpoint: Optional[str] = None
     labels: Optional[str] = None
@@ -100,10 +103,10 @@ def split_dataset(model_spec: str, data: str, labels: Optional[str], val_fractio
     order = torch.randperm(len(evaluated), generator=torch.Generator().manual_seed(seed)).tolist()
     held = len(order) - int(round(len(order) * (1 - val_fraction)))
     if held == 0 or held == len(order):
-        raise ValueError(f"--val-fraction {val_fraction} leaves an empty split of {len(order)} images")
+        raise InvalidOptionError(f"--val-fraction {val_fraction} leaves an empty split of {len(order)} images")
     folds = len(order) // held
     if not 0 <= fold < folds:
-        raise ValueError(f"--fold {fold} out of range: --val-fraction {val_fraction} makes folds 0..{folds - 1}")
+        raise InvalidOptionError(f"--fold {fold} out of range: --val-fraction {val_fraction} makes folds 0..{folds - 1}")
     end = len(order) - fold * held
     return Subset(trained, order[:end - held] + order[end:]), Subset(evaluated, order[end - held:end])
 
@@ -157,17 +160,28 @@ def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
     """Patch, fine-tune and evaluate as ``job`` says; return the scores before/after, MACs and sizes."""
     init_distributed()
     torch.manual_seed(job.seed)
-    model = build_model(job.model)
-    if job.checkpoint:
-        load_checkpoint(model, job.checkpoint)
-    keep_ratio = None if job.macs_ratio is not None else job.keep_ratio
-    patch(model, job.method, keep_ratio=keep_ratio, macs_ratio=job.macs_ratio, **job.options)
+    _check_writable(job.out)
+    model = load_model(job.model, job.checkpoint).patched(
+        PatchRequest(job.method, job.keep_ratio, job.macs_ratio, job.options))
     train, val = split_dataset(job.model, job.data, job.labels, job.val_fraction, job.seed, job.augment, job.fold)
     if not job.augment and len(train) <= REMEMBERED_IMAGES:
         train = RememberedItems(train)
     result = run(model, train, held_out(model, val), job.config, job.batch_size, job.seed)
     if job.out and is_main_process():
         save(model, job.out)
-    return {"model": job.model, "method": job.method, "keep_ratio": get_config(model).keep_ratio, "options": job.options,
+    return {"model": job.model, "method": get_method_name(model), "keep_ratio": get_config(model).keep_ratio,
+            "options": get_config(model).to_dict(),
             "world_size": world_size(), "augment": job.augment, "finetune_config": dataclasses.asdict(job.config),
             **result, "out": job.out}
+
+
+def _check_writable(out: Optional[str]) -> None:
+    """Refuse an ``out`` path that could not be written before spending minutes on training."""
+    if out is None:
+        return
+    target = Path(out)
+    if target.is_dir():
+        raise CheckpointError(f"cannot write {out}: it is a folder")
+    folder = target.resolve().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise CheckpointError(f"cannot write {out}: {folder} is not a writable folder")

@@ -328,31 +328,30 @@ def _steps(model: nn.Module, network: nn.Module, teacher: nn.Module, batches: It
     distill = DistillationLoss(config.temperature)
     budget, times = Budget(config.steps, config.minutes), LoopTimes()
     history: list[dict[str, float]] = []
-    bar = budget.progress_bar(enabled=progress and is_main_process())
-    batch_source = _repeat(batches)
-    for step in itertools.count(1):
-        factor = lr_factor(config, step - 1, budget.progress(step - 1, config.warmup_steps))
-        for group, peak in zip(optimizer.param_groups, peaks):
-            group["lr"] = peak * factor
-        with times.phase("data"):
-            images, labels = _split_batch(next(batch_source))
-            if config.mixup > 0:
-                images, labels = mixed(images, config.mixup), None
-        with times.phase("teacher"):
-            targets = teacher_targets(teacher, images, config)
-        with times.phase("student"):
-            loss = _optimise(model, network, step, targets, images, labels, config, distill, optimizer, params)
-        times.images += images.shape[0]
-        done = budget.done(step)
-        record = {"step": step, "loss": loss, "lr": peaks[0] * factor}
-        if evaluate is not None and (done or (config.eval_every and step % config.eval_every == 0)) and is_main_process():
-            model.eval()
-            record.update(evaluate(model))
-        history.append(record)
-        budget.advance(bar, step, loss=f"{loss:.4f}", img_s=f"{times.rates().get('loop_img_s', 0.0):.1f}")
-        if done:
-            break
-    bar.close()
+    with budget.progress_bar(enabled=progress and is_main_process()) as bar:  # closed on errors too
+        batch_source = _repeat(batches)
+        for step in itertools.count(1):
+            factor = lr_factor(config, step - 1, budget.progress(step - 1, config.warmup_steps))
+            for group, peak in zip(optimizer.param_groups, peaks):
+                group["lr"] = peak * factor
+            with times.phase("data"):
+                images, labels = _split_batch(next(batch_source))
+                if config.mixup > 0:
+                    images, labels = mixed(images, config.mixup), None
+            with times.phase("teacher"):
+                targets = teacher_targets(teacher, images, config)
+            with times.phase("student"):
+                loss = _optimise(model, network, step, targets, images, labels, config, distill, optimizer, params)
+            times.images += images.shape[0]
+            done = budget.done(step)
+            record = {"step": step, "loss": loss, "lr": peaks[0] * factor}
+            if evaluate is not None and (done or (config.eval_every and step % config.eval_every == 0)) and is_main_process():
+                model.eval()
+                record.update(evaluate(model))
+            history.append(record)
+            budget.advance(bar, step, loss=f"{loss:.4f}", img_s=f"{times.rates().get('loop_img_s', 0.0):.1f}")
+            if done:
+                break
     history[-1].update(times.rates(), seconds=budget.elapsed())
     return history
 

@@ -1,0 +1,71 @@
+"""The model a command works on: built by name, weights from ``--checkpoint``, and the patch the
+user asked for or, when nothing overrides it, the one a ``tokenpatch.save`` checkpoint brings."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from torch import nn
+
+from ..api import get_method_name, patch, set_macs_ratio, set_options, unpatch
+from ..backends.build import build_model
+from ..checkpoint import is_checkpoint, load, load_weights
+from ..core.registry import DEFAULT_METHOD
+
+#: the keep ratio of a patch that names none (and comes from no tokenpatch checkpoint)
+DEFAULT_KEEP_RATIO = 0.5
+
+
+@dataclass(frozen=True)
+class PatchRequest:
+    """The patch a command was asked for. ``None`` (and no options) where the user gave nothing,
+    so that a tokenpatch checkpoint's own method and options apply; without one, ``idle`` at
+    :data:`DEFAULT_KEEP_RATIO`. ``macs_ratio`` replaces the keep ratio by a fitted one."""
+
+    method: Optional[str] = None
+    keep_ratio: Optional[float] = None
+    macs_ratio: Optional[float] = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoadedModel:
+    """A model spec's unpatched model with the checkpoint's weights, and the patched model the
+    checkpoint holds (``None`` for plain weights or none)."""
+
+    unpatched: nn.Module
+    saved: Optional[nn.Module] = None
+
+    def patched(self, request: PatchRequest) -> nn.Module:
+        """The patched model ``request`` asks for: the saved one, changed by the request's keep
+        ratio, options or MACs share, unless the request names another method; otherwise a copy of
+        the unpatched model patched as requested (a checkpoint's method modules are then unused)."""
+        if self.saved is not None and request.method in (None, get_method_name(self.saved)):
+            changes = {**request.options, **({} if request.keep_ratio is None else {"keep_ratio": request.keep_ratio})}
+            if changes:
+                set_options(self.saved, **changes)
+            if request.macs_ratio is not None:
+                set_macs_ratio(self.saved, request.macs_ratio)
+            return self.saved
+        keep_ratio = None if request.macs_ratio is not None else (
+            DEFAULT_KEEP_RATIO if request.keep_ratio is None else request.keep_ratio)
+        return patch(copy.deepcopy(self.unpatched), request.method or DEFAULT_METHOD, keep_ratio=keep_ratio,
+                     macs_ratio=request.macs_ratio, **request.options)
+
+
+def load_model(spec: str, checkpoint: Optional[str] = None, img_size: Optional[int] = None) -> LoadedModel:
+    """Build ``spec`` (timm name or ``hf:NAME``) and load ``checkpoint``: plain weights (a
+    safetensors or torch state dict) or a ``tokenpatch.save`` file (then also kept patched).
+
+    Raises:
+        CheckpointError: the file cannot be read or does not fit the model (one line naming it).
+    """
+    model = build_model(spec, img_size)
+    if checkpoint is None:
+        return LoadedModel(model)
+    if not is_checkpoint(checkpoint):
+        return LoadedModel(load_weights(model, checkpoint))
+    saved = load(model, checkpoint)
+    return LoadedModel(unpatch(copy.deepcopy(saved)), saved)
