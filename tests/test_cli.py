@@ -50,29 +50,6 @@ def test_audit_solves_each_method_for_a_mac_budget(capsys):
         assert 0 < row["keep_ratio"] < 1
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["audit", "no_such_model"], "unknown timm model 'no_such_model'"),
-        (["audit", "deit_tiny_patch16_224", "--checkpoint", "/nonexistent.safetensors"], "No such file"),
-    ],
-)
-def test_bad_arguments_exit_nonzero_with_one_line(capsys, argv, message):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("tokenpatch: error:") and message in err and "\n" not in err
-
-
-@pytest.mark.parametrize("argv", [["audit", "deit_tiny_patch16_224", "--keep-ratio", "1.5"],
-                                  ["audit", "deit_tiny_patch16_224", "--macs-ratio", "0"],
-                                  ["audit", "deit_tiny_patch16_224", "--method", "nope"]])
-def test_argparse_rejects_bad_values(capsys, argv):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    assert "error:" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
 def test_audit_of_a_transformers_twin_reports_the_timm_macs(capsys, name):
     args = ["audit", name, "--img-size", "64", "--batch-size", "1", "--repeats", "1", "--json"]
@@ -83,15 +60,6 @@ def test_audit_of_a_transformers_twin_reports_the_timm_macs(capsys, name):
     assert hf_report["model"] == f"hf:{name}"
     for key in ("macs", "macs_unpatched", "params"):
         assert hf_report[key] == timm_report[key]
-
-
-def test_checkpoint_of_the_wrong_model_is_a_one_line_error(tmp_path, capsys):
-    from safetensors.torch import save_file
-
-    save_file({"weight": __import__("torch").zeros(2)}, str(tmp_path / "wrong.safetensors"))
-    assert main(AUDIT + ["--checkpoint", str(tmp_path / "wrong.safetensors")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("tokenpatch: error:") and "\n" not in err
 
 
 @pytest.fixture
@@ -145,8 +113,9 @@ def test_finetune_options_reach_the_job_and_explain_reads_its_checkpoint(tuning_
     assert shown["method"] == "iared2" and shown["options"]["keep_ratio"] == 0.5
     assert (maps / "contact_sheet.png").is_file()
     assert main(["explain", "deit_tiny_patch16_224", str(image), "--checkpoint", str(out), "--method", "evit",
-                 "--out", str(maps)]) == 2
-    assert "holds a 'iared2' model" in capsys.readouterr().err
+                 "--out", str(maps), "--json"]) == 0  # another method: the checkpoint's weights, patched with it
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["method"] == "evit" and shown["options"]["keep_ratio"] == 0.5
 
 
 def test_finetune_runs_unchanged_under_torchrun(tuning_inputs, tmp_path):
@@ -180,15 +149,10 @@ def test_finetune_minutes_stops_in_time_then_evaluates_and_saves(tuning_inputs, 
     assert tokenpatch.get_method_name(tokenpatch.load(build_timm_model("deit_tiny_patch16_224"), out)) == DEFAULT_METHOD
     assert main(argv) == 0
     assert re.search(r"images/s: data [\d.]+, teacher [\d.]+, student [\d.]+, loop [\d.]+", capsys.readouterr().out)
-    for wrong, message in ((["--steps", "2"], "not allowed with argument --minutes"), (["--minutes", "0"], "positive")):
+    for wrong, message in ((["--steps", "2"], "not allowed with argument --minutes"), (["--minutes", "0"], "expected a number in (0, inf)")):
         with pytest.raises(SystemExit) as exited:
             main(argv[:-2] + wrong)
         assert exited.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_finetune_reports_a_missing_folder_in_one_line(capsys):
-    assert main(["finetune", "deit_tiny_patch16_224", "--data", "/nonexistent", "--steps", "1"]) == 2
-    assert "no image folder at /nonexistent" in capsys.readouterr().err
 
 
 def test_the_finetune_example_runs_and_saves_a_loadable_model(tuning_inputs, tmp_path):

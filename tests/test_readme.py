@@ -50,3 +50,64 @@ def test_the_readme_states_the_fine_tuning_defaults_the_code_has():
                 assert action.default is False
             else:
                 assert action.default == stated[name], flag
+
+
+def _subcommands() -> dict:
+    from tokenpatch.cli import build_parser
+
+    return dict(build_parser()._subparsers._group_actions[0].choices)
+
+
+def _synopses() -> dict[str, str]:
+    """The README's ``tokenpatch COMMAND ...`` usage blocks, by command."""
+    blocks = re.findall(r"```text\n(tokenpatch (\w+) .*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return {command: text for text, command in blocks}
+
+
+def test_the_readme_has_a_synopsis_of_every_command_with_exactly_its_options():
+    commands = _subcommands()
+    synopses = _synopses()
+    assert set(synopses) == set(commands)
+    for name, parser in commands.items():
+        options = {s for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+        written = set(re.findall(r"(--[a-z][\w-]*)", synopses[name]))
+        assert written == options, f"{name}: README lacks {sorted(options - written)}, has extra {sorted(written - options)}"
+        for action in (a for a in parser._actions if a.option_strings):
+            flag = re.escape(action.option_strings[-1])
+            for default in re.findall(rf"\[{flag} ([\d.e-]+)[\] ]", synopses[name]):  # a number written is the default
+                assert float(default) == action.default, (name, flag, default)
+            for spelled in re.findall(rf"{flag} (\w+(?:\|\w+)+)", synopses[name]) if action.choices else []:
+                assert set(spelled.split("|")) == set(action.choices), (name, flag)  # every choice, spelled out
+
+
+def _supported_table() -> list[dict[str, str]]:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("| library | test_model | model_class | backend | exact | refused | failed |"):]
+    lines = section[: section.index("\n\n")].splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_the_supported_models_table_covers_every_test_model_and_method_and_its_refusals_hold():
+    """Each row names every registered method once, as accepted or refused, and says what
+    ``patch`` does: refused methods raise a one-line error, accepted ones patch (the outputs are
+    checked by ``benchmarks/supported_families.py``, which generates the table, and the family tests)."""
+    import tokenpatch
+    from model_zoo import supported_model_builds
+
+    rows = {(row["library"], row["test_model"]): row for row in _supported_table()}
+    builds = supported_model_builds()
+    assert set(rows) == {(library, key) for library, key, _ in builds}
+    methods = set(tokenpatch.available_methods())
+    for library, key, build in builds:
+        row, model = rows[library, key], build()
+        assert row["model_class"] == type(model).__name__ and row["failed"] == "-", key
+        exact, refused = ({m for m in row[c].split(", ") if m != "-"} for c in ("exact", "refused"))
+        assert exact | refused == methods and not exact & refused, key
+        for method in sorted(methods):
+            if method in refused:
+                with pytest.raises(tokenpatch.TokenPatchError):  # UnsupportedModelError, or InvalidOptionError
+                    tokenpatch.patch(model, method)
+                assert not tokenpatch.is_patched(model)
+            else:
+                tokenpatch.unpatch(tokenpatch.patch(model, method))

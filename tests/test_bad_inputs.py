@@ -1,0 +1,417 @@
+"""Bad input never hurts: every bad file, argument or image gives a one-line error of a
+``TokenPatchError`` subclass (the CLI: exit 2), and files and models are left as they were."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import tokenpatch
+from tokenpatch.backends.build import build_timm_model
+from tokenpatch.checkpoint import DIGEST_KEY, METADATA_KEY, load_weights, read_state_dict, tensor_digest
+from tokenpatch.cli import main
+from tokenpatch.data import image_dataset, read_image
+from tokenpatch.errors import (CheckpointError, CheckpointMismatchError, CorruptCheckpointError, DataError,
+                               TokenPatchError)
+
+from conftest import METHOD_CASES, case_id, images, make_model
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` (and so the set of files)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _flip_tensor_bytes(path: Path) -> None:
+    """Overwrite ten bytes of tensor data (the header stays valid) with 0xff."""
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    middle = header + (len(data) - header) // 2
+    data[middle:middle + 10] = b"\xff" * 10
+    path.write_bytes(bytes(data))
+
+
+def _tokenpatch_file(folder: Path, name: str = "evit.safetensors", model: str = "deit_tiny") -> Path:
+    path = folder / name
+    tokenpatch.save(tokenpatch.patch(make_model(model), "evit", keep_ratio=0.3), path)
+    return path
+
+
+def _with_metadata(folder: Path, text: str) -> Path:
+    path = folder / "metadata.safetensors"
+    save_file(make_model("deit_tiny").state_dict(), str(path), metadata={METADATA_KEY: text})
+    return path
+
+
+# (case, how to make the file in a folder, error class, words of the message)
+LOAD_CASES = {
+    "missing": (lambda d: d / "missing.safetensors", CheckpointError, "no such file"),
+    "a folder": (lambda d: (d / "sub").mkdir() or d / "sub", CheckpointError, "is not a file"),
+    "empty": (lambda d: (d / "empty.safetensors").touch() or d / "empty.safetensors", CheckpointError, "is empty"),
+    "truncated": (lambda d: _truncated(_tokenpatch_file(d)), CheckpointError, "not a readable safetensors file"),
+    "torch file": (lambda d: _torch_file(d), CheckpointError, "not a readable safetensors file"),
+    "plain weights": (lambda d: _plain_file(d), CheckpointError, "not a tokenpatch checkpoint"),
+    "metadata not JSON": (lambda d: _with_metadata(d, "{oops"), CheckpointError, "metadata is not valid JSON"),
+    "metadata not a config": (lambda d: _with_metadata(d, "[1, 2]"), CheckpointError, "metadata must be"),
+    "unknown method": (lambda d: _with_metadata(d, '{"method": "nope", "options": {}}'), CheckpointMismatchError,
+                       "unknown method 'nope'"),
+    "bad option": (lambda d: _with_metadata(d, '{"method": "evit", "options": {"keep_ratio": 7}}'),
+                   CheckpointMismatchError, "keep_ratio"),
+    "unknown option": (lambda d: _with_metadata(d, '{"method": "evit", "options": {"colour": 1}}'),
+                       CheckpointMismatchError, "colour"),
+    "wrong model": (lambda d: _tokenpatch_file(d, model="deit_small"), CheckpointMismatchError, "does not fit"),
+    "corrupted": (lambda d: _corrupted(_tokenpatch_file(d)), CorruptCheckpointError, "do not match the digest"),
+}
+
+
+def _truncated(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def _corrupted(path: Path) -> Path:
+    _flip_tensor_bytes(path)
+    return path
+
+
+def _torch_file(folder: Path) -> Path:
+    torch.save(make_model("deit_tiny").state_dict(), folder / "weights.pth")
+    return folder / "weights.pth"
+
+
+def _plain_file(folder: Path) -> Path:
+    save_file(make_model("deit_tiny").state_dict(), str(folder / "plain.safetensors"))
+    return folder / "plain.safetensors"
+
+
+@pytest.mark.parametrize("case", sorted(LOAD_CASES))
+def test_load_of_a_bad_file_is_one_line_naming_it_and_changes_nothing(tmp_path, case):
+    make, error, words = LOAD_CASES[case]
+    path = make(tmp_path)
+    before = _snapshot(tmp_path)
+    model = make_model("deit_tiny")
+    weights = _weights(model)
+    with pytest.raises(error) as raised:
+        tokenpatch.load(model, path)
+    message = str(raised.value)
+    assert words in message and str(path) in message and "\n" not in message
+    assert not tokenpatch.is_patched(model)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_saved_file_records_the_digest_of_its_tensors(tmp_path):
+    from safetensors import safe_open
+
+    model = tokenpatch.patch(make_model("deit_tiny"), "idle", keep_ratio=0.5)
+    tokenpatch.save(model, tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        saved = f.metadata()[DIGEST_KEY]
+    assert saved == tensor_digest(model.state_dict())
+    changed = {**model.state_dict(), "cls_token": model.cls_token.detach() + 1e-6}
+    assert tensor_digest(changed) != saved
+
+
+def test_files_saved_before_the_digest_existed_still_load(tmp_path):
+    model = tokenpatch.patch(make_model("deit_tiny"), "evit", keep_ratio=0.4)
+    config = json.dumps({"method": "evit", "options": tokenpatch.get_config(model).to_dict()})
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "old.safetensors"),
+              metadata={METADATA_KEY: config})
+    loaded = tokenpatch.load(make_model("deit_tiny"), tmp_path / "old.safetensors")
+    assert tokenpatch.get_config(loaded).keep_ratio == 0.4
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_save_writes_files_with_the_users_umask(tmp_path, umask):
+    model = tokenpatch.patch(make_model("deit_tiny"), "idle")
+    previous = os.umask(umask)
+    try:
+        tokenpatch.save(model, tmp_path / "m.safetensors")
+        tokenpatch.save_config(model, tmp_path / "m.json")
+    finally:
+        os.umask(previous)
+    for name in ("m.safetensors", "m.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    model = tokenpatch.patch(make_model("deit_tiny"), "idle")
+    target = _tokenpatch_file(tmp_path)
+    before = _snapshot(tmp_path)
+
+    def half_written(state, name, metadata=None):
+        Path(name).write_bytes(b"half")
+        raise KeyboardInterrupt  # interrupted mid-write
+
+    monkeypatch.setattr("tokenpatch.checkpoint.save_file", half_written)
+    with pytest.raises(KeyboardInterrupt):
+        tokenpatch.save(model, target)
+    assert _snapshot(tmp_path) == before
+
+
+def test_save_into_a_missing_folder_is_one_line(tmp_path):
+    model = tokenpatch.patch(make_model("deit_tiny"), "idle")
+    with pytest.raises(CheckpointError, match="cannot write .*no_folder.*No such file"):
+        tokenpatch.save(model, tmp_path / "no_folder" / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+WEIGHT_CASES = {
+    "missing": (lambda d: d / "missing.pth", CheckpointError, "no such file"),
+    "not a torch file": (lambda d: (d / "junk.pth").write_bytes(b"junk" * 40) and d / "junk.pth", CheckpointError,
+                         "not a torch state dict"),
+    "a list": (lambda d: torch.save([torch.zeros(1)], d / "list.pth") or d / "list.pth", CheckpointError,
+               "holds a list"),
+    "not tensors": (lambda d: torch.save({"a": 1}, d / "ints.pth") or d / "ints.pth", CheckpointError,
+                    "not a state dict"),
+    "wrong keys": (lambda d: save_file({"w": torch.zeros(2)}, str(d / "w.safetensors")) or d / "w.safetensors",
+                   CheckpointMismatchError, "does not fit"),
+    "truncated safetensors": (lambda d: _truncated(_plain_file(d)), CheckpointError, "not a readable safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WEIGHT_CASES))
+def test_plain_weights_that_cannot_load_are_one_line_and_change_nothing(tmp_path, case):
+    make, error, words = WEIGHT_CASES[case]
+    path = make(tmp_path)
+    model = make_model("deit_tiny")
+    weights = _weights(model)
+    with pytest.raises(error) as raised:
+        load_weights(model, path)
+    assert words in str(raised.value) and str(path) in str(raised.value) and "\n" not in str(raised.value)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_weights_under_a_model_key_load(tmp_path):
+    source = make_model("deit_tiny")
+    torch.save({"model": source.state_dict(), "epoch": 3}, tmp_path / "ckpt.pth")
+    assert set(read_state_dict(tmp_path / "ckpt.pth")) == set(source.state_dict())
+
+
+@pytest.mark.parametrize("case", METHOD_CASES, ids=case_id)
+def test_a_batch_of_zero_images_gives_an_empty_output_of_the_right_shape(case):
+    name, options = case
+    model = make_model("deit_tiny")
+    empty = images(model, batch=0)
+    expected = model(empty)
+    patched = tokenpatch.patch(model, name, keep_ratio=0.5, **options)
+    with torch.no_grad():
+        out = patched(empty)
+        features = patched.forward_features(empty)
+    assert out.shape == expected.shape == (0, 10)
+    assert features.shape == (0, 17, 192)
+    assert patched(images(model, batch=2)).shape == (2, 10)  # the next pass is a normal one
+
+
+@pytest.mark.parametrize("write, words", [
+    (lambda p: p.write_text("not an image"), "cannot read image"),
+    (lambda p: p.write_bytes(_png_bytes()[:60]), "cannot read image"),
+    (lambda p: p.mkdir(), "is a folder"),
+    (lambda p: None, "no such image file"),
+])
+def test_an_unreadable_image_is_a_data_error_naming_it(tmp_path, write, words):
+    path = tmp_path / "picture.png"
+    write(path)
+    with pytest.raises(DataError, match=words) as raised:
+        read_image(path)
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)
+
+
+def _png_bytes() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray((torch.rand(40, 40, 3) * 255).to(torch.uint8).numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("labels, words", [
+    ("name,label\na.png,1\n", "must have the columns file,class_index"),
+    ("file,class_index\n", "must have the columns"),
+    ("file,class_index\n0.png,cat\n", "class_index must be a non-negative integer, got 'cat'"),
+])
+def test_a_bad_labels_file_is_a_data_error(tmp_path, labels, words):
+    (tmp_path / "0.png").write_bytes(_png_bytes())
+    (tmp_path / "labels.csv").write_text(labels)
+    with pytest.raises(DataError, match=words):
+        image_dataset(tmp_path)
+
+
+def test_a_folder_without_images_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="no images"):
+        image_dataset(tmp_path)
+    with pytest.raises(DataError, match="no image folder"):
+        image_dataset(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------- the command line
+
+MODEL = "deit_tiny_patch16_224"
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A folder of 6 small images (and a copy, ``broken/``, with one corrupt), an empty folder, plain
+    weights and a tokenpatch file (evit at 0.3) of the 32 px model, bad weights files, a text file."""
+    images_dir, broken = tmp_path / "images", tmp_path / "broken"
+    images_dir.mkdir()
+    broken.mkdir()
+    for i in range(6):
+        (images_dir / f"{i}.png").write_bytes(_png_bytes())
+        (broken / f"{i}.png").write_bytes(_png_bytes())
+    (broken / "5.png").write_text("not an image")
+    model = build_timm_model(MODEL, 32)
+    save_file(model.state_dict(), str(tmp_path / "plain.safetensors"))
+    tokenpatch.save(tokenpatch.patch(model, "evit", keep_ratio=0.3), tmp_path / "evit.safetensors")
+    (tmp_path / "junk.pth").write_bytes(b"junk" * 40)
+    torch.save([1, 2], tmp_path / "list.pth")
+    (tmp_path / "empty.safetensors").touch()
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes((tmp_path / "evit.safetensors").read_bytes())
+    _flip_tensor_bytes(corrupt)
+    (tmp_path / "note.txt").write_text("hello")
+    (tmp_path / "nothing").mkdir()
+    return tmp_path
+
+
+AUDIT = ["audit", MODEL, "--img-size", "32", "--batch-size", "1", "--repeats", "1"]
+TUNE = ["finetune", MODEL, "--steps", "1", "--batch-size", "2"]
+BAD_COMMANDS = {
+    # the parser's checks
+    "audit: unknown command": (["bogus"], "invalid choice: 'bogus'"),
+    "audit: no model": (["audit"], "the following arguments are required: model"),
+    "audit: keep ratio above 1": (AUDIT + ["--keep-ratio", "1.5"], "keep ratio must be a number in (0, 1]"),
+    "audit: macs ratio 0": (AUDIT + ["--macs-ratio", "0"], "macs ratio must be a number in (0, 1]"),
+    "audit: keep and macs ratio": (AUDIT + ["--keep-ratio", "0.5", "--macs-ratio", "0.5"], "not allowed with"),
+    "audit: unknown method": (AUDIT + ["--method", "nope"], "invalid choice: 'nope'"),
+    "audit: batch of 0": (AUDIT + ["--batch-size", "0"], "expected an integer in [1, inf)"),
+    "audit: negative repeats": (AUDIT + ["--repeats", "-3"], "expected an integer in [1, inf)"),
+    "audit: option without =": (AUDIT + ["--option", "fuse"], "expected KEY=VALUE"),
+    "finetune: val fraction 1.5": (TUNE + ["--data", "{d}/images", "--val-fraction", "1.5"], "in (0, 1)"),
+    "finetune: val fraction 0": (TUNE + ["--data", "{d}/images", "--val-fraction", "0"], "in (0, 1)"),
+    "finetune: negative lr": (TUNE + ["--data", "{d}/images", "--lr", "-1"], "--lr: expected a number in (0, inf)"),
+    "finetune: nan lr": (TUNE + ["--data", "{d}/images", "--lr", "nan"], "--lr: expected a number"),
+    "finetune: negative mixup": (TUNE + ["--data", "{d}/images", "--mixup", "-1"], "--mixup: expected a number in [0"),
+    "finetune: negative fold": (TUNE + ["--data", "{d}/images", "--fold", "-1"], "--fold: expected an integer in [0"),
+    "finetune: negative label weight": (TUNE + ["--data", "{d}/images", "--label-weight", "-1"], "--label-weight"),
+    "finetune: minutes 0": (TUNE[:2] + ["--data", "{d}/images", "--minutes", "0"], "--minutes: expected a number"),
+    "finetune: steps and minutes": (TUNE + ["--data", "{d}/images", "--minutes", "1"], "not allowed with"),
+    # the jobs' checks
+    "audit: unknown model": (["audit", "no_such_model"], "unknown timm model 'no_such_model'"),
+    "audit: missing checkpoint": (AUDIT + ["--checkpoint", "{d}/none.safetensors"], "none.safetensors: no such file"),
+    "audit: empty checkpoint": (AUDIT + ["--checkpoint", "{d}/empty.safetensors"], "empty.safetensors is empty"),
+    "audit: not a torch file": (AUDIT + ["--checkpoint", "{d}/junk.pth"], "junk.pth is not a torch state dict"),
+    "audit: a list": (AUDIT + ["--checkpoint", "{d}/list.pth"], "list.pth holds a list"),
+    "audit: wrong model": (["audit", MODEL, "--img-size", "48", "--checkpoint", "{d}/plain.safetensors"],
+                           "does not fit this VisionTransformer"),
+    "audit: corrupt tokenpatch file": (AUDIT + ["--checkpoint", "{d}/corrupt.safetensors"], "is corrupted"),
+    "audit: option of another method": (AUDIT + ["--method", "evit", "--option", "r=3"], "unknown option"),
+    "eval: missing folder": (["eval", MODEL, "--data", "{d}/nowhere"], "no image folder at"),
+    "eval: folder without images": (["eval", MODEL, "--data", "{d}/nothing"], "no images"),
+    "eval: corrupt image": (["eval", MODEL, "--img-size", "32", "--data", "{d}/broken", "--methods", "evit"],
+                            "cannot read image {d}/broken/5.png"),
+    "eval: not a torch file": (["eval", MODEL, "--data", "{d}/images", "--checkpoint", "{d}/junk.pth"],
+                               "junk.pth is not a torch state dict"),
+    "finetune: missing folder": (TUNE + ["--data", "{d}/nowhere"], "no image folder at"),
+    "finetune: corrupt image": (TUNE + ["--data", "{d}/broken", "--val-fraction", "0.5"],
+                                "cannot read image {d}/broken/"),
+    "finetune: fold out of range": (TUNE + ["--data", "{d}/images", "--fold", "9"], "--fold 9 out of range"),
+    "finetune: out in a missing folder": (TUNE + ["--data", "{d}/images", "--out", "{d}/no/m.safetensors"],
+                                          "cannot write {d}/no/m.safetensors"),
+    "finetune: out is a folder": (TUNE + ["--data", "{d}/images", "--out", "{d}/images"], "it is a folder"),
+    "finetune: corrupt checkpoint": (TUNE + ["--data", "{d}/images", "--checkpoint", "{d}/corrupt.safetensors"],
+                                     "is corrupted"),
+    "explain: not an image": (["explain", MODEL, "{d}/note.txt", "--out", "{d}/maps"], "cannot read image"),
+    "explain: a folder": (["explain", MODEL, "{d}/images", "--out", "{d}/maps"], "images is a folder; give image"),
+    "explain: missing image": (["explain", MODEL, "{d}/none.png", "--out", "{d}/maps"], "none.png: no such image"),
+    "explain: truncated checkpoint": (["explain", MODEL, "{d}/images/0.png", "--out", "{d}/maps", "--checkpoint",
+                                       "{d}/list.pth"], "holds a list"),
+}
+
+
+def _exit_code(argv: list[str]) -> int:
+    """What ``tokenpatch argv`` exits with: ``main``'s return, or the parser's exit."""
+    try:
+        return main(argv)
+    except SystemExit as exited:
+        return exited.code
+
+
+@pytest.mark.parametrize("case", sorted(BAD_COMMANDS))
+def test_a_bad_command_exits_2_with_one_line_and_touches_no_file(files, capsys, case):
+    argv, words = BAD_COMMANDS[case]
+    before = _snapshot(files)
+    assert _exit_code([a.format(d=files) for a in argv]) == 2
+    err = capsys.readouterr().err
+    lines = [line.strip() for line in re.split(r"[\r\n]", err) if line.strip()]  # progress bars, then the error
+    assert "Traceback" not in err and [line for line in lines if "error:" in line] == lines[-1:], err
+    assert lines[-1].startswith("tokenpatch") and words.format(d=files) in lines[-1], err
+    assert _snapshot(files) == before
+
+
+def test_the_cli_shows_the_traceback_of_a_bug(monkeypatch):
+    """Only user errors become one line: an internal error is not hidden behind exit 2."""
+    monkeypatch.setattr("tokenpatch.cli.audit_rows", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(AUDIT)
+
+
+def _audit_json(argv, capsys) -> dict:
+    assert main(AUDIT + argv + ["--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_audit_of_a_tokenpatch_file_uses_its_method_and_options_unless_told_otherwise(files, capsys):
+    checkpoint = ["--checkpoint", str(files / "evit.safetensors")]
+    assert (lambda r: (r["method"], r["keep_ratio"]))(_audit_json(checkpoint, capsys)) == ("evit", 0.3)
+    assert (lambda r: (r["method"], r["keep_ratio"]))(_audit_json(checkpoint + ["--keep-ratio", "0.6"], capsys)) == (
+        "evit", 0.6)
+    assert (lambda r: (r["method"], r["keep_ratio"]))(_audit_json(checkpoint + ["--method", "idle"], capsys)) == (
+        "idle", 0.5)
+    fused = _audit_json(checkpoint + ["--option", "fuse=true"], capsys)
+    assert (fused["method"], fused["keep_ratio"]) == ("evit", 0.3)
+
+
+def test_eval_of_a_tokenpatch_file_compares_its_model_with_the_unpatched_one(files, capsys):
+    argv = ["eval", MODEL, "--img-size", "32", "--data", str(files / "images"), "--json"]
+    assert main(argv + ["--checkpoint", str(files / "evit.safetensors")]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert [(r["method"], r["keep_ratio"]) for r in rows] == [("unpatched", None), ("evit (checkpoint)", 0.3)]
+    assert main(argv + ["--checkpoint", str(files / "evit.safetensors"), "--methods", "idle"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert [r["method"] for r in rows] == ["unpatched", "idle"]
+
+
+def test_finetune_continues_a_tokenpatch_file_with_its_method_and_options(tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(_png_bytes())
+    saved = tmp_path / "evit.safetensors"
+    tokenpatch.save(tokenpatch.patch(build_timm_model(MODEL), "evit", keep_ratio=0.3), saved)
+    assert main(TUNE + ["--data", str(folder), "--val-fraction", "0.5", "--checkpoint", str(saved), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["method"], result["keep_ratio"]) == ("evit", 0.3)
+    assert main(TUNE + ["--data", str(folder), "--val-fraction", "0.5", "--checkpoint", str(saved), "--json",
+                        "--method", "idle"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["method"], result["keep_ratio"]) == ("idle", 0.5)
+
+
+def test_token_patch_errors_are_value_errors():
+    for error in (CheckpointError, CorruptCheckpointError, CheckpointMismatchError, DataError):
+        assert issubclass(error, TokenPatchError) and issubclass(error, ValueError)
