@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from .api import patch, unpatch
 from .core.runner import context_of, is_patched
-from .errors import (CheckpointError, CheckpointMismatchError, CorruptCheckpointError, InvalidOptionError,
-                     UnknownMethodError)
+from .errors import (AlreadyPatchedError, CheckpointError, CheckpointMismatchError, CorruptCheckpointError,
+                     InvalidOptionError, UnknownMethodError)
 
 METADATA_KEY = "tokenpatch"
 #: metadata key of the tensors' SHA-256 (:func:`tensor_digest`); files saved before it existed have none
@@ -121,15 +121,15 @@ def load(model: ModelT, path: PathLike) -> ModelT:
         ``model``, with the saved weights, patched with the saved method and options.
 
     Raises:
-        TokenPatchError: if the model is already patched.
+        AlreadyPatchedError: if the model is already patched.
         CheckpointError: the file is missing, empty, truncated, not safetensors or has no (or
             unreadable) tokenpatch metadata; :class:`CorruptCheckpointError` when its tensors do not
             match their digest; :class:`CheckpointMismatchError` when its method or options cannot
             be built or its tensors do not fit the model. The model is then left unpatched and unchanged.
     """
     if is_patched(model):
-        raise CheckpointError(f"load() expects an unpatched model, not one patched already; call "
-                              f"tokenpatch.unpatch(model) before loading {path}")
+        raise AlreadyPatchedError(f"load() expects an unpatched model, not one patched already; call "
+                                  f"tokenpatch.unpatch(model) before loading {path}")
     state, metadata = _read_safetensors(path)
     if METADATA_KEY not in metadata:
         raise CheckpointError(f"{path} is not a tokenpatch checkpoint (no {METADATA_KEY!r} metadata); "

@@ -35,7 +35,7 @@ class FinetuneJob:
         model: timm model name or ``hf:NAME`` (random weights unless ``checkpoint``).
         data: image folder (flat, class sub-folders, or flat with ``labels.csv``).
         method, keep_ratio, options: the patch; ``None`` (and no options): the checkpoint's own
-            when it is a ``tokenpatch.save`` file, else ``idle`` at 0.5.
+            when it is a ``tokenpatch.save`` file, else the default method (``tome``) at 0.5.
         checkpoint: weights of the unpatched model (.safetensors or torch state dict), or a
             ``tokenpatch.save`` file to fine-tune further (its method modules' weights included).
         labels: a ``file,class_index`` CSV (default: ``data/labels.csv`` when present).

@@ -21,8 +21,8 @@ DEFAULT_KEEP_RATIO = 0.5
 @dataclass(frozen=True)
 class PatchRequest:
     """The patch a command was asked for. ``None`` (and no options) where the user gave nothing,
-    so that a tokenpatch checkpoint's own method and options apply; without one, ``idle`` at
-    :data:`DEFAULT_KEEP_RATIO`. ``macs_ratio`` replaces the keep ratio by a fitted one."""
+    so that a tokenpatch checkpoint's own method and options apply; without one, the default
+    method (``tome``) at :data:`DEFAULT_KEEP_RATIO`. ``macs_ratio`` replaces the keep ratio by a fitted one."""
 
     method: Optional[str] = None
     keep_ratio: Optional[float] = None
