@@ -11,14 +11,17 @@ For every fold and training seed, ``iared2``'s interpreters are trained by REINF
 self-distillation rewards on the training half while the backbone is distilled from the
 unpatched model at the same time, as the paper trains them jointly (labels are never read for
 training; ``--frozen-backbone`` trains the interpreters alone), then on the held-out half: top-1 and
-agreement of the unpatched model, of ``iared2`` and of training-free ``evit`` at the keep ratio
-whose MACs match that ``iared2``'s mean per-image MACs; and the unpatched model's deletion curves
+agreement of the unpatched model, of ``iared2`` (at inference each group keeps the patches whose
+keep probability reaches ``--threshold``, 0.5, at most its cap, so each image keeps its own number;
+``--threshold none`` keeps exactly the cap, which fixes the MACs) and of training-free ``evit`` at
+the keep ratio whose MACs match that ``iared2``'s mean per-image MACs; and the unpatched model's deletion curves
 (most important patches removed first) and insertion curves (most important patches restored
 first into a blurred copy) for: the trained interpreters' mean keep probability over the groups
 in a pass that drops nothing (:func:`~tokenpatch.interpret.score_map`), the last block's raw
 class-token attention, attention rollout and a random order. Each figure is the mean ± sample standard deviation over the seeds
 (the attention baselines do not depend on the seed). ``--save-dir``/``--load-dir`` keep or
-reuse the trained models (``fold{F}_seed{S}.safetensors``).
+reuse the trained models (``fold{F}_seed{S}.safetensors``); ``--save-dir D --reuse`` trains only
+those missing from ``D``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,16 @@ MODEL = "deit_tiny_patch16_224"
 SPLIT_SEED = 0  # the seeded order of the images; the training seeds do not change the halves
 INTERPRETERS = "iared2 interpreters (mean keep probability)"
 RAW_ATTENTION = "raw attention (last block)"
+
+
+def threshold_option(text: str) -> Optional[float]:
+    """``--threshold``: 'none' or a probability in (0, 1)."""
+    if text.lower() == "none":
+        return None
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be 'none' or a number in (0, 1), got {text}")
+    return value
 
 
 def mean_macs(model: torch.nn.Module, images: torch.Tensor) -> float:
@@ -97,12 +110,13 @@ def run_seed(model: torch.nn.Module, train, held: dict, args: argparse.Namespace
     images, subset = held["images"], held["subset"]
     pretrained = {k: v.clone() for k, v in model.state_dict().items()}  # joint training changes them
     saved = Path(args.load_dir or args.save_dir or ".") / f"fold{fold}_seed{seed}.safetensors"
-    if args.load_dir:
+    if args.load_dir or (args.reuse and saved.exists()):
         tokenpatch.load(model, saved)
     else:
         train_iared2(model, train, args, seed)
         if args.save_dir:
             tokenpatch.save(model, saved)
+    tokenpatch.set_options(model, threshold=args.threshold)  # inference only: a loaded model is scored with this run's
     macs = mean_macs(model, images[:32]) / held["macs"]
     result = {"iared2": {**scores(model, images, held["labels"], held["reference"]), "macs_ratio": macs}}
     maps = {INTERPRETERS: score_map(model, subset)}
@@ -175,6 +189,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="shared data folder (default: $TOKENPATCH_DATA)")
     parser.add_argument("--keep-ratio", type=float, default=0.8, help="iared2's per-group cap")
+    parser.add_argument("--threshold", type=threshold_option, default=0.5,
+                        help="iared2's inference threshold: keep the patches at least this probable, at most the "
+                             "cap (default 0.5); 'none' keeps exactly the cap per group, the MACs the cap fixes")
     parser.add_argument("--penalty", type=float, default=0.5, help="lambda: reward per unit of kept fraction")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -190,11 +207,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--deletion-start", type=int, default=0, help="first held-out image of those tests")
     parser.add_argument("--save-dir", help="save each trained iared2 model in this folder (fold{F}_seed{S}.safetensors)")
     parser.add_argument("--load-dir", help="skip training: load the models a --save-dir run saved")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --save-dir: load the models already saved there, train only the missing ones")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     root = data_dir(args.data)
     if root is None:
         parser.error("give --data or set TOKENPATCH_DATA")
+    if args.reuse and not args.save_dir:
+        parser.error("--reuse needs --save-dir (the folder of the models to reuse)")
+    if args.load_dir and not all((Path(args.load_dir) / f"fold{f}_seed{s}.safetensors").exists()
+                                 for f in args.folds for s in args.seeds):
+        parser.error(f"--load-dir {args.load_dir} lacks a fold{{F}}_seed{{S}}.safetensors of the folds and seeds asked for")
     if args.save_dir:
         Path(args.save_dir).mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -216,7 +240,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     seconds = time.time() - started
     trained = ("loaded from " + args.load_dir if args.load_dir else
                f"{args.steps} steps x {args.batch_size} on 250 images (backbone {'trained' if args.train_backbone else 'frozen'})")
-    print(f"iared2 on {MODEL} (cap {args.keep_ratio}, penalty {args.penalty}): {trained}; folds {args.folds}, "
+    print(f"iared2 on {MODEL} (cap {args.keep_ratio}, threshold {args.threshold}, penalty {args.penalty}): {trained}; folds {args.folds}, "
           f"seeds {args.seeds}, {seconds:.0f} s; 250 held-out images per fold, deletion and insertion on "
           f"{args.deletion_images} from image {args.deletion_start} in {args.curve_steps} steps; mean ± s.d. over the seeds")
     print(format_table(accuracy_rows))
