@@ -63,6 +63,11 @@ def threshold_option(text: str) -> Optional[float]:
     return value
 
 
+def model_file(folder: str, fold: int, seed: int) -> Path:
+    """Where ``--save-dir``/``--load-dir`` keep the iared2 model of one fold and seed."""
+    return Path(folder) / f"fold{fold}_seed{seed}.safetensors"
+
+
 def mean_macs(model: torch.nn.Module, images: torch.Tensor) -> float:
     """Mean MACs of one image at batch 1 over ``images`` (input-dependent methods differ per image)."""
     return statistics.mean(count_macs(model, images[i:i + 1]).total for i in range(images.shape[0]))
@@ -109,7 +114,7 @@ def run_seed(model: torch.nn.Module, train, held: dict, args: argparse.Namespace
     """Train (or load) iared2 for one fold and seed; its accuracy, matched evit's, and its maps' areas."""
     images, subset = held["images"], held["subset"]
     pretrained = {k: v.clone() for k, v in model.state_dict().items()}  # joint training changes them
-    saved = Path(args.load_dir or args.save_dir or ".") / f"fold{fold}_seed{seed}.safetensors"
+    saved = model_file(args.load_dir or args.save_dir or ".", fold, seed)
     if args.load_dir or (args.reuse and saved.exists()):
         tokenpatch.load(model, saved)
     else:
@@ -216,8 +221,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error("give --data or set TOKENPATCH_DATA")
     if args.reuse and not args.save_dir:
         parser.error("--reuse needs --save-dir (the folder of the models to reuse)")
-    if args.load_dir and not all((Path(args.load_dir) / f"fold{f}_seed{s}.safetensors").exists()
-                                 for f in args.folds for s in args.seeds):
+    if args.load_dir and not all(model_file(args.load_dir, f, s).exists() for f in args.folds for s in args.seeds):
         parser.error(f"--load-dir {args.load_dir} lacks a fold{{F}}_seed{{S}}.safetensors of the folds and seeds asked for")
     if args.save_dir:
         Path(args.save_dir).mkdir(parents=True, exist_ok=True)
