@@ -88,7 +88,7 @@ def matched_evit_ratio(model: torch.nn.Module, target: float, probe: torch.Tenso
 def train_iared2(model: torch.nn.Module, train, args: argparse.Namespace, seed: int) -> None:
     """Patch ``model`` with iared2 and train its interpreters (and, unless ``--frozen-backbone``, the backbone) on ``train``."""
     torch.manual_seed(seed)
-    tokenpatch.patch(model, "iared2", keep_ratio=args.keep_ratio, kept_penalty=args.penalty)
+    tokenpatch.patch(model, "iared2", keep_ratio=args.keep_ratio, kept_penalty=args.penalty, kept_target=args.kept_target)
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed))
     # no mixup: the policy learns to drop patches of the images themselves, not of blends
@@ -121,7 +121,8 @@ def run_seed(model: torch.nn.Module, train, held: dict, args: argparse.Namespace
         train_iared2(model, train, args, seed)
         if args.save_dir:
             tokenpatch.save(model, saved)
-    tokenpatch.set_options(model, threshold=args.threshold)  # inference only: a loaded model is scored with this run's
+    # inference only: a loaded model is scored with this run's rule
+    tokenpatch.set_options(model, keep_ratio=args.keep_ratio, threshold=args.threshold, expected_count=args.expected_count)
     macs = mean_macs(model, images[:32]) / held["macs"]
     result = {"iared2": {**scores(model, images, held["labels"], held["reference"]), "macs_ratio": macs}}
     maps = {INTERPRETERS: score_map(model, subset)}
@@ -197,7 +198,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--threshold", type=threshold_option, default=0.5,
                         help="iared2's inference threshold: keep the patches at least this probable, at most the "
                              "cap (default 0.5); 'none' keeps exactly the cap per group, the MACs the cap fixes")
+    parser.add_argument("--expected-count", action="store_true",
+                        help="iared2's inference keeps each image's expected number of patches under the trained "
+                             "policy (its keep probabilities' sum), the most probable ones, at most the cap; "
+                             "replaces --threshold")
     parser.add_argument("--penalty", type=float, default=0.5, help="lambda: reward per unit of kept fraction")
+    parser.add_argument("--kept-target", type=float,
+                        help="train the policy towards this mean kept fraction (iared2's kept_target: the penalty "
+                             "adapts, starting at --penalty); default: none, --penalty stays fixed")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--module-lr", type=float, default=3e-3)
@@ -244,7 +252,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     seconds = time.time() - started
     trained = ("loaded from " + args.load_dir if args.load_dir else
                f"{args.steps} steps x {args.batch_size} on 250 images (backbone {'trained' if args.train_backbone else 'frozen'})")
-    print(f"iared2 on {MODEL} (cap {args.keep_ratio}, threshold {args.threshold}, penalty {args.penalty}): {trained}; folds {args.folds}, "
+    rule = "expected count" if args.expected_count else f"threshold {args.threshold}"
+    print(f"iared2 on {MODEL} (cap {args.keep_ratio}, {rule}, penalty {args.penalty}, kept target {args.kept_target}): "
+          f"{trained}; folds {args.folds}, "
           f"seeds {args.seeds}, {seconds:.0f} s; 250 held-out images per fold, deletion and insertion on "
           f"{args.deletion_images} from image {args.deletion_start} in {args.curve_steps} steps; mean ± s.d. over the seeds")
     print(format_table(accuracy_rows))

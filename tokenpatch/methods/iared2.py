@@ -11,9 +11,13 @@ probabilities are the explanation: a per-patch map of what the model needs
   really removed, so the pass costs what the decisions save. The decisions are not
   differentiable; :class:`PolicyGradientLoss` trains the interpreters with
   REINFORCE on the reward ``-loss - penalty * kept_fraction`` (see
-  :func:`tokenpatch.training.finetune`, priced by the option ``kept_penalty``).
+  :func:`tokenpatch.training.finetune`, priced by the option ``kept_penalty``; with ``kept_target``
+  the price is adjusted after every step so that the mean kept fraction approaches the target).
 - Eval mode: deterministic: a patch is kept when its probability reaches ``threshold``, at most
-  ``keep_ratio`` of the group's incoming patches (the most probable ones).
+  ``keep_ratio`` of the group's incoming patches (the most probable ones). ``expected_count``
+  keeps instead the number the training decisions keep on average (the probabilities' sum), the
+  most probable ones: a threshold of 0.5 keeps far more than training did when the probabilities
+  sit near it.
 
 Images keep different numbers of patches; a batch is padded to its largest count and the padding
 masked out of every later block's attention (as in ``sait``), so a sample's output does not
@@ -36,9 +40,14 @@ from ..core.method import LossTerm, Method, MethodConfig, check_positive, requir
 from ..core.ops import gather_tokens, padded_top_positions, prefix_positions
 from ..core.pieces import padded_block, refuse_export
 from ..core.registry import register_method
-from ..core.runner import last_training_outputs
+from ..core.runner import context_of, last_training_outputs
 from ..core.state import PassState
 from ..errors import InvalidOptionError
+
+
+#: how far one fine-tuning step moves the kept-fraction price per unit of mean kept fraction
+#: above ``kept_target`` (``kept_target`` training)
+PRICE_RATE = 0.1
 
 
 @dataclasses.dataclass
@@ -51,16 +60,24 @@ class IARed2Config(MethodConfig):
         groups: number of block groups, one interpreter before each; fixed at patch time.
         threshold: inference keeps a patch when its keep probability is at least this; None
             keeps exactly ``ceil(keep_ratio * patches)`` per group, the most probable ones.
+        expected_count: inference keeps, per image and group, the number of patches its sampled
+            training decisions keep on average (the sum of the keep probabilities, rounded), the
+            most probable ones, at most ``keep_ratio``; replaces ``threshold``.
         heads: scores per patch that the interpreter averages; fixed at patch time.
         kept_penalty: fine-tuning's lambda of :class:`PolicyGradientLoss`: reward given up per
             unit of kept token fraction.
+        kept_target: None keeps ``kept_penalty`` fixed; a share in (0, 1] makes fine-tuning adjust
+            the price after every step (dual ascent, from ``kept_penalty``) so that the mean kept
+            fraction of the sampled decisions approaches this share, each image still keeping its own.
     """
 
     keep_ratio: float = 0.7
     groups: int = 4
     threshold: Optional[float] = 0.5
+    expected_count: bool = False
     heads: int = 4
     kept_penalty: float = 0.5
+    kept_target: Optional[float] = None
 
     def validate(self, depth: int) -> None:
         super().validate(depth)
@@ -71,10 +88,22 @@ class IARed2Config(MethodConfig):
         if self.threshold is not None and not 0 < self.threshold < 1:
             raise InvalidOptionError(f"threshold must be None or a number in (0, 1), got {self.threshold!r}")
         check_positive("kept_penalty", self.kept_penalty, allow_zero=True)
+        if self.kept_target is not None and not 0 < self.kept_target <= 1:
+            raise InvalidOptionError(f"kept_target must be None or a share in (0, 1], got {self.kept_target!r}")
 
     def group_starts(self, depth: int) -> list[int]:
         """The first block of each group: [0, 3, 6, 9] for 4 groups of a 12-block model."""
         return [depth * g // self.groups for g in range(self.groups)]
+
+
+class Interpreters(nn.ModuleDict):
+    """One :class:`Interpreter` per group, keyed by the group's first block, and the training state of
+    the kept-fraction price: ``price_offset``, added to ``kept_penalty`` by ``kept_target`` training
+    (a buffer that moves with the model and is not saved: it belongs to one fine-tuning run)."""
+
+    def __init__(self, starts: list[int], width: int, heads: int) -> None:
+        super().__init__({str(start): Interpreter(width, heads) for start in starts})
+        self.register_buffer("price_offset", torch.zeros(()), persistent=False)
 
 
 class Interpreter(nn.Module):
@@ -106,14 +135,14 @@ class IARed2(Method[IARed2Config, None]):
     config_class = IARed2Config
     needs_training = True
     structural_options = frozenset({"groups", "heads"})
-    variants = {"top_k": {"threshold": None}}
+    variants = {"top_k": {"threshold": None}, "expected_count": {"expected_count": True}}
 
     def schedule(self, config: IARed2Config, depth: int) -> list[Optional[float]]:
         return [config.keep_ratio] * depth
 
     def build_modules(self, config: IARed2Config, depth: int, width: int) -> nn.Module:
         """One interpreter per group, keyed by the group's first block (``tokenpatch.3.*`` in state_dict)."""
-        return nn.ModuleDict({str(start): Interpreter(width, config.heads) for start in config.group_starts(depth)})
+        return Interpreters(config.group_starts(depth), width, config.heads)
 
     def check_compatible(self, config: IARed2Config, facts: ModelFacts) -> None:
         require_class_token_pooling("iared2 pads each batch to its largest per-image token count", facts.pools_class_token)
@@ -122,11 +151,11 @@ class IARed2(Method[IARed2Config, None]):
         return False
 
     def training_losses(self, config: IARed2Config) -> list[tuple[float, LossTerm]]:
-        return [(1.0, PolicyGradientLoss(config.kept_penalty))]
+        return [(1.0, PolicyGradientLoss(config.kept_penalty, config.kept_target))]
 
     def explanation_options(self, config: IARed2Config) -> Optional[dict[str, Any]]:
         # a cap of ceil(r * n) with r just below 1 keeps all n patches, and the interpreters still run
-        return {"keep_ratio": math.nextafter(1.0, 0.0), "threshold": None}
+        return {"keep_ratio": math.nextafter(1.0, 0.0), "threshold": None, "expected_count": False}
 
     def reduce_block(self, view: BlockView, x: Tensor, state: PassState[None], block: int, ratio: float,
                      config: IARed2Config) -> Tensor:
@@ -156,10 +185,8 @@ class IARed2(Method[IARed2Config, None]):
             counts = keep.sum(dim=1).clamp(min=1)
             state.add_aux("policy", ((log_prob * real).sum(dim=1), counts / state.initial_patches))
         else:
-            keep = real if config.threshold is None else (probability >= config.threshold) & real
-            cap = torch.ceil(ratio * real_counts.to(logits.dtype)).long()
-            counts = keep.sum(dim=1).clamp(min=1) if config.threshold is not None else cap
-            counts = counts.clamp(max=cap)
+            keep, counts = IARed2._inference_counts(probability, real, config)
+            counts = counts.clamp(min=1).minimum(torch.ceil(ratio * real_counts.to(logits.dtype)).long())
         # decided patches first (most probable first), then the rest, padding last
         order = logits.detach() + 1e4 * keep - 2e4 * ~real
         positions = padded_top_positions(order, counts)
@@ -167,31 +194,58 @@ class IARed2(Method[IARed2Config, None]):
         state.select(index, x, counts + p)
         return gather_tokens(x, index)
 
+    @staticmethod
+    def _inference_counts(probability: Tensor, real: Tensor, config: IARed2Config) -> tuple[Tensor, Tensor]:
+        """(B, M) patches decided kept and (B,) counts before the cap, from (B, M) keep probabilities."""
+        if config.expected_count:  # the number the sampled training decisions keep on average
+            return real, (probability * real).sum(dim=1).round().long()
+        if config.threshold is None:
+            return real, real.sum(dim=1)  # the cap decides
+        keep = (probability >= config.threshold) & real
+        return keep, keep.sum(dim=1)
+
 
 class PolicyGradientLoss(nn.Module):
     """REINFORCE for ``iared2``'s interpreters (Williams, 1992; as IA-RED² trains its policy).
 
-    Each image's reward is ``-task_loss - penalty * kept_fraction``, where ``kept_fraction`` is
+    Each image's reward is ``-task_loss - price * kept_fraction``, where ``kept_fraction`` is
     the share of the original patches its sampled decisions kept, averaged over the groups. The
     loss is ``-mean((reward - baseline) * log_prob)`` with ``log_prob`` the log-probability of
     all the image's sampled keep decisions and the batch's mean reward as the baseline (it
     lowers the variance without biasing the gradient). Only the interpreters get gradients
-    from it: rewards are constants. Fine-tuning adds it with ``kept_penalty`` (an option of
-    ``iared2``) as the penalty.
+    from it: rewards are constants. Fine-tuning adds it with ``kept_penalty`` and ``kept_target``
+    (options of ``iared2``).
+
+    The price is ``penalty``; with a ``target`` it is ``max(0, penalty + offset)``, and each call
+    then moves the model's ``price_offset`` by :data:`PRICE_RATE` times the batch's mean kept
+    fraction minus the target (dual ascent on the constraint "mean kept fraction = target").
 
     Args:
         penalty: lambda, the reward given up per unit of kept fraction; 0 rewards accuracy only
             (the policy learns to keep tokens), large values reward dropping.
+        target: None, or the mean kept fraction the price is adjusted towards.
     """
 
-    def __init__(self, penalty: float) -> None:
+    def __init__(self, penalty: float, target: Optional[float] = None) -> None:
         super().__init__()
         self.penalty = penalty
+        self.target = target
 
     def forward(self, model: nn.Module, task_loss: Tensor) -> Tensor:
         """Scalar loss from this thread's last training-mode pass (``iared2``) and its (B,) per-image task loss."""
         groups = last_training_outputs(model, "policy", "PolicyGradientLoss")
         log_prob = torch.stack([lp for lp, _ in groups]).sum(dim=0)
         kept = torch.stack([fraction for _, fraction in groups]).mean(dim=0)
-        reward = -task_loss.detach() - self.penalty * kept
+        reward = -task_loss.detach() - self._price(model, kept) * kept
         return -((reward - reward.mean()) * log_prob).mean()
+
+    def _price(self, model: nn.Module, kept: Tensor) -> Tensor:
+        """This step's price of a unit of kept fraction; with a target, also the dual-ascent step for the next."""
+        if self.target is None:
+            return torch.tensor(self.penalty, device=kept.device)
+        offset = context_of(model).modules.price_offset
+        price = (self.penalty + offset).clamp(min=0)
+        # the offset stops at -penalty: a price below 0 would reward dropping nothing, and a longer
+        # excursion below would take as many steps to undo
+        offset.copy_((offset + PRICE_RATE * (kept.detach().mean() - self.target)).clamp(min=-self.penalty))
+        return price
