@@ -21,7 +21,9 @@ in a pass that drops nothing (:func:`~tokenpatch.interpret.score_map`), the last
 class-token attention, attention rollout and a random order. Each figure is the mean ± sample standard deviation over the seeds
 (the attention baselines do not depend on the seed). ``--save-dir``/``--load-dir`` keep or
 reuse the trained models (``fold{F}_seed{S}.safetensors``); ``--save-dir D --reuse`` trains only
-those missing from ``D``.
+those missing from ``D``; ``--accuracy-only`` skips the curves, to score saved models under
+another inference rule in minutes. Training with ``--kept-target`` holds a budget (the price of
+kept patches adapts); ``--expected-count`` keeps each image's expected number of patches.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ def run_seed(model: torch.nn.Module, train, held: dict, args: argparse.Namespace
     tokenpatch.set_options(model, keep_ratio=args.keep_ratio, threshold=args.threshold, expected_count=args.expected_count)
     macs = mean_macs(model, images[:32]) / held["macs"]
     result = {"iared2": {**scores(model, images, held["labels"], held["reference"]), "macs_ratio": macs}}
-    maps = {INTERPRETERS: score_map(model, subset)}
+    maps = {} if args.accuracy_only else {INTERPRETERS: score_map(model, subset)}
     tokenpatch.unpatch(model)
     model.load_state_dict(pretrained)  # evit and the explained model are the pretrained one
     ratio = matched_evit_ratio(model, macs * held["macs"], images[:1])
@@ -165,18 +167,27 @@ def fold_tables(fold: int, held: dict, runs: list[dict], baselines: dict[str, di
     return accuracy_rows, explanation_rows
 
 
+def seed_rows(runs_by_fold: dict[int, list[dict]], seeds: list[int]) -> list[dict]:
+    """One row per fold and seed: iared2's and matched evit's top-1 at their MACs."""
+    return [{"fold": fold, "seed": seed, "iared2 top1": f"{r['iared2']['top1']:.1f}",
+             "iared2 macs": f"{r['iared2']['macs_ratio']:.3f}", "evit top1": f"{r['evit']['top1']:.1f}",
+             "evit keep": r["evit"]["keep_ratio"], "evit macs": f"{r['evit']['macs_ratio']:.3f}"}
+            for fold, runs in runs_by_fold.items() for seed, r in zip(seeds, runs)]
+
+
 def claims(runs_by_fold: dict[int, list[dict]], baselines_by_fold: dict[int, dict]) -> list[dict]:
     """Per fold: does iared2 beat matched evit, and its interpreters raw attention, on the seeds' mean?"""
     rows = []
     for fold, runs in runs_by_fold.items():
         mean = lambda pick: statistics.mean(pick(r) for r in runs)  # noqa: E731
-        raw = baselines_by_fold[fold][RAW_ATTENTION]
-        rows.append({
-            "fold": fold,
-            "iared2 top-1 > evit": mean(lambda r: r["iared2"]["top1"]) > mean(lambda r: r["evit"]["top1"]),
-            "deletion < raw attention": mean(lambda r: r["explanations"][INTERPRETERS]["deletion_auc"]) < raw["deletion_auc"],
-            "insertion > raw attention": mean(lambda r: r["explanations"][INTERPRETERS]["insertion_auc"]) > raw["insertion_auc"],
-        })
+        row = {"fold": fold, "iared2 top-1 > evit": mean(lambda r: r["iared2"]["top1"]) > mean(lambda r: r["evit"]["top1"])}
+        if RAW_ATTENTION in baselines_by_fold[fold]:  # not with --accuracy-only
+            raw = baselines_by_fold[fold][RAW_ATTENTION]
+            row["deletion < raw attention"] = mean(
+                lambda r: r["explanations"][INTERPRETERS]["deletion_auc"]) < raw["deletion_auc"]
+            row["insertion > raw attention"] = mean(
+                lambda r: r["explanations"][INTERPRETERS]["insertion_auc"]) > raw["insertion_auc"]
+        rows.append(row)
     return rows
 
 
@@ -217,6 +228,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--deletion-images", type=int, default=250, help="held-out images in the deletion and insertion tests")
     parser.add_argument("--curve-steps", type=int, default=8,
                         help="portions of the patches deleted or inserted per curve (8: 1/8 of the patches at a time)")
+    parser.add_argument("--accuracy-only", action="store_true",
+                        help="skip the deletion and insertion curves: top-1 and MACs against matched evit only "
+                             "(compares inference rules on saved models in minutes)")
     parser.add_argument("--deletion-start", type=int, default=0, help="first held-out image of those tests")
     parser.add_argument("--save-dir", help="save each trained iared2 model in this folder (fold{F}_seed{S}.safetensors)")
     parser.add_argument("--load-dir", help="skip training: load the models a --save-dir run saved")
@@ -242,7 +256,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         subset = held["subset"]
         random_order = torch.rand(subset.shape[0], *model.patch_embed.grid_size,
                                   generator=torch.Generator().manual_seed(SPLIT_SEED))
-        baselines_by_fold[fold] = explanation_areas(model, subset, {
+        baselines_by_fold[fold] = {} if args.accuracy_only else explanation_areas(model, subset, {
             RAW_ATTENTION: cls_attention_map(model, subset), "attention rollout": attention_rollout(model, subset),
             "random order": random_order}, args.curve_steps)
         runs_by_fold[fold] = [run_seed(model, train, held, args, fold, seed) for seed in args.seeds]
@@ -255,12 +269,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     rule = "expected count" if args.expected_count else f"threshold {args.threshold}"
     print(f"iared2 on {MODEL} (cap {args.keep_ratio}, {rule}, penalty {args.penalty}, kept target {args.kept_target}): "
           f"{trained}; folds {args.folds}, "
-          f"seeds {args.seeds}, {seconds:.0f} s; 250 held-out images per fold, deletion and insertion on "
-          f"{args.deletion_images} from image {args.deletion_start} in {args.curve_steps} steps; mean ± s.d. over the seeds")
-    print(format_table(accuracy_rows))
-    print()
-    print(format_table(explanation_rows))
-    print()
+          f"seeds {args.seeds}, {seconds:.0f} s; 250 held-out images per fold, " + (
+              "no curves" if args.accuracy_only else f"deletion and insertion on {args.deletion_images} from image "
+              f"{args.deletion_start} in {args.curve_steps} steps") + "; mean ± s.d. over the seeds")
+    for rows in (accuracy_rows, seed_rows(runs_by_fold, args.seeds), explanation_rows):
+        if rows:
+            print(format_table(rows) + "\n")
     print(format_table(claims(runs_by_fold, baselines_by_fold)))
     if args.json:
         write_json({"args": vars(args), "accuracy": accuracy_rows, "explanations": explanation_rows,
