@@ -240,7 +240,7 @@ def deletion_curve(model: nn.Module, images: Tensor, importance: Tensor, steps: 
         (B, steps + 1) probability of each image's originally predicted class, from nothing to
         everything deleted.
     """
-    return _probability_curve(model, images, torch.zeros_like(images), images, importance, steps, batch_size)
+    return _probability_curve(model, images, torch.zeros_like(images), importance, steps, batch_size, intact_step=0)
 
 
 @torch.no_grad()
@@ -263,25 +263,26 @@ def insertion_curve(model: nn.Module, images: Tensor, importance: Tensor, steps:
         image), from the blurred image to the intact one.
     """
     blurred = torchvision.transforms.functional.gaussian_blur(images, kernel_size=11, sigma=blur_sigma)
-    return _probability_curve(model, blurred, images, images, importance, steps, batch_size)
+    return _probability_curve(model, blurred, images, importance, steps, batch_size, intact_step=steps)
 
 
-def _probability_curve(model: nn.Module, start: Tensor, end: Tensor, intact: Tensor, importance: Tensor,
-                       steps: int, batch_size: int) -> Tensor:
-    """(B, steps + 1) probability of the class predicted on ``intact`` while the patches of ``start``
-    turn into those of ``end`` in order of ``importance`` (B, gh, gw), highest first."""
-    predicted = predict(model, intact, batch_size).argmax(dim=1)
+def _probability_curve(model: nn.Module, start: Tensor, end: Tensor, importance: Tensor, steps: int,
+                       batch_size: int, intact_step: int) -> Tensor:
+    """(B, steps + 1) probability of the class predicted on the intact images while the patches of
+    ``start`` turn into those of ``end`` in order of ``importance`` (B, gh, gw), highest first.
+    The pass of step ``intact_step`` (the first or the last) is the intact images' own, so it
+    gives the predicted class without an extra pass."""
     batch, rows, cols = importance.shape
     order = importance.flatten(1).argsort(dim=1, descending=True)
-    curve = []
+    probabilities = []
     for step in range(steps + 1):
         count = round(step * rows * cols / steps)
         changed = torch.zeros(batch, rows * cols, dtype=torch.bool).scatter_(1, order[:, :count], True)
         pixel_mask = torch.nn.functional.interpolate(changed.view(batch, 1, rows, cols).float(),
                                                      size=start.shape[-2:], mode="nearest").bool()
-        probabilities = predict(model, torch.where(pixel_mask, end, start), batch_size).softmax(dim=1)
-        curve.append(probabilities.gather(1, predicted.unsqueeze(1)).squeeze(1))
-    return torch.stack(curve, dim=1)
+        probabilities.append(predict(model, torch.where(pixel_mask, end, start), batch_size).softmax(dim=1))
+    predicted = probabilities[intact_step].argmax(dim=1, keepdim=True)
+    return torch.stack([p.gather(1, predicted).squeeze(1) for p in probabilities], dim=1)
 
 
 def curve_auc(curve: Tensor) -> Tensor:
