@@ -172,3 +172,23 @@ def test_training_towards_a_kept_target_moves_the_kept_fraction_towards_it(targe
     # the price (1.0 + offset) rose when too much was kept, and fell to 0 when too little
     offset = model.tokenpatch.price_offset.item()
     assert offset == pytest.approx(-1.0) if direction > 0 else offset > 0
+
+
+def _price_offset_after_one_step(rank: int, store: str, offsets) -> None:
+    """One kept_target loss call in process ``rank`` of two: rank 0 kept everything, rank 1 half."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        model = tokenpatch.patch(make_model("deit_tiny"), "iared2", keep_ratio=0.5)
+        kept = torch.full((2,), 1.0 if rank == 0 else 0.5)
+        model._tokenpatch.local.aux = {"policy": [(torch.zeros(2, requires_grad=True), kept)]}
+        PolicyGradientLoss(penalty=0.5, target=0.25)(model, torch.zeros(2))
+        offsets[rank] = model.tokenpatch.price_offset.item()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_kept_target_moves_every_process_by_the_mean_over_all_their_batches(tmp_path):
+    offsets = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_price_offset_after_one_step, args=(str(tmp_path / "store"), offsets), nprocs=2)
+    # the mean kept fraction over both batches is 0.75, 0.5 above the target, on both processes
+    assert offsets[0] == offsets[1] == pytest.approx(iared2.PRICE_RATE * 0.5)

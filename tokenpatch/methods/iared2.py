@@ -218,7 +218,8 @@ class PolicyGradientLoss(nn.Module):
 
     The price is ``penalty``; with a ``target`` it is ``max(0, penalty + offset)``, and each call
     then moves the model's ``price_offset`` by :data:`PRICE_RATE` times the batch's mean kept
-    fraction minus the target (dual ascent on the constraint "mean kept fraction = target").
+    fraction minus the target (dual ascent on the constraint "mean kept fraction = target"; under
+    ``torch.distributed`` the mean is over every process's batch, so all keep the same price).
 
     Args:
         penalty: lambda, the reward given up per unit of kept fraction; 0 rewards accuracy only
@@ -247,5 +248,15 @@ class PolicyGradientLoss(nn.Module):
         price = (self.penalty + offset).clamp(min=0)
         # the offset stops at -penalty: a price below 0 would reward dropping nothing, and a longer
         # excursion below would take as many steps to undo
-        offset.copy_((offset + PRICE_RATE * (kept.detach().mean() - self.target)).clamp(min=-self.penalty))
+        offset.copy_((offset + PRICE_RATE * (_mean_over_processes(kept.detach()) - self.target)).clamp(min=-self.penalty))
         return price
+
+
+def _mean_over_processes(values: Tensor) -> Tensor:
+    """Mean of (B,) ``values`` over the batch and, under ``torch.distributed``, over every process's batch
+    (so that all processes move the price alike and keep one price)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values.mean()
+    total = torch.stack([values.sum(), torch.tensor(float(values.numel()), device=values.device)])
+    torch.distributed.all_reduce(total)
+    return total[0] / total[1]
