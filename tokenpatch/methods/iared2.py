@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.blocks import BlockView, ModelFacts
+from ..core.distributed import in_process_group
 from ..core.method import LossTerm, Method, MethodConfig, check_positive, require_class_token_pooling
 from ..core.ops import gather_tokens, padded_top_positions, prefix_positions
 from ..core.pieces import padded_block, refuse_export
@@ -255,7 +256,7 @@ class PolicyGradientLoss(nn.Module):
 def _mean_over_processes(values: Tensor) -> Tensor:
     """Mean of (B,) ``values`` over the batch and, under ``torch.distributed``, over every process's batch
     (so that all processes move the price alike and keep one price)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not in_process_group():
         return values.mean()
     total = torch.stack([values.sum(), torch.tensor(float(values.numel()), device=values.device)])
     torch.distributed.all_reduce(total)

@@ -10,14 +10,10 @@ from typing import Any, Iterator, Optional
 import torch
 from tqdm.auto import tqdm
 
+from ..core.distributed import in_process_group
 from ..errors import InvalidOptionError
 
 PHASES = ("data", "teacher", "student")
-
-
-def in_process_group() -> bool:
-    """True when ``torch.distributed`` is initialised (e.g. under ``torchrun``)."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class Budget:
