@@ -59,11 +59,21 @@ def test_top_k_positions_are_the_k_best_in_order(b, m, data):
     assert torch.equal(scores.gather(1, positions).sort(dim=1).values, expected)
 
 
-def test_gather_heads_matches_indexing():
-    t = torch.randn(2, 3, 7, 4)
+@settings(max_examples=60, deadline=None)
+@given(tokens_and_index())
+def test_gather_tokens_matches_indexing(case):
+    x, index = case  # batch 1 takes the positions as rows directly, larger batches offset them
+    assert torch.equal(gather_tokens(x, index), torch.stack([x[b, index[b]] for b in range(x.shape[0])]))
+
+
+def test_gather_heads_matches_indexing_in_either_memory_layout():
     index = torch.tensor([[0, 6, 2], [5, 1, 3]])
-    out = gather_heads(t, index)
-    assert torch.equal(out[1, 2], t[1, 2, [5, 1, 3]])
+    head_major = torch.randn(2, 3, 7, 4)
+    token_major = torch.randn(2, 7, 3, 4).transpose(1, 2)  # heads split from one (B, N, H*D) projection
+    for t in (head_major, token_major):
+        out = gather_heads(t, index)
+        assert out.shape == (2, 3, 3, 4)
+        assert all(torch.equal(out[b, h], t[b, h, index[b]]) for b in range(2) for h in range(3))
 
 
 def test_cls_attention_is_the_class_row_of_full_attention():

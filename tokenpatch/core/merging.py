@@ -72,9 +72,11 @@ def bipartite_matching(metric: Tensor, r: int, protected: int = 0) -> Matching:
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a, b = metric[:, 0::2], metric[:, 1::2]
     similarity = a @ b.transpose(1, 2)  # (B, A, M - A)
-    if protected:
-        similarity[:, : (protected + 1) // 2] = float("-inf")
-        similarity[:, :, : protected // 2] = float("-inf")
+    protected_a, protected_b = (protected + 1) // 2, protected // 2  # the protected tokens lead both halves
+    if protected_a:
+        similarity[:, :protected_a] = float("-inf")
+    if protected_b:
+        similarity[:, :, :protected_b] = float("-inf")
     best, partner = similarity.max(dim=-1)  # (B, A): best similarity and its B index
     order = best.argsort(dim=-1, descending=True)  # not stable=True: ONNX has no stable sort
     merged = order[:, :r]

@@ -14,6 +14,8 @@ from torch import Tensor
 
 def _flat_rows(index: Tensor, n: int) -> Tensor:
     """(B, K) per-sample positions -> (B*K,) row numbers in the (B*N, C) flattened tokens."""
+    if index.shape[0] == 1:  # one sample: its positions are the rows (three small ops fewer at batch 1)
+        return index.reshape(-1)
     offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * n
     return (index + offsets).reshape(-1)
 
@@ -43,9 +45,12 @@ def gather_heads(t: Tensor, index: Tensor) -> Tensor:
         index: (B, K) positions into the N axis.
 
     Returns:
-        (B, H, K, D).
+        (B, H, K, D), laid out like ``t``'s memory where that is token-major.
     """
-    b, h, _, d = t.shape
+    b, h, n, d = t.shape
+    token_major = t.transpose(1, 2)
+    if token_major.is_contiguous():  # heads split from a (B, N, H*D) projection: copy whole token rows
+        return gather_tokens(token_major.view(b, n, h * d), index).view(b, -1, h, d).transpose(1, 2)
     return torch.gather(t, 2, index[:, None, :, None].expand(b, h, -1, d))
 
 
