@@ -10,7 +10,9 @@ model and the patched copies are timed alternately in this process (warm-up, the
 ``--repeats`` rounds): ``ideal`` is unpatched MACs / patched MACs (per image, counted on the
 timed images), ``speedup`` the median over rounds of the paired throughput ratio,
 ``efficiency`` = speedup / ideal. ``compiled`` wraps every model, the unpatched one included,
-in ``torch.compile`` (default inductor backend) and compares compiled with compiled.
+in ``torch.compile`` (default inductor backend) and compares compiled with compiled;
+``cudagraphs`` (``--device cuda`` only) compiles with ``mode="reduce-overhead"``, which replays
+each static-shape graph as one CUDA graph (no per-kernel launch cost: what batch 1 needs).
 
 The row ``fewer tokens`` is the unpatched model run on a smaller image, with about the
 same MACs as the budget (the image size whose MACs are nearest): every block computes on fewer
@@ -49,6 +51,9 @@ from tokenpatch.measure.speed import compare_throughput, paired_speedup
 COLUMNS = ["method", "mode", "batch", "macs_ratio", "unpatched_img_s", "patched_img_s", "ideal", "speedup",
            "efficiency", "note"]
 REFERENCE = "fewer tokens"
+#: how each ``--modes`` entry wraps a model before timing
+COMPILERS = {"eager": lambda m: m, "compiled": torch.compile,
+             "cudagraphs": lambda m: torch.compile(m, mode="reduce-overhead")}
 
 
 def fit(base: nn.Module, spec: MethodSpec, macs_ratio: float, images: torch.Tensor) -> nn.Module:
@@ -79,7 +84,7 @@ def timed_rows(models: dict[str, nn.Module], macs: dict[str, float], inputs: dic
                mode: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Time ``models`` alternately (the unpatched one first) and return one row per non-unpatched model."""
     dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
-    timed = {name: torch.compile(m) if mode == "compiled" else m for name, m in models.items()}
+    timed = {name: COMPILERS[mode](m) for name, m in models.items()}
     runners = {name: OwnInput(m, inputs[name][:batch]) for name, m in timed.items()}
     timings = compare_throughput(runners, batch, repeats=args.repeats, warmup=args.warmup, device=args.device,
                                  dtype=dtype, inputs=torch.zeros(batch, 1))
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="METHOD or METHOD:KEY=VALUE,... (default: every registered method)")
     parser.add_argument("--macs-ratio", type=float, default=0.65)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager"])
+    parser.add_argument("--modes", nargs="+", choices=sorted(COMPILERS), default=["eager"])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--replay", action="store_true", help="add each method's schedule replayed without bookkeeping")
@@ -151,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    if "cudagraphs" in args.modes and not args.device.startswith("cuda"):
+        parser.error("--modes cudagraphs needs --device cuda (CUDA graphs exist only on a GPU)")
 
     if args.threads:
         torch.set_num_threads(args.threads)
