@@ -34,20 +34,51 @@ def refuse_masks(attn_mask: Optional[Tensor], is_causal: bool) -> None:
         )
 
 
-def fused_qkv_part(attn: nn.Module, xn: Tensor, part: int) -> Tensor:
-    """Queries (0), keys (1) or values (2) of (B, N, C) ``xn`` from a fused ``qkv`` linear: rows
-    ``[part * W, (part + 1) * W)`` of its weight, and of its bias, which timm keeps in ``qkv.bias``
-    or split into ``q_bias``/``k_bias``/``v_bias`` (BEiT, EVA). Returns (B, N, W)."""
-    if getattr(attn, "q_bias", None) is not None:
-        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-    else:
-        bias = attn.qkv.bias
-    width = attn.qkv.weight.shape[0] // 3
-    rows = slice(part * width, (part + 1) * width)
-    return F.linear(xn, attn.qkv.weight[rows], None if bias is None else bias[rows])
+class FusedQkv:
+    """The query, key and value parts of a timm attention's fused ``qkv`` linear.
+
+    The weight is ``qkv.weight``; the bias is ``qkv.bias`` or, where timm splits it into
+    ``q_bias``/``k_bias``/``v_bias`` (BEiT, EVA), their concatenation. Both are looked up once
+    per block call (a view's lifetime), not once per projection: a reducing block projects up to
+    four times, and at batch 1 these look-ups cost about as much as the small projections.
+    """
+
+    def __init__(self, attn: nn.Module) -> None:
+        self.weight = attn.qkv.weight
+        if getattr(attn, "q_bias", None) is not None:
+            self.bias: Optional[Tensor] = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        else:
+            self.bias = attn.qkv.bias
+        self.width = self.weight.shape[0] // 3
+
+    def part(self, xn: Tensor, part: int) -> Tensor:
+        """Queries (0), keys (1) or values (2) of (B, N, C) ``xn``: rows ``[part * W, (part + 1) * W)``
+        of the weight and bias. Returns (B, N, W)."""
+        rows = slice(part * self.width, (part + 1) * self.width)
+        return F.linear(xn, self.weight[rows], None if self.bias is None else self.bias[rows])
 
 
-class TimmBlockView(BlockView):
+class FusedQkvViews:
+    """Mixin of the views of timm blocks whose attention has a fused ``qkv`` in ``self.attn``."""
+
+    attn: nn.Module
+    _fused_qkv: Optional[FusedQkv] = None
+
+    @property
+    def fused_qkv(self) -> FusedQkv:
+        """The attention's :class:`FusedQkv`, resolved on first use (not ``functools.cached_property``,
+        whose lock ``torch.compile`` cannot trace on Python 3.11)."""
+        if self._fused_qkv is None:
+            self._fused_qkv = FusedQkv(self.attn)
+        return self._fused_qkv
+
+
+def unless_identity(module: nn.Module) -> Optional[nn.Module]:
+    """``module``, or None where it is an ``nn.Identity`` whose call can be skipped."""
+    return None if isinstance(module, nn.Identity) else module
+
+
+class TimmBlockView(FusedQkvViews, BlockView):
     """A timm ``Block`` with a standard ``Attention`` as composable pieces."""
 
     def __init__(self, block: nn.Module) -> None:
@@ -56,6 +87,7 @@ class TimmBlockView(BlockView):
         self.num_heads = self.attn.num_heads
         self.head_dim = self.attn.head_dim
         self.scale = self.attn.scale
+        self.q_norm, self.k_norm = unless_identity(self.attn.q_norm), unless_identity(self.attn.k_norm)
 
     @property
     def attn_dropout(self) -> float:
@@ -69,20 +101,26 @@ class TimmBlockView(BlockView):
         return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _project(self, xn: Tensor, part: int) -> Tensor:
-        return self._heads(fused_qkv_part(self.attn, xn, part))
+        return self._heads(self.fused_qkv.part(xn, part))
+
+    def _normed_queries(self, q: Tensor) -> Tensor:
+        return q if self.q_norm is None else self.q_norm(q)
+
+    def _normed_keys(self, k: Tensor) -> Tensor:
+        return k if self.k_norm is None else self.k_norm(k)
 
     # Absolute position embeddings: the projections do not depend on where a token sits.
     def qkv(self, xn: Tensor, positions: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         b, n, _ = xn.shape
         qkv = self.attn.qkv(xn).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        return self.attn.q_norm(q), self.attn.k_norm(k), v
+        return self._normed_queries(q), self._normed_keys(k), v
 
     def query(self, xn: Tensor, positions: Optional[Tensor] = None) -> Tensor:
-        return self.attn.q_norm(self._project(xn, 0))
+        return self._normed_queries(self._project(xn, 0))
 
     def key(self, xn: Tensor, positions: Optional[Tensor] = None) -> Tensor:
-        return self.attn.k_norm(self._project(xn, 1))
+        return self._normed_keys(self._project(xn, 1))
 
     def value(self, xn: Tensor) -> Tensor:
         return self._project(xn, 2)

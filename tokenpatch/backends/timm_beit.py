@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..core.blocks import BlockView
 from ..core.ops import pair_bias
-from .timm import TimmBackend, fused_qkv_part
+from .timm import FusedQkvViews, TimmBackend
 
 try:
     from timm.models.beit import Attention as BeitAttention
@@ -27,7 +27,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without timm
     raise ImportError("tokenpatch's timm backend needs timm>=1.0.20 (pip install timm)") from exc
 
 
-class BeitBlockView(BlockView):
+class BeitBlockView(FusedQkvViews, BlockView):
     """A BEiT ``Block`` as composable pieces, relative position bias included."""
 
     uses_positions = True
@@ -46,7 +46,7 @@ class BeitBlockView(BlockView):
         return self.block.norm1(x)
 
     def _project(self, xn: Tensor, part: int) -> Tensor:
-        out = fused_qkv_part(self.attn, xn, part)
+        out = self.fused_qkv.part(xn, part)
         b, n, _ = out.shape
         return out.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 

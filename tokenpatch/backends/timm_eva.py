@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..core.blocks import BlockView
 from ..core.ops import rotary_rows
-from .timm import TimmBackend, fused_qkv_part, refuse_masks
+from .timm import FusedQkvViews, TimmBackend, refuse_masks
 
 try:
     from timm.layers import AttentionRope
@@ -31,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without timm
     raise ImportError("tokenpatch's timm backend needs timm>=1.0.20 (pip install timm)") from exc
 
 
-class EvaBlockView(BlockView):
+class EvaBlockView(FusedQkvViews, BlockView):
     """An ``EvaBlock``/``EvaBlockPostNorm`` as composable pieces, rotary table included."""
 
     uses_positions = True
@@ -59,7 +59,7 @@ class EvaBlockView(BlockView):
         """Queries (0), keys (1) or values (2), (B, N, C) -> (B, heads, N, D), before norms and rotation."""
         if self.attn.qkv is None:
             return self._heads((self.attn.q_proj, self.attn.k_proj, self.attn.v_proj)[part](xn))
-        return self._heads(fused_qkv_part(self.attn, xn, part))
+        return self._heads(self.fused_qkv.part(xn, part))
 
     def _rotate(self, t: Tensor, positions: Optional[Tensor]) -> Tensor:
         if self.rope is None:
