@@ -40,7 +40,7 @@ class FusedQkv:
     The weight is ``qkv.weight``; the bias is ``qkv.bias`` or, where timm splits it into
     ``q_bias``/``k_bias``/``v_bias`` (BEiT, EVA), their concatenation. Both are looked up once
     per block call (a view's lifetime), not once per projection: a reducing block projects up to
-    four times, and at batch 1 these look-ups cost about as much as the small projections.
+    four times, and at batch 1 the module look-ups are a visible part of its bookkeeping.
     """
 
     def __init__(self, attn: nn.Module) -> None:
