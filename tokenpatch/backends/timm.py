@@ -103,24 +103,23 @@ class TimmBlockView(FusedQkvViews, BlockView):
     def _project(self, xn: Tensor, part: int) -> Tensor:
         return self._heads(self.fused_qkv.part(xn, part))
 
-    def _normed_queries(self, q: Tensor) -> Tensor:
-        return q if self.q_norm is None else self.q_norm(q)
-
-    def _normed_keys(self, k: Tensor) -> Tensor:
-        return k if self.k_norm is None else self.k_norm(k)
+    @staticmethod
+    def _normed(norm: Optional[nn.Module], t: Tensor) -> Tensor:
+        """``norm(t)``, or ``t`` where the norm is an identity (``unless_identity``)."""
+        return t if norm is None else norm(t)
 
     # Absolute position embeddings: the projections do not depend on where a token sits.
     def qkv(self, xn: Tensor, positions: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         b, n, _ = xn.shape
         qkv = self.attn.qkv(xn).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        return self._normed_queries(q), self._normed_keys(k), v
+        return self._normed(self.q_norm, q), self._normed(self.k_norm, k), v
 
     def query(self, xn: Tensor, positions: Optional[Tensor] = None) -> Tensor:
-        return self._normed_queries(self._project(xn, 0))
+        return self._normed(self.q_norm, self._project(xn, 0))
 
     def key(self, xn: Tensor, positions: Optional[Tensor] = None) -> Tensor:
-        return self._normed_keys(self._project(xn, 1))
+        return self._normed(self.k_norm, self._project(xn, 1))
 
     def value(self, xn: Tensor) -> Tensor:
         return self._project(xn, 2)
