@@ -5,7 +5,28 @@ from __future__ import annotations
 import torch
 import transformers
 
-from tokenpatch.backends.build import hf_config_from_timm
+from tokenpatch.errors import TokenPatchError
+
+
+def hf_config_from_timm(timm_model: torch.nn.Module):
+    """The transformers ``ViTConfig`` (one prefix token) or ``DeiTConfig`` (two) of a timm ViT/DeiT."""
+    prefix = timm_model.num_prefix_tokens
+    if prefix not in (1, 2) or getattr(timm_model, "reg_token", None) is not None:
+        raise TokenPatchError(f"no transformers ViT/DeiT layout has {prefix} prefix tokens")
+    config_class = transformers.DeiTConfig if prefix == 2 else transformers.ViTConfig
+    block = timm_model.blocks[0]
+    return config_class(
+        hidden_size=timm_model.embed_dim,
+        num_hidden_layers=len(timm_model.blocks),
+        num_attention_heads=block.attn.num_heads,
+        intermediate_size=block.mlp.fc1.out_features,
+        image_size=timm_model.patch_embed.img_size[0],
+        patch_size=timm_model.patch_embed.patch_size[0],
+        num_labels=timm_model.num_classes,
+        layer_norm_eps=block.norm1.eps,
+        hidden_act="gelu",
+        qkv_bias=block.attn.qkv.bias is not None,
+    )
 
 
 def timm_to_hf(state: dict[str, torch.Tensor], distilled: bool) -> dict[str, torch.Tensor]:

@@ -288,8 +288,8 @@ def files(tmp_path):
     return tmp_path
 
 
-AUDIT = ["audit", MODEL, "--img-size", "32", "--batch-size", "1", "--repeats", "1"]
-TUNE = ["finetune", MODEL, "--steps", "1", "--batch-size", "2"]
+AUDIT = ["audit", MODEL, "--no-pretrained", "--img-size", "32", "--batch-size", "1", "--repeats", "1"]
+TUNE = ["finetune", MODEL, "--no-pretrained", "--steps", "1", "--batch-size", "2"]
 BAD_COMMANDS = {
     # the parser's checks
     "audit: unknown command": (["bogus"], "invalid choice: 'bogus'"),
@@ -316,15 +316,15 @@ BAD_COMMANDS = {
     "audit: empty checkpoint": (AUDIT + ["--checkpoint", "{d}/empty.safetensors"], "empty.safetensors is empty"),
     "audit: not a torch file": (AUDIT + ["--checkpoint", "{d}/junk.pth"], "junk.pth is not a torch state dict"),
     "audit: a list": (AUDIT + ["--checkpoint", "{d}/list.pth"], "list.pth holds a list"),
-    "audit: wrong model": (["audit", MODEL, "--img-size", "48", "--checkpoint", "{d}/plain.safetensors"],
+    "audit: wrong model": (["audit", MODEL, "--no-pretrained", "--img-size", "48", "--checkpoint", "{d}/plain.safetensors"],
                            "does not fit this VisionTransformer"),
     "audit: corrupt tokenpatch file": (AUDIT + ["--checkpoint", "{d}/corrupt.safetensors"], "is corrupted"),
     "audit: option of another method": (AUDIT + ["--method", "evit", "--option", "r=3"], "unknown option"),
-    "eval: missing folder": (["eval", MODEL, "--data", "{d}/nowhere"], "no image folder at"),
-    "eval: folder without images": (["eval", MODEL, "--data", "{d}/nothing"], "no images"),
-    "eval: corrupt image": (["eval", MODEL, "--img-size", "32", "--data", "{d}/broken", "--methods", "evit"],
+    "eval: missing folder": (["eval", MODEL, "--no-pretrained", "--data", "{d}/nowhere"], "no image folder at"),
+    "eval: folder without images": (["eval", MODEL, "--no-pretrained", "--data", "{d}/nothing"], "no images"),
+    "eval: corrupt image": (["eval", MODEL, "--no-pretrained", "--img-size", "32", "--data", "{d}/broken", "--methods", "evit"],
                             "cannot read image {d}/broken/5.png"),
-    "eval: not a torch file": (["eval", MODEL, "--data", "{d}/images", "--checkpoint", "{d}/junk.pth"],
+    "eval: not a torch file": (["eval", MODEL, "--no-pretrained", "--data", "{d}/images", "--checkpoint", "{d}/junk.pth"],
                                "junk.pth is not a torch state dict"),
     "finetune: missing folder": (TUNE + ["--data", "{d}/nowhere"], "no image folder at"),
     "finetune: corrupt image": (TUNE + ["--data", "{d}/broken", "--val-fraction", "0.5"],
@@ -335,10 +335,10 @@ BAD_COMMANDS = {
     "finetune: out is a folder": (TUNE + ["--data", "{d}/images", "--out", "{d}/images"], "it is a folder"),
     "finetune: corrupt checkpoint": (TUNE + ["--data", "{d}/images", "--checkpoint", "{d}/corrupt.safetensors"],
                                      "is corrupted"),
-    "explain: not an image": (["explain", MODEL, "{d}/note.txt", "--out", "{d}/maps"], "cannot read image"),
-    "explain: a folder": (["explain", MODEL, "{d}/images", "--out", "{d}/maps"], "images is a folder; give image"),
-    "explain: missing image": (["explain", MODEL, "{d}/none.png", "--out", "{d}/maps"], "none.png: no such image"),
-    "explain: truncated checkpoint": (["explain", MODEL, "{d}/images/0.png", "--out", "{d}/maps", "--checkpoint",
+    "explain: not an image": (["explain", MODEL, "--no-pretrained", "{d}/note.txt", "--out", "{d}/maps"], "cannot read image"),
+    "explain: a folder": (["explain", MODEL, "--no-pretrained", "{d}/images", "--out", "{d}/maps"], "images is a folder; give image"),
+    "explain: missing image": (["explain", MODEL, "--no-pretrained", "{d}/none.png", "--out", "{d}/maps"], "none.png: no such image"),
+    "explain: truncated checkpoint": (["explain", MODEL, "--no-pretrained", "{d}/images/0.png", "--out", "{d}/maps", "--checkpoint",
                                        "{d}/list.pth"], "holds a list"),
 }
 

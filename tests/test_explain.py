@@ -161,7 +161,7 @@ def test_cli_writes_valid_pngs(tmp_path, capsys, method, expected):
         Image.new("RGB", (80, 60), (shade, 100, 50)).save(path)
         files.append(str(path))
     out = tmp_path / "maps"
-    code = main(["explain", "deit_tiny_patch16_224", *files, "--method", method, "--keep-ratio", "0.6",
+    code = main(["explain", "deit_tiny_patch16_224", "--no-pretrained", *files, "--method", method, "--keep-ratio", "0.6",
                  "--out", str(out), "--json"])
     assert code == 0
     written = sorted(out.glob("*.png"))
@@ -173,7 +173,7 @@ def test_cli_writes_valid_pngs(tmp_path, capsys, method, expected):
 
 
 def test_cli_explain_names_a_missing_image(tmp_path, capsys):
-    assert main(["explain", "deit_tiny_patch16_224", str(tmp_path / "nope.jpg"), "--out", str(tmp_path)]) == 2
+    assert main(["explain", "deit_tiny_patch16_224", "--no-pretrained", str(tmp_path / "nope.jpg"), "--out", str(tmp_path)]) == 2
     assert "no such image file" in capsys.readouterr().err
 
 

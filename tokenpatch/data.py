@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -18,7 +19,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .backends import find_backend
-from .backends.build import timm_twin
+from .backends.build import Preprocessing
 from .errors import DataError
 
 DATA_ENV = "TOKENPATCH_DATA"
@@ -62,8 +63,8 @@ class LabelledImages(Dataset):
 
     def __init__(self, root: PathLike, labels_csv: Optional[PathLike] = None, transform: Optional[Callable] = None) -> None:
         self.root = Path(root)
-        csv_path = Path(labels_csv) if labels_csv is not None else self.root / "labels.csv"
-        self.items = _read_labels(csv_path, self.root)
+        self.csv_path = Path(labels_csv) if labels_csv is not None else self.root / "labels.csv"
+        self.items = _read_labels(self.csv_path, self.root)
         self.transform = transform
 
     def __len__(self) -> int:
@@ -128,59 +129,150 @@ class RememberedItems(Dataset):
         return self.items[i]
 
 
-def image_dataset(root: PathLike, labels_csv: Optional[PathLike] = None, transform: Optional[Callable] = None) -> Dataset:
+def image_dataset(root: PathLike, labels_csv: Optional[PathLike] = None, transform: Optional[Callable] = None,
+                  num_classes: Optional[int] = None, class_map: Optional[PathLike] = None) -> Dataset:
     """A dataset of ``(image, label)`` for a folder, whichever layout it has.
 
     - ``labels_csv`` given, or ``root/labels.csv`` present: :class:`LabelledImages`;
-    - class sub-folders: torchvision's ``ImageFolder`` (labels are the sorted folder indices);
+    - class sub-folders: torchvision's ``ImageFolder``, its labels put in the model's label space
+      when ``num_classes`` (the model's head size) is given: through ``class_map`` (timm's format:
+      one class name per line, in the model's label order), else as ImageNet WordNet ids
+      (``n01440764``) by timm's table of the ImageNet variant with ``num_classes`` classes.
+      Without ``num_classes`` or ``class_map``, the sorted folder indices (torchvision's convention);
     - otherwise a flat folder of images without labels (label -1).
+
+    Raises:
+        DataError: no such folder, no images, or labels that cannot be put in the model's label
+            space (unknown class names, an index beyond ``num_classes``); one line.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"no image folder at {root}")
     if labels_csv is not None or (root / "labels.csv").is_file():
-        return LabelledImages(root, labels_csv, transform)
+        dataset = LabelledImages(root, labels_csv, transform)
+        _check_in_label_space((label for _, label in dataset.items), num_classes, dataset.csv_path)
+        return dataset
     if any(p.is_dir() for p in root.iterdir()):
         from torchvision.datasets import ImageFolder
 
         try:
-            return ImageFolder(str(root), transform=transform, loader=read_image)
+            dataset = ImageFolder(str(root), transform=transform, loader=read_image)
         except FileNotFoundError as exc:  # class folders without images
             raise DataError(f"{root}: {exc}") from exc
+        if num_classes is not None or class_map is not None:
+            _relabel(dataset, class_indices(dataset.classes, num_classes, class_map, root))
+        return dataset
+    if class_map is not None:
+        raise DataError(f"{root} has no class sub-folders for the class map {class_map} to name")
     return UnlabelledImages(root, transform)
 
 
-def eval_transform(model: nn.Module) -> Callable:
-    """The evaluation transform of ``model``'s data config (resize, crop, normalise; its backend
-    knows the config), built with timm's ``create_transform``."""
-    from timm.data import create_transform
+def class_indices(names: Sequence[str], num_classes: Optional[int], class_map: Optional[PathLike],
+                  root: PathLike) -> dict[str, int]:
+    """The model's label index of each class folder name: through ``class_map`` (one name per line,
+    timm's ``--class-map`` text format), else as ImageNet WordNet ids.
 
-    return create_transform(**find_backend(model).data_config(model))
+    Raises:
+        DataError: a name the map or ImageNet's table lacks, or an index beyond ``num_classes``.
+    """
+    if class_map is not None:
+        table, source = _read_class_map(Path(class_map)), f"the class map {class_map}"
+    else:
+        table, source = _imagenet_table(names, num_classes, root), "ImageNet's WordNet ids"
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise DataError(f"{root}: {len(unknown)} class folder(s) not in {source}, e.g. {unknown[0]!r}; give --class-map "
+                        f"FILE {_CLASS_MAP_FORMAT} or a labels.csv")
+    indices = {n: table[n] for n in names}
+    _check_in_label_space(indices.values(), num_classes, source)
+    return indices
+
+
+_CLASS_MAP_FORMAT = "(one class name per line, in the model's label order)"
+_WORDNET_ID = re.compile(r"n\d{8}")
+
+
+def _imagenet_table(names: Sequence[str], num_classes: Optional[int], root: PathLike) -> dict[str, int]:
+    """WordNet id -> label index in the ImageNet variant (timm's tables) with ``num_classes`` classes."""
+    from timm.data import ImageNetInfo
+    from timm.data.imagenet_info import _SUBSETS
+
+    odd = next((n for n in names if not _WORDNET_ID.fullmatch(n)), None)
+    if odd is not None:
+        raise DataError(f"{root}: class folder {odd!r} is not an ImageNet WordNet id (like n01440764); give "
+                        f"--class-map FILE {_CLASS_MAP_FORMAT} or a labels.csv")
+    for subset in _SUBSETS:
+        synsets = ImageNetInfo(subset).label_names()
+        if len(synsets) == num_classes:
+            return {name: i for i, name in enumerate(synsets)}
+    raise DataError(f"{root}: the class folders are ImageNet WordNet ids, but the model has {num_classes} classes, "
+                    f"no ImageNet variant's; give --class-map FILE {_CLASS_MAP_FORMAT}")
+
+
+def _read_class_map(path: Path) -> dict[str, int]:
+    """timm's text class map: the class name on line i has label index i."""
+    if path.suffix.lower() != ".txt" or not path.is_file():
+        raise DataError(f"{path}: a class map is a .txt file {_CLASS_MAP_FORMAT}")
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not a text file ({exc})") from exc
+    return {name: i for i, name in enumerate(names) if name}
+
+
+def _check_in_label_space(labels: Iterable[int], num_classes: Optional[int], source: Any) -> None:
+    """A :class:`DataError` when a label is not one of the model's ``num_classes`` (None: no check)."""
+    beyond = max(labels, default=-1) if num_classes is not None else -1
+    if num_classes is not None and beyond >= num_classes:
+        raise DataError(f"{source}: class index {beyond} is beyond the model's {num_classes} classes")
+
+
+def _relabel(dataset: Any, indices: dict[str, int]) -> None:
+    """Give an ``ImageFolder``'s samples the model's label indices instead of its sorted folder order."""
+    dataset.samples = [(path, indices[dataset.classes[c]]) for path, c in dataset.samples]
+    dataset.imgs, dataset.targets = dataset.samples, [c for _, c in dataset.samples]
+    dataset.class_to_idx = indices
+
+
+def eval_transform(model: nn.Module) -> Callable:
+    """The evaluation transform of ``model``'s data config (its backend knows it): see :func:`input_transform`."""
+    return input_transform(Preprocessing(find_backend(model).data_config(model)))
 
 
 def train_transform(model: nn.Module) -> Callable:
-    """Light training augmentation for ``model``'s input config: random resized crop (scale 0.35-1)
-    and horizontal flip, no colour or erasing. With self-distillation the teacher sees the same
-    augmented image, so no labels are needed and the student does not memorise a small folder."""
+    """The training augmentation for ``model``'s data config: see :func:`input_transform`."""
+    return input_transform(Preprocessing(find_backend(model).data_config(model)), training=True)
+
+
+class ProcessorTransform:
+    """A transformers image processor as a transform: PIL image -> (3, H, W) tensor."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def input_transform(preprocessing: Preprocessing, training: bool = False) -> Callable:
+    """PIL image -> (3, H, W) model input.
+
+    Evaluation: a transformers checkpoint's own image processor where there is one, else timm's
+    eval transform of the data config (resize, crop, normalise). Training: light augmentation
+    built with timm's ``create_transform`` for the data config: random resized crop (scale
+    0.35-1) and horizontal flip, no colour or erasing. With self-distillation the teacher sees the
+    same augmented image, so no labels are needed and the student does not memorise a small folder.
+    """
     from timm.data import create_transform
 
-    config = find_backend(model).data_config(model)
-    return create_transform(input_size=config["input_size"], is_training=True, scale=(0.35, 1.0), hflip=0.5,
-                            color_jitter=0.0, auto_augment=None, re_prob=0.0, interpolation=config["interpolation"],
-                            mean=config["mean"], std=config["std"])
-
-
-def transform_for(model_spec: str, training: bool = False, img_size: Optional[int] = None) -> Callable:
-    """The input transform for a ``tokenpatch`` model spec (timm name or ``hf:NAME``, via its timm twin)
-    built with ``img_size`` (default: the model's)."""
-    reference = timm_twin(model_spec, img_size)
-    return train_transform(reference) if training else eval_transform(reference)
-
-
-def normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) per RGB channel that ``model``'s pretrained inputs are normalised with."""
-    config = find_backend(model).data_config(model)
-    return tuple(config["mean"]), tuple(config["std"])
+    config = preprocessing.data_config
+    if training:
+        return create_transform(input_size=config["input_size"], is_training=True, scale=(0.35, 1.0), hflip=0.5,
+                                color_jitter=0.0, auto_augment=None, re_prob=0.0,
+                                interpolation=config["interpolation"], mean=config["mean"], std=config["std"])
+    if preprocessing.processor is not None:
+        return ProcessorTransform(preprocessing.processor)
+    return create_transform(**config)
 
 
 def load_deit_tiny(root: PathLike) -> nn.Module:

@@ -1,70 +1,170 @@
-"""Building models by name for the command line: timm names, and ``hf:`` twins of them.
+"""Models by the names users give them, with their weights and their input preprocessing.
 
-Nothing here downloads: timm models get random weights (or a checkpoint), and an ``hf:NAME``
-model is a transformers ViT/DeiT built from the config of timm's ``NAME`` architecture.
+- a timm name (``deit_small_patch16_224``, ``vit_base_patch16_224.augreg_in21k``) or timm's own
+  ``hf-hub:ORG/NAME`` and ``local-dir:PATH``: ``timm.create_model``, pretrained weights through
+  timm (the Hugging Face Hub and its cache) unless random weights are asked for;
+- ``hf:ORG/NAME`` or ``hf:PATH`` (a ``save_pretrained`` folder): a transformers model through its
+  Auto classes (the image classifier where the checkpoint has one, else its vision encoder) and
+  its own image processor.
+
+Downloads go through timm, transformers and huggingface_hub, so their cache and
+``HF_HUB_OFFLINE=1`` work as they do for those libraries.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from ..errors import TokenPatchError
 
 HF_PREFIX = "hf:"
+#: model names timm resolves itself (a Hub repository, a local folder with timm's config.json)
+TIMM_SOURCE_PREFIXES = ("hf-hub:", "local-dir:")
+#: the seed of random weights (``pretrained=False``), so that every process and run builds the same model
+RANDOM_WEIGHTS_SEED = 0
+_OFFLINE_HINT = ("(offline, HF_HUB_OFFLINE=1, it must be in the Hugging Face cache); give --checkpoint FILE, "
+                 "or --no-pretrained for random weights")
 
 
-def build_timm_model(name: str, img_size: Optional[int] = None) -> nn.Module:
-    """A timm model with random weights, in eval mode (never downloads)."""
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model's images are prepared: timm's data config (``input_size`` (C, H, W),
+    ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``) and, for a transformers
+    checkpoint, its own image processor (which then prepares the evaluation images)."""
+
+    data_config: dict[str, Any]
+    processor: Optional[Any] = None
+
+
+@dataclass
+class BuiltModel:
+    """A model in eval mode, how its inputs are prepared, and whether its weights are pretrained."""
+
+    model: nn.Module
+    preprocessing: Preprocessing
+    pretrained: bool
+
+
+def build_model(spec: str, img_size: Optional[int] = None, pretrained: bool = True) -> BuiltModel:
+    """The model ``spec`` names (see the module docstring), in eval mode.
+
+    Args:
+        img_size: build a timm model for this input size (pretrained position embeddings are
+            resampled by timm); not for ``hf:`` models.
+        pretrained: load the published weights; False builds random weights, seeded with
+            :data:`RANDOM_WEIGHTS_SEED` (the global random state is left as it was).
+
+    Raises:
+        TokenPatchError: an unknown name, a name without published weights, weights that cannot
+            be had (offline and not cached), a model tokenpatch cannot patch; one line.
+    """
+    from . import find_backend
+
+    if spec.startswith(HF_PREFIX) and img_size:
+        raise TokenPatchError("--img-size is for timm models; a transformers checkpoint (hf:) keeps its own size")
+    with torch.random.fork_rng(devices=[]):  # random weights are the same in every process (torchrun) and run
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        if spec.startswith(HF_PREFIX):
+            built = _build_transformers_model(spec[len(HF_PREFIX):], pretrained)
+        else:
+            model = build_timm_model(spec, img_size, pretrained)
+            built = BuiltModel(model, Preprocessing(find_backend(model).data_config(model)), pretrained)
+    find_backend(built.model)  # a model tokenpatch cannot patch is refused here, by name
+    return built
+
+
+def build_timm_model(name: str, img_size: Optional[int] = None, pretrained: bool = False) -> nn.Module:
+    """A timm model in eval mode; ``pretrained`` loads its published weights through timm."""
     import timm
 
-    if not timm.is_model(name):
+    is_source = name.startswith(TIMM_SOURCE_PREFIXES)
+    if not is_source and not timm.is_model(name):
         raise TokenPatchError(f"unknown timm model {name!r} (see timm.list_models())")
+    if pretrained and not is_source and not _has_published_weights(name):
+        raise TokenPatchError(f"timm publishes no weights for {name!r} (see timm.list_pretrained()); "
+                              "give --checkpoint FILE, or --no-pretrained for random weights")
     kwargs = {"img_size": img_size} if img_size else {}
-    return timm.create_model(name, pretrained=False, **kwargs).eval()
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:  # not downloadable, not cached, or not loadable
+        what = "the pretrained weights" if pretrained else "the config"
+        raise TokenPatchError(f"cannot load {what} of {name!r} through timm ({_first_line(exc)}) "
+                              f"{_OFFLINE_HINT}") from exc
+    return model.eval()
 
 
-def hf_config_from_timm(timm_model: nn.Module):
-    """The transformers ``ViTConfig`` (one prefix token) or ``DeiTConfig`` (two) of a timm ViT/DeiT."""
-    import transformers
+def _has_published_weights(name: str) -> bool:
+    """True when timm knows where ``name``'s weights are (timm would otherwise warn and keep random ones)."""
+    from timm.models import get_pretrained_cfg
 
-    prefix = timm_model.num_prefix_tokens
-    if prefix not in (1, 2) or getattr(timm_model, "reg_token", None) is not None:
-        raise TokenPatchError(f"no transformers ViT/DeiT layout has {prefix} prefix tokens")
-    config_class = transformers.DeiTConfig if prefix == 2 else transformers.ViTConfig
-    block = timm_model.blocks[0]
-    return config_class(
-        hidden_size=timm_model.embed_dim,
-        num_hidden_layers=len(timm_model.blocks),
-        num_attention_heads=block.attn.num_heads,
-        intermediate_size=block.mlp.fc1.out_features,
-        image_size=timm_model.patch_embed.img_size[0],
-        patch_size=timm_model.patch_embed.patch_size[0],
-        num_labels=timm_model.num_classes,
-        layer_norm_eps=block.norm1.eps,
-        hidden_act="gelu",
-        qkv_bias=block.attn.qkv.bias is not None,
-    )
+    try:
+        config = get_pretrained_cfg(name)
+    except RuntimeError:  # a tag timm does not know
+        return False
+    return config is not None and any((config.hf_hub_id, config.url, config.file, config.state_dict))
 
 
-def build_hf_model(name: str, img_size: Optional[int] = None) -> nn.Module:
-    """``ViTForImageClassification`` or ``DeiTForImageClassificationWithTeacher`` shaped like timm's ``name``."""
-    import transformers
+def _build_transformers_model(source: str, pretrained: bool) -> BuiltModel:
+    """A transformers checkpoint (Hub id or folder): its image classifier, else its vision encoder, with its processor."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise TokenPatchError("hf: models need transformers: pip install 'tokenpatch[hf]'") from exc
+    if source.startswith(("/", ".", "~")) and not Path(source).expanduser().is_dir():
+        raise TokenPatchError(f"hf:{source}: no such folder (a transformers save_pretrained folder, or a Hub id ORG/NAME)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(source)
+        model_class = _transformers_model_class(config)
+        model = (model_class.from_pretrained(source) if pretrained
+                 else model_class(config.vision_config if _is_dual(config) else config))
+        processor = transformers.AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as exc:  # no such repository or folder, not cached, not an image model
+        raise TokenPatchError(f"cannot load the transformers checkpoint {source!r} ({_first_line(exc)}) "
+                              f"{_OFFLINE_HINT}") from exc
+    return BuiltModel(model.eval(), Preprocessing(processor_data_config(processor), processor), pretrained)
 
-    config = hf_config_from_timm(build_timm_model(name, img_size))
-    model_class = (transformers.DeiTForImageClassificationWithTeacher if isinstance(config, transformers.DeiTConfig)
-                   else transformers.ViTForImageClassification)
-    return model_class(config).eval()
+
+def _is_dual(config: Any) -> bool:
+    """True for image-text checkpoints (CLIP, SigLIP): the vision encoder is what tokenpatch runs."""
+    return getattr(config, "vision_config", None) is not None
 
 
-def build_model(spec: str, img_size: Optional[int] = None) -> nn.Module:
-    """``NAME`` (timm) or ``hf:NAME`` (its transformers twin), random weights, eval mode."""
-    if spec.startswith(HF_PREFIX):
-        return build_hf_model(spec[len(HF_PREFIX):], img_size)
-    return build_timm_model(spec, img_size)
+def _transformers_model_class(config: Any) -> type:
+    """The class a checkpoint loads as: its image classifier when its architectures name one, the
+    vision encoder of an image-text model, else its base model."""
+    from transformers import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING, MODEL_MAPPING
+
+    if _is_dual(config):
+        return MODEL_MAPPING[type(config.vision_config)]
+    classifies = any("ForImageClassification" in name for name in (config.architectures or ()))
+    return MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING[type(config)] if classifies else MODEL_MAPPING[type(config)]
 
 
-def timm_twin(model_spec: str, img_size: Optional[int] = None) -> nn.Module:
-    """The timm model a ``tokenpatch`` model spec names (``hf:NAME``: its timm twin), for input configs."""
-    return build_timm_model(model_spec[len(HF_PREFIX):] if model_spec.startswith(HF_PREFIX) else model_spec, img_size)
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+
+def processor_data_config(processor: Any) -> dict[str, Any]:
+    """timm's data config equivalent of a transformers image processor's resize, crop and normalisation
+    (what training augmentation and de-normalising a picture need; evaluation uses the processor itself)."""
+    size, crop = processor.size, getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    final = crop or size
+    height, width = (final.height, final.width) if final.height else (final.shortest_edge, final.shortest_edge)
+    resized = size.shortest_edge or size.height
+    return {
+        "input_size": (3, height, width),
+        "interpolation": _PIL_RESAMPLE.get(int(processor.resample), "bicubic"),
+        "mean": tuple(processor.image_mean),
+        "std": tuple(processor.image_std),
+        "crop_pct": height / resized if crop else 1.0,
+        "crop_mode": "center" if size.shortest_edge else "squash",
+    }
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

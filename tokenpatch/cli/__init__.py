@@ -9,26 +9,31 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shlex
 import sys
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
 import torch
+from torch.utils.data import Subset
 
 from ..api import available_methods, get_config, get_method_name
 from ..checkpoint import saved_config
 from ..core.method import check_keep_ratio
 from ..core.options import parse_options
 from ..core.registry import DEFAULT_METHOD, get_method, training_free_methods
-from ..data import image_dataset, load_images, transform_for
+from ..core.distributed import is_main_process, join_process_group, world_size
+from ..data import image_dataset, input_transform, load_images
 from ..errors import TokenPatchError
 from ..jobs.audit import AUDIT_COLUMNS, COMPILED_COLUMNS, audit_rows
-from ..jobs.evaluation import EVAL_COLUMNS, EvalData, MethodSpec, evaluation_rows
+from ..jobs.evaluation import EVAL_COLUMNS, MAC_IMAGES, MethodSpec, classes_of, eval_loader, evaluation_rows
 from ..jobs.explain import write_explanations
 from ..jobs.finetune import FinetuneJob, run_finetune_job
-from ..jobs.models import DEFAULT_KEEP_RATIO, PatchRequest, load_model
+from ..jobs.models import DEFAULT_KEEP_RATIO, LoadedModel, PatchRequest, load_model
 from ..measure.budget import check_macs_ratio
-from ..measure.report import format_table
-from ..training.finetune import FinetuneConfig, is_main_process
+from ..measure.report import format_table, write_results
+from ..measure.runtime import AMP_DTYPES, Runtime
+from ..training.finetune import FinetuneConfig
 
 
 def _print_json(payload: dict[str, Any]) -> None:
@@ -36,57 +41,93 @@ def _print_json(payload: dict[str, Any]) -> None:
     print()
 
 
+def _runtime(args: argparse.Namespace) -> Runtime:
+    return Runtime.named(args.device, args.amp, args.channels_last)
+
+
+def _load(args: argparse.Namespace, img_size: Optional[int] = None) -> LoadedModel:
+    return load_model(args.model, args.checkpoint, img_size, pretrained=not args.no_pretrained)
+
+
+def _header(args: argparse.Namespace, loaded: LoadedModel, runtime: Runtime) -> dict[str, Any]:
+    """What every results file and JSON output starts with: the command, the model and its weights, the device."""
+    return {"command": shlex.join(["tokenpatch", *args.argv]), "model": args.model, "weights": loaded.weights,
+            "device": runtime.describe()}
+
+
+def _write_results(args: argparse.Namespace, header: dict[str, Any], rows: list[dict[str, Any]],
+                   columns: Sequence[str]) -> None:
+    if args.output:
+        write_results(args.output, header, rows, columns)
+
+
 def _audit(args: argparse.Namespace) -> int:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise TokenPatchError("--device cuda was asked for, but torch sees no CUDA device")
-    loaded = load_model(args.model, args.checkpoint, args.img_size)
+    runtime = _runtime(args)
+    loaded = _load(args, args.img_size)
     options = method_options(_method_named(args), args.option)
     names = sorted(available_methods()) if args.methods == "all" else [args.method]
     patched = {}
     for name in names:
         model = loaded.patched(PatchRequest(name, args.keep_ratio, args.macs_ratio, options))
         patched[get_method_name(model)] = model
-    rows = audit_rows(loaded.unpatched, patched, args.batch_size, args.repeats, args.device, compiled=args.compile)
-    header = {"model": args.model, "batch_size": args.batch_size, "device": args.device}
+    rows = audit_rows(loaded.unpatched, patched, args.batch_size, args.repeats, runtime, compiled=args.compile)
+    header = {**_header(args, loaded, runtime), "batch_size": args.batch_size}
+    columns = AUDIT_COLUMNS + (COMPILED_COLUMNS if args.compile else [])
+    _write_results(args, header, rows, columns)
     if args.json:
         _print_json({**header, **rows[0]} if len(rows) == 1 else {**header, "results": rows})
     else:
-        print(f"{args.model}: {rows[0]['params'] / 1e6:.2f} M params, batch {args.batch_size}, {args.device}, "
-              f"{torch.get_num_threads()} threads")
-        print(format_table(rows, AUDIT_COLUMNS + (COMPILED_COLUMNS if args.compile else []), digits=2))
+        print(f"{args.model} ({loaded.weights}): {rows[0]['params'] / 1e6:.2f} M params, batch {args.batch_size}, "
+              f"{runtime.describe()}, {torch.get_num_threads()} threads")
+        print(format_table(rows, columns, digits=2))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    loaded = load_model(args.model, args.checkpoint, args.img_size)
+    runtime = _runtime(args)
+    join_process_group(runtime.device)
+    loaded = _load(args, args.img_size)
     methods = args.methods
     if not methods and loaded.saved is not None:  # the checkpoint's own patched model, as saved
         name = get_method_name(loaded.saved)
         methods = [MethodSpec(name, label=f"{name} (checkpoint)",
                               model=loaded.patched(PatchRequest(keep_ratio=args.keep_ratio)))]
     methods = methods or [MethodSpec(name) for name in training_free_methods()]
-    images, labels = load_images(image_dataset(args.data, args.labels, transform_for(args.model, img_size=args.img_size)),
-                                 args.limit, progress=True)
-    data = EvalData(images, labels)
+    dataset = image_dataset(args.data, args.labels, input_transform(loaded.preprocessing),
+                            classes_of(loaded.unpatched), args.class_map)
+    if args.limit is not None:
+        dataset = Subset(dataset, range(min(args.limit, len(dataset))))
+    first_images, _ = load_images(dataset, max(args.calibration, MAC_IMAGES))
     keep_ratio = None if args.macs_ratio is not None else args.keep_ratio
-    rows = evaluation_rows(loaded.unpatched, data, methods, keep_ratio, args.macs_ratio, args.calibration,
-                           batch_size=args.batch_size)
+    rows = evaluation_rows(loaded.unpatched, eval_loader(dataset, args.batch_size, args.workers, runtime), methods,
+                           first_images, keep_ratio, args.macs_ratio, args.calibration, MAC_IMAGES, runtime,
+                           progress=is_main_process())
+    if not is_main_process():  # every process holds the summed table; one prints it
+        return 0
     budget = f"{args.macs_ratio:.0%} of the MACs" if args.macs_ratio is not None else (
         f"keep ratio {args.keep_ratio}" if args.keep_ratio is not None else "each method's default keep ratio")
-    header = {"model": args.model, "images": len(labels), "labelled": data.labelled, "budget": budget}
+    labelled = rows[0]["top1"] is not None
+    header = {**_header(args, loaded, runtime), "data": args.data, "images": len(dataset), "labelled": labelled,
+              "budget": budget, "processes": world_size()}
+    columns = _eval_columns(labelled)
+    _write_results(args, header, rows, columns)
     if args.json:
         _print_json({**header, "results": rows})
     else:
-        print(f"{args.model}: {len(labels)} {'labelled' if data.labelled else 'unlabelled'} images from {args.data}, "
-              f"{budget}")
-        _print_eval_table(rows, data.labelled)
+        print(f"{args.model} ({loaded.weights}): {len(dataset)} {'labelled' if labelled else 'unlabelled'} images "
+              f"from {args.data}, {budget}, {runtime.describe()}"
+              + (f", {world_size()} processes" if world_size() > 1 else ""))
+        _print_eval_table(rows, columns)
     return 0
 
 
-def _print_eval_table(rows: Sequence[dict[str, Any]], labelled: bool) -> None:
-    """The measured rows as a table (top-1/top-5 only when labelled), then a line per method that
-    could not take the budget."""
-    columns = EVAL_COLUMNS if labelled else [c for c in EVAL_COLUMNS if c not in ("top1", "top5")]
+def _eval_columns(labelled: bool) -> list[str]:
+    """The eval table's columns: top-1/top-5 only when every image is labelled."""
+    return EVAL_COLUMNS if labelled else [c for c in EVAL_COLUMNS if c not in ("top1", "top5")]
+
+
+def _print_eval_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    """The measured rows as a table, then a line per method that could not take the budget."""
     print(format_table([r for r in rows if "note" not in r], columns, digits=3))
     for row in rows:
         if "note" in row:
@@ -119,7 +160,8 @@ def _finetune(args: argparse.Namespace) -> int:
     job = FinetuneJob(model=args.model, data=args.data, method=args.method, keep_ratio=args.keep_ratio,
                       macs_ratio=args.macs_ratio, options=method_options(_method_named(args), args.option),
                       checkpoint=args.checkpoint, labels=args.labels, val_fraction=args.val_fraction, fold=args.fold,
-                      augment=args.augment, batch_size=args.batch_size, seed=args.seed, out=args.out, config=config)
+                      augment=args.augment, batch_size=args.batch_size, seed=args.seed, out=args.out, config=config,
+                      class_map=args.class_map, pretrained=not args.no_pretrained, runtime=_runtime(args))
     result = run_finetune_job(job)
     if not is_main_process():
         return 0
@@ -128,7 +170,7 @@ def _finetune(args: argparse.Namespace) -> int:
     else:
         rows = [{"": when, **result[when]} for when in ("unpatched", "before", "after")]
         loop = result["loop"]
-        print(f"{args.model} {result['method']}@{result['keep_ratio']:.3g}: {result['macs'] / 1e9:.2f} of "
+        print(f"{args.model} ({result['weights']}) {result['method']}@{result['keep_ratio']:.3g}: {result['macs'] / 1e9:.2f} of "
               f"{result['macs_unpatched'] / 1e9:.2f} GMACs, {result['steps']} steps on {result['train_images']} images "
               f"in {loop['seconds']:.0f} s, validated on {result['val_images']}")
         print(format_table(rows, digits=2))
@@ -137,12 +179,13 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    loaded = load_model(args.model, args.checkpoint)
+    runtime = _runtime(args)
+    loaded = _load(args)
     model = loaded.patched(PatchRequest(args.method, args.keep_ratio, options=method_options(_method_named(args), args.option)))
-    result = write_explanations(model, args.images, args.model, args.out)
+    result = write_explanations(model, args.images, loaded.preprocessing, args.out, runtime)
     if args.json:
         options = get_config(model).to_dict()
-        _print_json({"model": args.model, "method": get_method_name(model), "options": options, **result})
+        _print_json({**_header(args, loaded, runtime), "method": get_method_name(model), "options": options, **result})
     else:
         what = "patch tokens per block (merged ones count once)" if result["merged"] else "patches computed per block"
         for image, counts in zip(result["images"], result["patches_per_block"]):
@@ -215,6 +258,33 @@ _non_negative = _number_in(float, 0)
 _fraction = _number_in(float, 0, 1, open_low=True, open_high=True)
 _CHECKPOINT_HELP = ("weights: a state dict (.safetensors or torch) of the unpatched model, or a tokenpatch.save file, "
                     "whose method and options apply unless --method, --keep-ratio or --option say otherwise")
+_MODEL_HELP = ("timm model name, e.g. deit_small_patch16_224 (its pretrained weights through timm's Hub cache), timm's "
+               "hf-hub:ORG/NAME, or hf:ORG/NAME or hf:PATH for a transformers checkpoint and its image processor")
+_CLASS_MAP_HELP = ("class sub-folder names in the model's label order, one per line (timm's format); ImageNet "
+                   "WordNet-id folders (n01440764/...) need none")
+#: data-loading processes of eval by default, as timm's validate.py (fewer on a smaller machine)
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, checkpoint_help: str = _CHECKPOINT_HELP) -> None:
+    """The model positional, ``--checkpoint`` and ``--no-pretrained``."""
+    parser.add_argument("model", help=_MODEL_HELP)
+    parser.add_argument("--checkpoint", help=checkpoint_help)
+    parser.add_argument("--no-pretrained", action="store_true",
+                        help="random weights instead of the published ones (nothing is downloaded; the output says so)")
+
+
+def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--amp`` and ``--channels-last`` (timm's validate.py spellings)."""
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda or cuda:N (default cpu; under torchrun, cuda is each process's own GPU)")
+    parser.add_argument("--amp", choices=sorted(AMP_DTYPES), help="run the models under autocast to bfloat16 or float16")
+    parser.add_argument("--channels-last", action="store_true", help="images and weights in channels-last memory format")
+
+
+def _add_output_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", metavar="DIR", help="also write the table to DIR/results.json (with the command, "
+                        "device and library versions) and DIR/results.csv")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -228,29 +298,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="tokenpatch", description="Token reduction for pretrained ViTs.")
     commands = parser.add_subparsers(dest="command", required=True)
     audit = commands.add_parser("audit", help="MACs and throughput of a patched timm model vs the unpatched one")
-    audit.add_argument("model", help="timm model name, e.g. deit_small_patch16_224, or hf:NAME for its transformers "
-                       "ViT/DeiT twin (random weights)")
+    _add_model_arguments(audit)
     _add_method_arguments(audit, "instead of --keep-ratio: the share of the unpatched MACs to spend; each method's "
                           "keep ratio is solved to within 1 %% of it")
     audit.add_argument("--methods", choices=["all"], help="one row per available method")
     audit.add_argument("--batch-size", type=_positive, default=32)
-    audit.add_argument("--img-size", type=_positive, help="input size (default: the model's)")
-    audit.add_argument("--checkpoint", help=_CHECKPOINT_HELP)
-    audit.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    audit.add_argument("--img-size", type=_positive, help="input size of a timm model (default: the model's)")
+    _add_runtime_arguments(audit)
     audit.add_argument("--repeats", type=_positive, default=10, help="timed rounds (median reported)")
     audit.add_argument("--compile", action="store_true",
                        help="also time every model under torch.compile (inductor) and report compiled next to eager")
     audit.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    _add_output_argument(audit)
     audit.set_defaults(run=_audit)
 
     evaluate = commands.add_parser("eval", help="MACs, top-1/top-5 and agreement with the unpatched model, per "
                                    "method, on an image folder")
-    evaluate.add_argument("model", help="timm model name or hf:NAME (weights from --checkpoint)")
+    _add_model_arguments(evaluate, _CHECKPOINT_HELP.replace("--method, --keep-ratio or --option",
+                                                            "--methods or --keep-ratio"))
     evaluate.add_argument("--data", required=True, help="image folder: flat (labels optional), class sub-folders, "
                           "or flat with labels.csv")
     evaluate.add_argument("--labels", help="file,class_index CSV (default: DATA/labels.csv when present)")
-    evaluate.add_argument("--checkpoint", help=_CHECKPOINT_HELP.replace("--method, --keep-ratio or --option", "--methods "
-                                                                        "or --keep-ratio"))
+    evaluate.add_argument("--class-map", metavar="FILE", help=_CLASS_MAP_HELP)
     evaluate.add_argument("--methods", nargs="+", type=_method_spec, metavar="METHOD[:KEY=VALUE,...]",
                           help="methods to compare, each with its own options, e.g. idle idle:score=fixed tome "
                           "(default: every method that needs no training)")
@@ -262,17 +331,22 @@ def build_parser() -> argparse.ArgumentParser:
                           help="images the --macs-ratio fit counts MACs on")
     evaluate.add_argument("--limit", type=_positive, help="use only the first N images")
     evaluate.add_argument("--batch-size", type=_positive, default=50)
-    evaluate.add_argument("--img-size", type=_positive, help="input size (default: the model's)")
+    evaluate.add_argument("-j", "--workers", type=_count, default=DEFAULT_WORKERS,
+                          help=f"image-decoding processes (default {DEFAULT_WORKERS} here; 0: decode in this one)")
+    evaluate.add_argument("--img-size", type=_positive, help="input size of a timm model (default: the model's)")
+    _add_runtime_arguments(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    _add_output_argument(evaluate)
     evaluate.set_defaults(run=_eval)
 
     tune = commands.add_parser("finetune", help="self-distil a patched model from its unpatched weights on an image folder")
-    tune.add_argument("model", help="timm model name or hf:NAME (weights from --checkpoint)")
+    _add_model_arguments(tune)
     _add_method_arguments(tune, "instead of --keep-ratio: the share of the unpatched MACs to spend (the keep ratio "
                           "is fitted)")
     tune.add_argument("--data", required=True, help="image folder: flat, class sub-folders, or flat with labels.csv")
     tune.add_argument("--labels", help="file,class_index CSV (default: DATA/labels.csv when present)")
-    tune.add_argument("--checkpoint", help=_CHECKPOINT_HELP)
+    tune.add_argument("--class-map", metavar="FILE", help=_CLASS_MAP_HELP)
+    _add_runtime_arguments(tune)
     defaults = FinetuneConfig()
     length = tune.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive, default=defaults.steps,
@@ -307,11 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.set_defaults(run=_finetune)
 
     show = commands.add_parser("explain", help="PNG overlays of the patches a patched model computed, and its scores")
-    show.add_argument("model", help="timm model name or hf:NAME (weights from --checkpoint)")
+    _add_model_arguments(show)
     show.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     _add_method_arguments(show)
-    show.add_argument("--checkpoint", help=_CHECKPOINT_HELP)
     show.add_argument("--out", required=True, help="folder for the PNG files")
+    _add_runtime_arguments(show)
     show.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     show.set_defaults(run=_explain)
     return parser
@@ -320,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``tokenpatch`` command: 0 on success, 2 with one line on a user error
     (a bad argument, path, image or checkpoint, or a file that cannot be written)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.run(args)
     except (TokenPatchError, OSError) as exc:  # user errors: one line, exit 2 (a bug keeps its traceback)

@@ -53,6 +53,11 @@ class Explanation:
         """(gh, gw) patches per column and row."""
         return tuple(self.computed.shape[-2:])
 
+    def to_cpu(self) -> "Explanation":
+        """The same maps on the CPU, in float32 where they are floating point (for drawing)."""
+        return Explanation(self.computed.cpu(), {block: s.float().cpu() for block, s in self.scores.items()},
+                           self.score_name, None if self.groups is None else self.groups.cpu())
+
     def importance(self) -> Tensor:
         """(B, gh, gw) patch ranking: blocks that computed the patch, ties broken by the last score.
 

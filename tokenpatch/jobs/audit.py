@@ -12,6 +12,7 @@ from ..api import get_config
 from ..backends import find_backend
 from ..errors import TokenPatchError
 from ..measure.flops import count_macs
+from ..measure.runtime import Runtime
 from ..measure.speed import Throughput, compare_throughput, paired_speedup
 
 AUDIT_COLUMNS = ["method", "keep_ratio", "gmacs_unpatched", "gmacs", "reduction_%", "ideal_speedup",
@@ -20,9 +21,10 @@ AUDIT_COLUMNS = ["method", "keep_ratio", "gmacs_unpatched", "gmacs", "reduction_
 COMPILED_COLUMNS = ["img_s_unpatched_compiled", "img_s_compiled", "speedup_compiled"]
 
 
-def audit_rows(model: nn.Module, patched: Mapping[str, nn.Module], batch_size: int, repeats: int, device: str,
-               compiled: bool = False) -> list[dict[str, Any]]:
-    """One row per patched model (named by its key): MACs and measured throughput against the unpatched ``model``.
+def audit_rows(model: nn.Module, patched: Mapping[str, nn.Module], batch_size: int, repeats: int,
+               runtime: Runtime = Runtime(), compiled: bool = False) -> list[dict[str, Any]]:
+    """One row per patched model (named by its key): MACs and measured throughput against the
+    unpatched ``model``, every model timed on ``runtime``'s device, autocast and memory format.
 
     With ``compiled`` every model, the unpatched one included, is also timed under
     ``torch.compile`` (default inductor backend; compiling takes a while), adding the
@@ -33,8 +35,8 @@ def audit_rows(model: nn.Module, patched: Mapping[str, nn.Module], batch_size: i
     base_macs = count_macs(model, shape).total
     macs = {m: count_macs(p, shape).total for m, p in patched.items()}
     models = {"unpatched": model, **patched}
-    timings = compare_throughput(models, batch_size, size, repeats=repeats, device=device)
-    compiled_timings = _compiled_throughput(models, batch_size, size, repeats, device) if compiled else {}
+    timings = _throughput(models, batch_size, size, repeats, runtime)
+    compiled_timings = _compiled_throughput(models, batch_size, size, repeats, runtime) if compiled else {}
     params = sum(p.numel() for p in model.parameters())
     rows = []
     for m in patched:
@@ -56,12 +58,17 @@ def audit_rows(model: nn.Module, patched: Mapping[str, nn.Module], batch_size: i
     return rows
 
 
+def _throughput(models: Mapping[str, nn.Module], batch_size: int, size: tuple[int, int], repeats: int,
+                runtime: Runtime) -> dict[str, Throughput]:
+    return compare_throughput(models, batch_size, size, repeats=repeats, device=runtime.device, amp=runtime.amp_dtype,
+                              channels_last=runtime.channels_last)
+
+
 def _compiled_throughput(models: dict[str, nn.Module], batch_size: int, size: tuple[int, int], repeats: int,
-                         device: str) -> dict[str, Throughput]:
+                         runtime: Runtime) -> dict[str, Throughput]:
     """Throughput of every model under ``torch.compile``, timed alternately; a one-line error if compiling fails."""
     try:
-        return compare_throughput({name: torch.compile(m) for name, m in models.items()}, batch_size, size,
-                                  repeats=repeats, device=device)
+        return _throughput({name: torch.compile(m) for name, m in models.items()}, batch_size, size, repeats, runtime)
     except Exception as exc:  # inductor needs a working C++ (or CUDA) toolchain
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise TokenPatchError(f"torch.compile failed ({type(exc).__name__}: {first_line}); "

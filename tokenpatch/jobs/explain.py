@@ -8,10 +8,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..backends.build import timm_twin
-from ..data import eval_transform, normalisation, read_image
+from ..backends.build import Preprocessing
+from ..data import input_transform, read_image
 from ..interpret.explanation import explain
 from ..interpret.render import contact_sheet, panel, to_pixels
+from ..measure.runtime import Runtime
 
 
 def load_image_files(paths: Sequence[str], transform: Callable) -> torch.Tensor:
@@ -19,17 +20,19 @@ def load_image_files(paths: Sequence[str], transform: Callable) -> torch.Tensor:
     return torch.stack([transform(read_image(p)) for p in paths])
 
 
-def write_explanations(model: nn.Module, paths: Sequence[str], model_spec: str, out: str) -> dict[str, Any]:
-    """Explain the patched ``model`` on the image files and write one PNG per image plus a contact sheet.
+def write_explanations(model: nn.Module, paths: Sequence[str], preprocessing: Preprocessing, out: str,
+                       runtime: Runtime = Runtime()) -> dict[str, Any]:
+    """Explain the patched ``model`` on the image files, prepared as ``preprocessing`` says and run
+    on ``runtime``'s device (under its autocast), and write one PNG per image plus a contact sheet.
 
     Returns:
         What was written and, per image, the patches each block computed (for a merging
         method, the tokens: each merged token counts once); ``merged`` says whether tokens merged.
     """
-    reference = timm_twin(model_spec)
-    images = load_image_files(paths, eval_transform(reference))
-    explanation = explain(model, images)
-    mean, std = normalisation(reference)
+    images = load_image_files(paths, input_transform(preprocessing))
+    with runtime.autocast():
+        explanation = explain(runtime.place(model), runtime.inputs(images)).to_cpu()
+    mean, std = preprocessing.data_config["mean"], preprocessing.data_config["std"]
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     panels, written, computed = [], [], []

@@ -13,17 +13,20 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from ..api import get_config, get_method_name
 from ..checkpoint import save
-from ..data import RememberedItems, image_dataset, load_images, transform_for
+from ..backends.build import Preprocessing
+from ..core.distributed import in_process_group, is_main_process, join_process_group, world_size
+from ..data import RememberedItems, image_dataset, input_transform, load_images
 from ..errors import CheckpointError, InvalidOptionError
 from ..measure.evaluate import accuracy, predict
 from ..measure.flops import count_macs
-from ..training.finetune import FinetuneConfig, finetune, in_process_group, is_main_process, unpatched_behaviour, world_size
+from ..measure.runtime import Runtime
+from ..training.finetune import FinetuneConfig, finetune, unpatched_behaviour
+from .evaluation import classes_of
 from .models import PatchRequest, load_model
 
 
@@ -32,13 +35,16 @@ class FinetuneJob:
     """What ``tokenpatch finetune`` does, as data.
 
     Attributes:
-        model: timm model name or ``hf:NAME`` (random weights unless ``checkpoint``).
+        model: timm model name (``hf-hub:`` names too) or ``hf:NAME``/``hf:PATH`` (transformers),
+            with its published weights unless ``checkpoint`` (or not ``pretrained``).
         data: image folder (flat, class sub-folders, or flat with ``labels.csv``).
         method, keep_ratio, options: the patch; ``None`` (and no options): the checkpoint's own
             when it is a ``tokenpatch.save`` file, else the default method (``tome``) at 0.5.
         checkpoint: weights of the unpatched model (.safetensors or torch state dict), or a
             ``tokenpatch.save`` file to fine-tune further (its method modules' weights included).
         labels: a ``file,class_index`` CSV (default: ``data/labels.csv`` when present).
+        class_map: class folder names in the model's label order (timm's text format); ImageNet
+            WordNet ids need none.
         macs_ratio: instead of ``keep_ratio``, the share of the unpatched MACs to spend (the keep
             ratio is fitted, :func:`tokenpatch.set_macs_ratio`).
         val_fraction: share of the images held out for evaluation.
@@ -49,6 +55,9 @@ class FinetuneJob:
         seed: seeds the split, the shuffling and the training.
         out: save the fine-tuned patched model here (``tokenpatch.save`` format).
         config: the optimisation options.
+        pretrained: load the model's published weights when there is no ``checkpoint``.
+        runtime: the device the model trains and is evaluated on; evaluation also under its
+            autocast and memory format (training in full precision).
     """
 
     model: str
@@ -66,19 +75,24 @@ class FinetuneJob:
     seed: int = 0
     out: Optional[str] = None
     config: FinetuneConfig = field(default_factory=FinetuneConfig)
+    class_map: Optional[str] = None
+    pretrained: bool = True
+    runtime: Runtime = field(default_factory=Runtime)
 
 
 @dataclass
 class HeldOut:
-    """Validation images, their labels (or None) and the unpatched model's logits on them."""
+    """Validation images, their labels (or None), the unpatched model's logits on them, and the
+    runtime the evaluations run with."""
 
     images: Tensor
     labels: Optional[Tensor]
     reference: Tensor
+    runtime: Runtime = field(default_factory=Runtime)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Agreement with the unpatched top-1 (and top-1 when labelled), in percent."""
-        return self.scores(predict(model, self.images, batch_size=32))
+        return self.scores(predict(model, self.images, batch_size=32, runtime=self.runtime))
 
     def scores(self, logits: Tensor) -> dict[str, float]:
         """Agreement (and top-1 when labelled) of (M, classes) ``logits``, in percent."""
@@ -90,16 +104,19 @@ class HeldOut:
         return scores
 
 
-def split_dataset(model_spec: str, data: str, labels: Optional[str], val_fraction: float, seed: int,
-                  augment: bool = False, fold: int = 0) -> tuple[Subset, Subset]:
-    """(train subset, validation subset) of the folder; validation uses the model's evaluation
-    transform, training too unless ``augment`` (then :func:`~tokenpatch.data.train_transform`).
+def split_dataset(preprocessing: Preprocessing, data: str, labels: Optional[str], val_fraction: float, seed: int,
+                  augment: bool = False, fold: int = 0, num_classes: Optional[int] = None,
+                  class_map: Optional[str] = None) -> tuple[Subset, Subset]:
+    """(train subset, validation subset) of the folder, labels in the model's ``num_classes`` (see
+    :func:`~tokenpatch.data.image_dataset`); validation uses the model's evaluation transform,
+    training too unless ``augment`` (then :func:`~tokenpatch.data.input_transform`'s training one).
 
     The images are put in a seeded order; the validation subset is its ``fold``-th share of
     ``val_fraction`` counted from the end, the training subset the rest.
     """
-    evaluated = image_dataset(data, labels, transform_for(model_spec))
-    trained = image_dataset(data, labels, transform_for(model_spec, training=True)) if augment else evaluated
+    evaluated = image_dataset(data, labels, input_transform(preprocessing), num_classes, class_map)
+    trained = image_dataset(data, labels, input_transform(preprocessing, training=True), num_classes,
+                            class_map) if augment else evaluated
     order = torch.randperm(len(evaluated), generator=torch.Generator().manual_seed(seed)).tolist()
     held = len(order) - int(round(len(order) * (1 - val_fraction)))
     if held == 0 or held == len(order):
@@ -111,18 +128,12 @@ def split_dataset(model_spec: str, data: str, labels: Optional[str], val_fractio
     return Subset(trained, order[:end - held] + order[end:]), Subset(evaluated, order[end - held:end])
 
 
-def held_out(model: nn.Module, subset: Subset) -> HeldOut:
+def held_out(model: nn.Module, subset: Subset, runtime: Runtime = Runtime()) -> HeldOut:
     """Load the validation images and the unpatched model's logits on them."""
     images, labels = load_images(subset)
     with unpatched_behaviour(model):
-        reference = predict(model, images, batch_size=32)
-    return HeldOut(images, labels if (labels >= 0).all() else None, reference)
-
-
-def init_distributed() -> None:
-    """Join the process group when started by ``torchrun`` with more than one process (gloo on CPU, nccl on GPU)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not in_process_group():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        reference = predict(model, images, batch_size=32, runtime=runtime)
+    return HeldOut(images, labels if (labels >= 0).all() else None, reference, runtime)
 
 
 #: training folders up to this many images are decoded once and kept in memory when not augmented
@@ -158,18 +169,19 @@ def run(model: nn.Module, train: Dataset, val: HeldOut, config: FinetuneConfig, 
 
 def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
     """Patch, fine-tune and evaluate as ``job`` says; return the scores before/after, MACs and sizes."""
-    init_distributed()
+    join_process_group(job.runtime.device)
     torch.manual_seed(job.seed)
     _check_writable(job.out)
-    model = load_model(job.model, job.checkpoint).patched(
-        PatchRequest(job.method, job.keep_ratio, job.macs_ratio, job.options))
-    train, val = split_dataset(job.model, job.data, job.labels, job.val_fraction, job.seed, job.augment, job.fold)
+    loaded = load_model(job.model, job.checkpoint, pretrained=job.pretrained)
+    model = job.runtime.place(loaded.patched(PatchRequest(job.method, job.keep_ratio, job.macs_ratio, job.options)))
+    train, val = split_dataset(loaded.preprocessing, job.data, job.labels, job.val_fraction, job.seed, job.augment,
+                               job.fold, classes_of(model), job.class_map)
     if not job.augment and len(train) <= REMEMBERED_IMAGES:
         train = RememberedItems(train)
-    result = run(model, train, held_out(model, val), job.config, job.batch_size, job.seed)
+    result = run(model, train, held_out(model, val, job.runtime), job.config, job.batch_size, job.seed)
     if job.out and is_main_process():
         save(model, job.out)
-    return {"model": job.model, "method": get_method_name(model), "keep_ratio": get_config(model).keep_ratio,
+    return {"model": job.model, "weights": loaded.weights, "method": get_method_name(model), "keep_ratio": get_config(model).keep_ratio,
             "options": get_config(model).to_dict(),
             "world_size": world_size(), "augment": job.augment, "finetune_config": dataclasses.asdict(job.config),
             **result, "out": job.out}

@@ -1,4 +1,5 @@
-"""The model a command works on: built by name, weights from ``--checkpoint``, and the patch the
+"""The model a command works on: built by name with its published weights (or those of
+``--checkpoint``, or random ones when asked for), how its images are prepared, and the patch the
 user asked for or, when nothing overrides it, the one a ``tokenpatch.save`` checkpoint brings."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any, Optional
 from torch import nn
 
 from ..api import get_method_name, patch, set_macs_ratio, set_options, unpatch
-from ..backends.build import build_model
+from ..backends.build import Preprocessing, build_model
 from ..checkpoint import is_checkpoint, load, load_weights
 from ..core.registry import DEFAULT_METHOD
 
@@ -32,10 +33,13 @@ class PatchRequest:
 
 @dataclass
 class LoadedModel:
-    """A model spec's unpatched model with the checkpoint's weights, and the patched model the
-    checkpoint holds (``None`` for plain weights or none)."""
+    """A model spec's unpatched model with its weights, the patched model a tokenpatch checkpoint
+    holds (``None`` for plain weights or none), how its images are prepared, and where its weights
+    came from (``"pretrained"``, ``"random weights"`` or ``"checkpoint FILE"``)."""
 
     unpatched: nn.Module
+    preprocessing: Preprocessing
+    weights: str
     saved: Optional[nn.Module] = None
 
     def patched(self, request: PatchRequest) -> nn.Module:
@@ -55,17 +59,23 @@ class LoadedModel:
                      macs_ratio=request.macs_ratio, **request.options)
 
 
-def load_model(spec: str, checkpoint: Optional[str] = None, img_size: Optional[int] = None) -> LoadedModel:
-    """Build ``spec`` (timm name or ``hf:NAME``) and load ``checkpoint``: plain weights (a
-    safetensors or torch state dict) or a ``tokenpatch.save`` file (then also kept patched).
+def load_model(spec: str, checkpoint: Optional[str] = None, img_size: Optional[int] = None,
+               pretrained: bool = True) -> LoadedModel:
+    """Build ``spec`` (a timm name, ``hf-hub:ORG/NAME``, or ``hf:ORG/NAME``/``hf:PATH`` for
+    transformers; see :func:`~tokenpatch.backends.build.build_model`) with its published weights
+    (random ones when not ``pretrained``), or with ``checkpoint``'s: plain weights (a safetensors or
+    torch state dict) or a ``tokenpatch.save`` file (then also kept patched).
 
     Raises:
+        TokenPatchError: the model or its weights cannot be had (one line saying why).
         CheckpointError: the file cannot be read or does not fit the model (one line naming it).
     """
-    model = build_model(spec, img_size)
+    built = build_model(spec, img_size, pretrained=pretrained and checkpoint is None)
+    model, preprocessing = built.model, built.preprocessing
     if checkpoint is None:
-        return LoadedModel(model)
+        return LoadedModel(model, preprocessing, "pretrained" if built.pretrained else "random weights")
+    weights = f"checkpoint {checkpoint}"
     if not is_checkpoint(checkpoint):
-        return LoadedModel(load_weights(model, checkpoint))
+        return LoadedModel(load_weights(model, checkpoint), preprocessing, weights)
     saved = load(model, checkpoint)
-    return LoadedModel(unpatch(copy.deepcopy(saved)), saved)
+    return LoadedModel(unpatch(copy.deepcopy(saved)), preprocessing, weights, saved)

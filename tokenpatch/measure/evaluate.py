@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..backends import find_backend
+from .runtime import Runtime
 
 
 def logits_of(model: nn.Module, output: Any) -> Tensor:
@@ -30,11 +31,18 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: Tensor, batch_size: int = 50, progress: bool = False, desc: str = "eval") -> Tensor:
-    """Logits of ``model`` on (M, 3, H, W) ``images``, in eval mode, batch by batch: (M, classes)."""
+def predict(model: nn.Module, images: Tensor, batch_size: int = 50, progress: bool = False, desc: str = "eval",
+            runtime: Optional[Runtime] = None) -> Tensor:
+    """Logits of ``model`` on (M, 3, H, W) ``images``, in eval mode, batch by batch: (M, classes),
+    float32 on the CPU. Each batch goes to ``runtime``'s device and runs under its autocast (the
+    model must already be there: :meth:`Runtime.place`); without one, where the images are."""
     model.eval()
-    batches = images.split(batch_size)
-    return torch.cat([logits_of(model, model(b)) for b in tqdm(batches, desc=desc, disable=not progress, leave=False)])
+    runtime = runtime or Runtime(images.device)
+    logits = []
+    for batch in tqdm(images.split(batch_size), desc=desc, disable=not progress, leave=False):
+        with runtime.autocast():
+            logits.append(logits_of(model, model(runtime.inputs(batch))).float().cpu())
+    return torch.cat(logits)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,17 @@
-"""Plain-text tables and JSON output for benchmarks and the CLI."""
+"""Plain-text tables, JSON output and results files for benchmarks and the CLI."""
 
 from __future__ import annotations
 
+import csv
+import importlib.metadata
 import json
+import platform
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
+
+#: version of the layout of ``results.json``; raised when a key changes meaning or goes away
+RESULTS_SCHEMA_VERSION = 1
+_VERSIONED = ("tokenpatch", "torch", "torchvision", "timm", "transformers", "huggingface_hub", "fvcore")
 
 
 def _cell(value: Any, digits: int) -> str:
@@ -30,3 +37,36 @@ def write_json(data: Any, path: Union[str, Path]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def versions() -> dict[str, Optional[str]]:
+    """Python's and the installed versions of tokenpatch and the libraries it runs on (None: not installed)."""
+    found: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for package in _VERSIONED:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def write_results(folder: Union[str, Path], header: dict[str, Any], rows: Sequence[dict[str, Any]],
+                  columns: Sequence[str]) -> list[Path]:
+    """A command's table as ``folder/results.json`` (``schema_version``, the ``header`` (command
+    line, device, ...), library ``versions`` and every row with all its keys) and
+    ``folder/results.csv`` (the table's ``columns``, plus ``note`` when a row has one).
+
+    Returns:
+        The two paths written.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = folder / "results.json", folder / "results.csv"
+    write_json({"schema_version": RESULTS_SCHEMA_VERSION, **header, "versions": versions(), "results": list(rows)},
+               json_path)
+    fields = list(columns) + (["note"] if any("note" in r for r in rows) else [])
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return [json_path, csv_path]

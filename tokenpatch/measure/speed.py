@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Mapping, Optional, Union
 
@@ -41,18 +42,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_forward(model: nn.Module, x: torch.Tensor) -> float:
-    """Seconds for one forward of ``x`` (CUDA events on GPU, a monotonic clock on CPU)."""
-    if x.device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+def _time_forward(model: nn.Module, x: torch.Tensor, amp: Optional[torch.dtype]) -> float:
+    """Seconds for one forward of ``x``, under autocast to ``amp`` if given (CUDA events on GPU, a
+    monotonic clock on CPU)."""
+    with torch.autocast(x.device.type, dtype=amp) if amp else nullcontext():
+        if x.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(x)
+            end.record()
+            torch.cuda.synchronize(x.device)
+            return start.elapsed_time(end) / 1000.0
+        begin = time.perf_counter()
         model(x)
-        end.record()
-        torch.cuda.synchronize(x.device)
-        return start.elapsed_time(end) / 1000.0
-    begin = time.perf_counter()
-    model(x)
-    return time.perf_counter() - begin
+        return time.perf_counter() - begin
 
 
 @torch.inference_mode()
@@ -66,6 +69,8 @@ def compare_throughput(
     dtype: Optional[torch.dtype] = None,
     progress: bool = True,
     inputs: Optional[torch.Tensor] = None,
+    amp: Optional[torch.dtype] = None,
+    channels_last: bool = False,
 ) -> dict[str, Throughput]:
     """Time several models on the same random batch, alternating between them each repeat.
 
@@ -83,6 +88,8 @@ def compare_throughput(
         progress: show a progress bar.
         inputs: (batch_size, 3, H, W) images to time on instead of random data (methods whose
             token counts follow the image run as they would on real data).
+        amp: autocast every forward to this dtype (``torch.bfloat16``, ``torch.float16``).
+        channels_last: images and weights in the channels-last memory format.
 
     Returns:
         name -> :class:`Throughput`.
@@ -90,17 +97,18 @@ def compare_throughput(
     device = torch.device(device)
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     x = torch.randn(batch_size, 3, h, w) if inputs is None else inputs[:batch_size]
-    x = x.to(device=device, dtype=dtype)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.to(device=device, dtype=dtype, memory_format=memory_format)
     for model in models.values():
-        model.eval().to(device=device, dtype=dtype)
+        model.eval().to(device=device, dtype=dtype, memory_format=memory_format)
     for _ in range(warmup):
         for model in models.values():
-            model(x)
+            _time_forward(model, x, amp)
     _sync(device)
     seconds: dict[str, list[float]] = {name: [] for name in models}
     for _ in tqdm(range(repeats), desc=f"timing batch {batch_size}", disable=not progress, leave=False):
         for name, model in models.items():
-            seconds[name].append(_time_forward(model, x))
+            seconds[name].append(_time_forward(model, x, amp))
     return {name: _summarise(batch_size, s) for name, s in seconds.items()}
 
 

@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backends import find_backend
+from ..core.distributed import in_process_group, is_main_process, world_size
 from ..core.runner import collecting, context_of, overriding, remove_patch
 from ..errors import TokenPatchError
 from ..measure.evaluate import eval_mode, logits_of
-from .loop import Budget, LoopTimes, in_process_group
+from .loop import Budget, LoopTimes
 from .losses import DistillationLoss, FeatureDistillationLoss
 
 
@@ -140,11 +141,13 @@ def mixed(images: Tensor, alpha: float) -> Tensor:
     return weight * images + (1 - weight) * images[torch.randperm(images.shape[0], device=images.device)]
 
 
-def _split_batch(batch: Any) -> tuple[Tensor, Optional[Tensor]]:
+def _split_batch(batch: Any, device: torch.device) -> tuple[Tensor, Optional[Tensor]]:
+    """(images, labels or None where any is unknown) of a batch, on the model's ``device``."""
     if isinstance(batch, Tensor):
-        return batch, None
+        return batch.to(device, non_blocking=True), None
     images, labels = batch[0], batch[1] if len(batch) > 1 else None
-    return images, labels if isinstance(labels, Tensor) and (labels >= 0).all() else None
+    known = isinstance(labels, Tensor) and (labels >= 0).all()
+    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True) if known else None
 
 
 @contextmanager
@@ -267,16 +270,6 @@ def training_only(model: nn.Module, trained: list[nn.Parameter]) -> Iterator[Non
             p.requires_grad_(True)
 
 
-def world_size() -> int:
-    """Processes taking part in training: 1 outside ``torchrun``."""
-    return torch.distributed.get_world_size() if in_process_group() else 1
-
-
-def is_main_process() -> bool:
-    """True outside ``torchrun`` and on its rank 0."""
-    return not in_process_group() or torch.distributed.get_rank() == 0
-
-
 def _distributed(model: nn.Module) -> nn.Module:
     """``model`` wrapped in DistributedDataParallel when running under torchrun, else ``model``."""
     if not in_process_group():
@@ -327,6 +320,7 @@ def _steps(model: nn.Module, network: nn.Module, teacher: nn.Module, batches: It
     peaks = [g["lr"] for g in optimizer.param_groups]
     distill = DistillationLoss(config.temperature)
     budget, times = Budget(config.steps, config.minutes), LoopTimes()
+    device = next(model.parameters()).device
     history: list[dict[str, float]] = []
     with budget.progress_bar(enabled=progress and is_main_process()) as bar:  # closed on errors too
         batch_source = _repeat(batches)
@@ -335,7 +329,7 @@ def _steps(model: nn.Module, network: nn.Module, teacher: nn.Module, batches: It
             for group, peak in zip(optimizer.param_groups, peaks):
                 group["lr"] = peak * factor
             with times.phase("data"):
-                images, labels = _split_batch(next(batch_source))
+                images, labels = _split_batch(next(batch_source), device)
                 if config.mixup > 0:
                     images, labels = mixed(images, config.mixup), None
             with times.phase("teacher"):
