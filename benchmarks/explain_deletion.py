@@ -40,7 +40,7 @@ import torch
 import tokenpatch
 from tokenpatch.backends.build import build_timm_model
 from tokenpatch.checkpoint import load_weights
-from tokenpatch.data import DEIT_TINY_WEIGHTS, IMAGENET_SAMPLE, data_dir, load_images
+from tokenpatch.data import DEIT_TINY_WEIGHTS, IMAGENET_SAMPLE, data_dir, load_images, preprocessing_of
 from tokenpatch.interpret import (attention_rollout, cls_attention_map, curve_auc, deletion_curve, insertion_curve,
                                   score_map)
 from tokenpatch.jobs.finetune import split_dataset
@@ -193,7 +193,7 @@ def claims(runs_by_fold: dict[int, list[dict]], baselines_by_fold: dict[int, dic
 
 def held_out_half(root: Path, model: torch.nn.Module, fold: int, args: argparse.Namespace):
     """(training subset, the held-out half's images, labels, unpatched scores and deletion subset)."""
-    train, val = split_dataset(MODEL, str(root / IMAGENET_SAMPLE), None, 0.5, SPLIT_SEED, fold=fold)
+    train, val = split_dataset(preprocessing_of(model), str(root / IMAGENET_SAMPLE), None, 0.5, SPLIT_SEED, fold=fold)
     images, labels = load_images(val)
     reference = predict(model, images)
     held = {"images": images, "labels": labels, "reference": reference,

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import tokenpatch
-from tokenpatch.data import DEIT_TINY_WEIGHTS, IMAGENET_SAMPLE, RememberedItems, data_dir, load_deit_tiny
+from tokenpatch.data import DEIT_TINY_WEIGHTS, IMAGENET_SAMPLE, RememberedItems, data_dir, load_deit_tiny, preprocessing_of
 from tokenpatch.jobs.finetune import split_dataset
 from tokenpatch.measure.report import format_table, write_json
 from tokenpatch.training import FinetuneConfig, finetune
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = _data_root(parser, args.data)
     model = tokenpatch.patch(load_deit_tiny(root), args.method, macs_ratio=args.macs_ratio)
-    train, _ = split_dataset(MODEL, str(root / IMAGENET_SAMPLE), None, 0.5, seed=0)
+    train, _ = split_dataset(preprocessing_of(model), str(root / IMAGENET_SAMPLE), None, 0.5, seed=0)
     remembered = RememberedItems(train)
     for i in range(len(remembered)):  # decoded once up front, as the first epoch of a real run does
         remembered[i]

@@ -22,7 +22,7 @@ import torch
 
 import tokenpatch
 from tokenpatch.core.registry import get_method
-from tokenpatch.jobs.evaluation import EvalData, MethodSpec, evaluation_rows
+from tokenpatch.jobs.evaluation import MethodSpec, evaluation_rows, in_batches
 from tokenpatch.measure.plot import line_chart
 
 from real_data import add_real_data_flags, load_real_data, report
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
              for s in specs]
     started, rows, base = time.time(), [], None
     for budget in args.budgets:
-        measured = evaluation_rows(model, EvalData(images, labels), specs, macs_ratio=budget,
-                                   calibration=args.calibration, mac_images=args.mac_images)
+        measured = evaluation_rows(model, in_batches(images, labels), specs, images[:max(args.calibration, args.mac_images)],
+                                   macs_ratio=budget, calibration=args.calibration, mac_images=args.mac_images)
         base = measured[0]
         rows += [{**row, "budget": budget} for row in measured[1:]]
     rows.sort(key=lambda r: (-r["budget"], -(r.get("top1") or -1.0)))

@@ -7,6 +7,7 @@ import torch
 import tokenpatch
 from tokenpatch.training.losses import FeatureDistillationLoss
 from tokenpatch.backends import find_backend
+from tokenpatch.data import preprocessing_of
 from tokenpatch.errors import TokenPatchError
 from tokenpatch.training.finetune import (DistillationLoss, FinetuneConfig, finetune, frozen_teacher, head_features,
                                          lr_factor, mixed, prefix_parameters, training_loss)
@@ -111,13 +112,6 @@ def test_image_dataset_reads_every_folder_layout(tmp_path):
         image_dataset(tmp_path / "missing")
 
 
-def _deit_tiny_inputs():
-    """How DeiT-Tiny's images are prepared (timm's data config)."""
-    from tokenpatch.backends.build import build_model
-
-    return build_model("deit_tiny_patch16_224", pretrained=False).preprocessing
-
-
 def test_augmented_training_split_is_random_and_validation_is_not(tmp_path):
     from PIL import Image
 
@@ -127,12 +121,12 @@ def test_augmented_training_split_is_random_and_validation_is_not(tmp_path):
     for i in range(4):
         pixels = (torch.rand(48, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(tmp_path / f"{i}.png")
-    train, val = split_dataset(_deit_tiny_inputs(), str(tmp_path), None, 0.5, seed=0, augment=True)
+    train, val = split_dataset(preprocessing_of(make_model("deit_tiny")), str(tmp_path), None, 0.5, seed=0, augment=True)
     assert set(train.indices).isdisjoint(val.indices) and len(train) == len(val) == 2
     torch.manual_seed(1)
     assert not torch.equal(train[0][0], train[0][0])  # a new crop each read
-    assert torch.equal(val[0][0], val[0][0]) and val[0][0].shape == (3, 224, 224)
-    plain, _ = split_dataset(_deit_tiny_inputs(), str(tmp_path), None, 0.5, seed=0)
+    assert torch.equal(val[0][0], val[0][0]) and val[0][0].shape == (3, 64, 64)  # the model's input size
+    plain, _ = split_dataset(preprocessing_of(make_model("deit_tiny")), str(tmp_path), None, 0.5, seed=0)
     assert torch.equal(plain[0][0], plain[0][0])
 
 
@@ -221,9 +215,9 @@ def test_folds_swap_the_halves_and_are_checked(tmp_path):
 
     for i in range(6):
         Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
-    train0, val0 = split_dataset(_deit_tiny_inputs(), str(tmp_path), None, 0.5, seed=3, fold=0)
-    train1, val1 = split_dataset(_deit_tiny_inputs(), str(tmp_path), None, 0.5, seed=3, fold=1)
+    train0, val0 = split_dataset(preprocessing_of(make_model("deit_tiny")), str(tmp_path), None, 0.5, seed=3, fold=0)
+    train1, val1 = split_dataset(preprocessing_of(make_model("deit_tiny")), str(tmp_path), None, 0.5, seed=3, fold=1)
     assert sorted(train0.indices) == sorted(val1.indices) and sorted(train1.indices) == sorted(val0.indices)
     assert sorted(val0.indices + val1.indices) == list(range(6))
     with pytest.raises(ValueError, match="--fold 2 out of range"):
-        split_dataset(_deit_tiny_inputs(), str(tmp_path), None, 0.5, seed=3, fold=2)
+        split_dataset(preprocessing_of(make_model("deit_tiny")), str(tmp_path), None, 0.5, seed=3, fold=2)

@@ -234,14 +234,20 @@ def _relabel(dataset: Any, indices: dict[str, int]) -> None:
     dataset.class_to_idx = indices
 
 
+def preprocessing_of(model: nn.Module) -> Preprocessing:
+    """``model``'s data config as its backend knows it (timm models; a transformers model keeps
+    its preprocessing in its image processor: :func:`tokenpatch.backends.build.build_model`)."""
+    return Preprocessing(find_backend(model).data_config(model))
+
+
 def eval_transform(model: nn.Module) -> Callable:
-    """The evaluation transform of ``model``'s data config (its backend knows it): see :func:`input_transform`."""
-    return input_transform(Preprocessing(find_backend(model).data_config(model)))
+    """The evaluation transform of ``model``'s data config: see :func:`input_transform`."""
+    return input_transform(preprocessing_of(model))
 
 
 def train_transform(model: nn.Module) -> Callable:
     """The training augmentation for ``model``'s data config: see :func:`input_transform`."""
-    return input_transform(Preprocessing(find_backend(model).data_config(model)), training=True)
+    return input_transform(preprocessing_of(model), training=True)
 
 
 class ProcessorTransform:

@@ -12,6 +12,7 @@ import math
 import os
 import shlex
 import sys
+import time
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
 import torch
@@ -99,6 +100,7 @@ def _eval(args: argparse.Namespace) -> int:
         dataset = Subset(dataset, range(min(args.limit, len(dataset))))
     first_images, _ = load_images(dataset, max(args.calibration, MAC_IMAGES))
     keep_ratio = None if args.macs_ratio is not None else args.keep_ratio
+    started = time.perf_counter()
     rows = evaluation_rows(loaded.unpatched, eval_loader(dataset, args.batch_size, args.workers, runtime), methods,
                            first_images, keep_ratio, args.macs_ratio, args.calibration, MAC_IMAGES, runtime,
                            progress=is_main_process())
@@ -107,14 +109,14 @@ def _eval(args: argparse.Namespace) -> int:
     budget = f"{args.macs_ratio:.0%} of the MACs" if args.macs_ratio is not None else (
         f"keep ratio {args.keep_ratio}" if args.keep_ratio is not None else "each method's default keep ratio")
     labelled = rows[0]["top1"] is not None
-    header = {**_header(args, loaded, runtime), "data": args.data, "images": len(dataset), "labelled": labelled,
-              "budget": budget, "processes": world_size()}
+    header = {**_header(args, loaded, runtime), "data": args.data, "images": rows[0]["images"], "labelled": labelled,
+              "budget": budget, "processes": world_size(), "seconds": time.perf_counter() - started}
     columns = _eval_columns(labelled)
     _write_results(args, header, rows, columns)
     if args.json:
         _print_json({**header, "results": rows})
     else:
-        print(f"{args.model} ({loaded.weights}): {len(dataset)} {'labelled' if labelled else 'unlabelled'} images "
+        print(f"{args.model} ({loaded.weights}): {header['images']} {'labelled' if labelled else 'unlabelled'} images "
               f"from {args.data}, {budget}, {runtime.describe()}"
               + (f", {world_size()} processes" if world_size() > 1 else ""))
         _print_eval_table(rows, columns)

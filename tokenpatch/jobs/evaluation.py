@@ -67,6 +67,11 @@ def shard(dataset: Dataset) -> Dataset:
     return Subset(dataset, range(rank, len(dataset), world))
 
 
+def in_batches(images: Tensor, labels: Tensor, batch_size: int = 50) -> Iterator[tuple[Tensor, Tensor]]:
+    """(images, labels) batches of (M, 3, H, W) ``images`` and (M,) ``labels`` already in memory."""
+    return zip(images.split(batch_size), labels.split(batch_size))
+
+
 def eval_loader(dataset: Dataset, batch_size: int, workers: int, runtime: Runtime) -> DataLoader:
     """Batches of (images, labels) of this process's share of ``dataset``, in order, decoded by
     ``workers`` processes (0: in this one), pinned when they go to a GPU."""
@@ -137,7 +142,8 @@ def evaluation_rows(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], 
 
     Returns:
         Rows with ``method``, ``keep_ratio``, ``gmacs``, ``macs_ratio``, ``top1``/``top5`` (None
-        unless every image is labelled) and ``agreement`` with the unpatched top-1 (percent); a
+        unless every image is labelled), ``agreement`` with the unpatched top-1 (percent) and
+        ``images`` (how many were scored, over all processes); a
         method that cannot reach ``macs_ratio`` gets a row with only a ``note`` saying how near it came.
     """
     if keep_ratio is not None and macs_ratio is not None:
@@ -203,7 +209,7 @@ def _row(contender: _Contender, reference: _Contender, keep_ratio: Optional[floa
     return {"method": contender.label, "keep_ratio": keep_ratio, "gmacs": contender.macs / 1e9,
             "macs_ratio": contender.macs / reference.macs,
             "top1": tally.percent("top1") if labelled else None, "top5": tally.percent("top5") if labelled else None,
-            "agreement": tally.percent("agreement")}
+            "agreement": tally.percent("agreement"), "images": int(tally.counts[0].item())}
 
 
 def classes_of(model: nn.Module) -> int:
