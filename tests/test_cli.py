@@ -82,6 +82,16 @@ def test_finetune_runs_end_to_end_and_saves_a_loadable_model(tuning_inputs, tmp_
     assert tokenpatch.get_config(restored).keep_ratio == 0.5
 
 
+def test_finetune_evaluates_under_the_asked_precision_and_memory_format(tuning_inputs, capsys):
+    data, weights = tuning_inputs
+    argv = ["finetune", "deit_tiny_patch16_224", "--data", str(data), "--checkpoint", str(weights), "--steps", "1",
+            "--batch-size", "4", "--keep-ratio", "0.5", "--device", "cpu", "--amp", "bf16", "--channels-last", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["weights"] == f"checkpoint {weights}" and result["steps"] == 1
+    assert set(result["after"]) == {"agreement"} and 0 <= result["after"]["agreement"] <= 100
+
+
 def test_finetune_options_reach_the_job_and_explain_reads_its_checkpoint(tuning_inputs, tmp_path, capsys):
     data, weights = tuning_inputs
     out = tmp_path / "iared2.safetensors"

@@ -40,7 +40,7 @@ def _deit_tiny_weights(folder: Path) -> Path:
     shared = data_dir()
     if shared is not None and (shared / DEIT_TINY_WEIGHTS).is_file():
         return shared / DEIT_TINY_WEIGHTS
-    torch.manual_seed(0)
+    torch.manual_seed(1234)  # not tokenpatch's RANDOM_WEIGHTS_SEED: these stand for published weights
     path = folder / "deit_tiny.safetensors"
     save_file(timm.create_model("deit_tiny_patch16_224").state_dict(), str(path))
     return path
@@ -208,3 +208,31 @@ def test_the_cli_loads_a_pretrained_timm_name_offline_from_the_cache_in_a_fresh_
     cached, from_file = (json.loads(run.stdout) for run in runs)
     assert cached["weights"] == "pretrained" and from_file["weights"] == f"checkpoint {sources['weights']}"
     assert cached["results"] == from_file["results"]
+
+
+def test_explain_prepares_an_hf_checkpoints_images_with_its_processor(sources, tmp_path, capsys):
+    image = _an_image(tmp_path)
+    assert main(["explain", f"hf:{sources['folder']}", str(image), "--method", "evit", "--out", str(tmp_path / "maps"),
+                 "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["weights"] == "pretrained" and shown["grid"] == [14, 14]
+    assert (tmp_path / "maps" / "contact_sheet.png").is_file()
+
+
+def test_the_classifier_an_hf_checkpoint_names_is_the_one_that_loads(tmp_path):
+    """A DeiT with teacher stays one (not the plain DeiT classifier), and a SigLIP classifier stays a
+    classifier (not its vision encoder, as a plain image-text checkpoint would load)."""
+    distilled = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, depth=2).eval()
+    hf_twin(distilled).save_pretrained(tmp_path / "deit")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    siglip = transformers.SiglipConfig(vision_config=vision, text_config=dict(hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=2, vocab_size=50))
+    transformers.SiglipForImageClassification(siglip).save_pretrained(tmp_path / "siglip")
+    for folder in ("deit", "siglip"):
+        transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / folder)
+    for pretrained in (True, False):
+        assert type(build_model(f"hf:{tmp_path / 'deit'}", pretrained=pretrained).model).__name__ == (
+            "DeiTForImageClassificationWithTeacher")
+        assert type(build_model(f"hf:{tmp_path / 'siglip'}", pretrained=pretrained).model).__name__ == (
+            "SiglipForImageClassification")

@@ -119,9 +119,11 @@ def _build_transformers_model(source: str, pretrained: bool) -> BuiltModel:
         raise TokenPatchError(f"hf:{source}: no such folder (a transformers save_pretrained folder, or a Hub id ORG/NAME)")
     try:
         config = transformers.AutoConfig.from_pretrained(source)
-        model_class = _transformers_model_class(config)
-        model = (model_class.from_pretrained(source) if pretrained
-                 else model_class(config.vision_config if _is_dual(config) else config))
+        loader, model_config = _loader_of(config)
+        if pretrained:
+            model = loader.from_pretrained(source)
+        else:  # an Auto class builds from a config with from_config, a model class by its constructor
+            model = loader.from_config(model_config) if hasattr(loader, "from_config") else loader(model_config)
         processor = transformers.AutoImageProcessor.from_pretrained(source)
     except (OSError, ValueError, KeyError) as exc:  # no such repository or folder, not cached, not an image model
         raise TokenPatchError(f"cannot load the transformers checkpoint {source!r} ({_first_line(exc)}) "
@@ -129,20 +131,19 @@ def _build_transformers_model(source: str, pretrained: bool) -> BuiltModel:
     return BuiltModel(model.eval(), Preprocessing(processor_data_config(processor), processor), pretrained)
 
 
-def _is_dual(config: Any) -> bool:
-    """True for image-text checkpoints (CLIP, SigLIP): the vision encoder is what tokenpatch runs."""
-    return getattr(config, "vision_config", None) is not None
+def _loader_of(config: Any) -> tuple[Any, Any]:
+    """(what loads the checkpoint, the config its model is built from): the image classifier its
+    architectures name (``AutoModelForImageClassification`` picks the named one, e.g. DeiT with
+    teacher), else the vision encoder of an image-text checkpoint (CLIP, SigLIP: the part
+    tokenpatch runs), else its base model (``AutoModel``)."""
+    import transformers
 
-
-def _transformers_model_class(config: Any) -> type:
-    """The class a checkpoint loads as: its image classifier when its architectures name one, the
-    vision encoder of an image-text model, else its base model."""
-    from transformers import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING, MODEL_MAPPING
-
-    if _is_dual(config):
-        return MODEL_MAPPING[type(config.vision_config)]
-    classifies = any("ForImageClassification" in name for name in (config.architectures or ()))
-    return MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING[type(config)] if classifies else MODEL_MAPPING[type(config)]
+    if any("ForImageClassification" in name for name in (config.architectures or ())):
+        return transformers.AutoModelForImageClassification, config
+    vision = getattr(config, "vision_config", None)
+    if vision is not None:
+        return transformers.MODEL_MAPPING[type(vision)], vision
+    return transformers.AutoModel, config
 
 
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
@@ -157,7 +158,7 @@ def processor_data_config(processor: Any) -> dict[str, Any]:
     resized = size.shortest_edge or size.height
     return {
         "input_size": (3, height, width),
-        "interpolation": _PIL_RESAMPLE.get(int(processor.resample), "bicubic"),
+        "interpolation": _PIL_RESAMPLE.get(int(getattr(processor, "resample", None) or 3), "bicubic"),
         "mean": tuple(processor.image_mean),
         "std": tuple(processor.image_std),
         "crop_pct": height / resized if crop else 1.0,

@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
 from ..api import available_methods, get_config, get_method_name
 from ..checkpoint import saved_config
@@ -94,10 +94,7 @@ def _eval(args: argparse.Namespace) -> int:
         methods = [MethodSpec(name, label=f"{name} (checkpoint)",
                               model=loaded.patched(PatchRequest(keep_ratio=args.keep_ratio)))]
     methods = methods or [MethodSpec(name) for name in training_free_methods()]
-    dataset = image_dataset(args.data, args.labels, input_transform(loaded.preprocessing),
-                            classes_of(loaded.unpatched), args.class_map)
-    if args.limit is not None:
-        dataset = Subset(dataset, range(min(args.limit, len(dataset))))
+    dataset = _eval_dataset(args, loaded)
     first_images, _ = load_images(dataset, max(args.calibration, MAC_IMAGES))
     keep_ratio = None if args.macs_ratio is not None else args.keep_ratio
     started = time.perf_counter()
@@ -121,6 +118,13 @@ def _eval(args: argparse.Namespace) -> int:
               + (f", {world_size()} processes" if world_size() > 1 else ""))
         _print_eval_table(rows, columns)
     return 0
+
+
+def _eval_dataset(args: argparse.Namespace, loaded: LoadedModel) -> Dataset:
+    """``--data`` (the first ``--limit`` images), prepared for the model, labels in its label space."""
+    dataset = image_dataset(args.data, args.labels, input_transform(loaded.preprocessing),
+                            classes_of(loaded.unpatched), args.class_map)
+    return dataset if args.limit is None else Subset(dataset, range(min(args.limit, len(dataset))))
 
 
 def _eval_columns(labelled: bool) -> list[str]:
