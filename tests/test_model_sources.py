@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from tokenpatch.backends.build import build_model
 from tokenpatch.checkpoint import load_weights
 from tokenpatch.cli import main
-from tokenpatch.data import DEIT_TINY_WEIGHTS, data_dir, input_transform, read_image
+from tokenpatch.data import DEIT_TINY_WEIGHTS, IMAGENET_SAMPLE, data_dir, input_transform, read_image
 from tokenpatch.errors import TokenPatchError
 from tokenpatch.jobs.models import load_model
 
@@ -236,3 +236,24 @@ def test_the_classifier_an_hf_checkpoint_names_is_the_one_that_loads(tmp_path):
             "DeiTForImageClassificationWithTeacher")
         assert type(build_model(f"hf:{tmp_path / 'siglip'}", pretrained=pretrained).model).__name__ == (
             "SiglipForImageClassification")
+
+
+# DeiT's transformers image processor as the DeiT checkpoints on the Hub configure it: a 256x256
+# resize (the aspect ratio is not kept), centre crop 224, bicubic, ImageNet mean and std. timm's
+# DeiT transform keeps the aspect ratio (short side 248, centre crop 224), so the two see slightly
+# different pixels: the top-1s may differ by those images, not by the model.
+HUB_DEIT_PROCESSOR = dict(size={"height": 256, "width": 256}, crop_size={"height": 224, "width": 224}, resample=3,
+                          image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+
+
+def test_hf_with_the_hubs_deit_processor_agrees_with_timms_top1_on_the_real_sample(shared_data, tmp_path, capsys):
+    folder = transformers_folder(shared_data / DEIT_TINY_WEIGHTS, tmp_path / "hf",
+                                 transformers.DeiTImageProcessor(**HUB_DEIT_PROCESSOR))
+    common = ["--data", str(shared_data / IMAGENET_SAMPLE), "--methods", "evit", "-j", "2", "--json"]
+    tables = []
+    for model in (["deit_tiny_patch16_224", "--checkpoint", str(shared_data / DEIT_TINY_WEIGHTS)], [f"hf:{folder}"]):
+        assert main(["eval", *model, *common]) == 0
+        tables.append(json.loads(capsys.readouterr().out)["results"])
+    timm_rows, hf_rows = tables
+    for timm_row, hf_row in zip(timm_rows, hf_rows):  # unpatched, evit
+        assert abs(timm_row["top1"] - hf_row["top1"]) <= HF_TOP1_TOLERANCE, (timm_row, hf_row)

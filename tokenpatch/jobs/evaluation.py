@@ -114,9 +114,10 @@ class Tally:
 
 @dataclass
 class _Contender:
+    """A model being scored: its row label, its MACs per image and its running counts."""
+
     label: str
     model: nn.Module
-    name: str
     tally: Tally = field(default_factory=Tally)
     macs: float = 0.0
 
@@ -150,7 +151,7 @@ def evaluation_rows(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], 
         raise InvalidOptionError("give keep_ratio or macs_ratio, not both")
     runtime.place(model.eval())
     first_images = runtime.inputs(first_images)
-    reference = _Contender("unpatched", model, "", macs=mean_macs_per_image(model, first_images[:1]))
+    reference = _Contender("unpatched", model, macs=mean_macs_per_image(model, first_images[:1]))
     contenders, notes = [], {}
     for spec in methods:
         label = spec.label or spec.name
@@ -181,7 +182,7 @@ def _prepare(model: nn.Module, spec: MethodSpec, label: str, keep_ratio: Optiona
     if macs_ratio is not None:
         set_macs_ratio(patched, macs_ratio, calibration_images)
     fixed = get_method(spec.name).fixed_token_counts(get_config(patched))
-    return _Contender(label, patched, spec.name, macs=mean_macs_per_image(patched, mac_images[: 1 if fixed else None]))
+    return _Contender(label, patched, macs=mean_macs_per_image(patched, mac_images[: 1 if fixed else None]))
 
 
 @torch.inference_mode()
@@ -197,9 +198,9 @@ def _score(reference: _Contender, contenders: Sequence[_Contender], batches: Ite
             for contender in contenders:
                 contender.tally.add(logits_of(contender.model, contender.model(images)), labels, reference_top1)
     if in_process_group():
-        counts = torch.stack([c.tally.counts for c in (reference, *contenders)])
-        torch.distributed.all_reduce(counts)  # gloo and nccl sum float64 exactly for counts this size
-        for contender, summed in zip((reference, *contenders), counts):
+        counts = torch.stack([c.tally.counts for c in (reference, *contenders)]).to(runtime.device)  # nccl: on the GPU
+        torch.distributed.all_reduce(counts)  # float64 sums of counts are exact
+        for contender, summed in zip((reference, *contenders), counts.cpu()):
             contender.tally.counts = summed
 
 
