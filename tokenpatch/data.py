@@ -181,8 +181,8 @@ def class_indices(names: Sequence[str], num_classes: Optional[int], class_map: O
         table, source = _imagenet_table(names, num_classes, root), "ImageNet's WordNet ids"
     unknown = [n for n in names if n not in table]
     if unknown:
-        raise DataError(f"{root}: {len(unknown)} class folder(s) not in {source}, e.g. {unknown[0]!r}; give --class-map "
-                        f"FILE {_CLASS_MAP_FORMAT} or a labels.csv")
+        raise DataError(f"{root}: {len(unknown)} class folder(s) not in {source}, e.g. {unknown[0]!r}; "
+                        f"give --class-map FILE {_CLASS_MAP_FORMAT} or a labels.csv")
     indices = {n: table[n] for n in names}
     _check_in_label_space(indices.values(), num_classes, source)
     return indices
@@ -222,8 +222,10 @@ def _read_class_map(path: Path) -> dict[str, int]:
 
 def _check_in_label_space(labels: Iterable[int], num_classes: Optional[int], source: Any) -> None:
     """A :class:`DataError` when a label is not one of the model's ``num_classes`` (None: no check)."""
-    beyond = max(labels, default=-1) if num_classes is not None else -1
-    if num_classes is not None and beyond >= num_classes:
+    if num_classes is None:
+        return
+    beyond = max(labels, default=-1)
+    if beyond >= num_classes:
         raise DataError(f"{source}: class index {beyond} is beyond the model's {num_classes} classes")
 
 

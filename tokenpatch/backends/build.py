@@ -110,13 +110,14 @@ def _has_published_weights(name: str) -> bool:
 
 
 def _build_transformers_model(source: str, pretrained: bool) -> BuiltModel:
-    """A transformers checkpoint (Hub id or folder): its image classifier, else its vision encoder, with its processor."""
+    """A transformers checkpoint (Hub id or folder) as :func:`_loader_of` picks its class, with its image processor."""
     try:
         import transformers
     except ImportError as exc:
         raise TokenPatchError("hf: models need transformers: pip install 'tokenpatch[hf]'") from exc
     if source.startswith(("/", ".", "~")) and not Path(source).expanduser().is_dir():
-        raise TokenPatchError(f"hf:{source}: no such folder (a transformers save_pretrained folder, or a Hub id ORG/NAME)")
+        raise TokenPatchError(f"hf:{source}: no such folder (a transformers save_pretrained folder, "
+                              "or a Hub id ORG/NAME)")
     try:
         config = transformers.AutoConfig.from_pretrained(source)
         loader, model_config = _loader_of(config)
@@ -152,7 +153,8 @@ _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 def processor_data_config(processor: Any) -> dict[str, Any]:
     """timm's data config equivalent of a transformers image processor's resize, crop and normalisation
     (what training augmentation and de-normalising a picture need; evaluation uses the processor itself)."""
-    size, crop = processor.size, getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    size = processor.size
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
     final = crop or size
     height, width = (final.height, final.width) if final.height else (final.shortest_edge, final.shortest_edge)
     resized = size.shortest_edge or size.height

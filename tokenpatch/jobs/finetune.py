@@ -181,8 +181,8 @@ def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
     result = run(model, train, held_out(model, val, job.runtime), job.config, job.batch_size, job.seed)
     if job.out and is_main_process():
         save(model, job.out)
-    return {"model": job.model, "weights": loaded.weights, "method": get_method_name(model), "keep_ratio": get_config(model).keep_ratio,
-            "options": get_config(model).to_dict(),
+    return {"model": job.model, "weights": loaded.weights, "method": get_method_name(model),
+            "keep_ratio": get_config(model).keep_ratio, "options": get_config(model).to_dict(),
             "world_size": world_size(), "augment": job.augment, "finetune_config": dataclasses.asdict(job.config),
             **result, "out": job.out}
 
