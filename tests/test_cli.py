@@ -82,6 +82,49 @@ def test_finetune_runs_end_to_end_and_saves_a_loadable_model(tuning_inputs, tmp_
     assert tokenpatch.get_config(restored).keep_ratio == 0.5
 
 
+def test_finetune_trains_on_all_of_data_and_streams_a_separate_validation_folder(tuning_inputs, tmp_path, capsys):
+    from PIL import Image
+
+    data, weights = tuning_inputs
+    val = tmp_path / "val"
+    val.mkdir()
+    for i in range(3):
+        Image.new("RGB", (30, 30), (80 * i, 40, 0)).save(val / f"{i}.png")
+    (val / "labels.csv").write_text("file,class_index\n0.png,1\n1.png,2\n2.png,999\n")
+    argv = ["finetune", "deit_tiny_patch16_224", "--data", str(data), "--val-data", str(val), "--checkpoint",
+            str(weights), "--steps", "2", "--batch-size", "4", "-j", "2", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["train_images"], result["val_images"]) == (10, 3)
+    assert set(result["before"]) == set(result["after"]) == {"agreement", "top1"}  # the validation folder is labelled
+    (val / "labels.csv").write_text("file,class_index\n0.png,1\n1.png,2\n2.png,1000\n")
+    assert main(argv) == 2
+    assert "class index 1000 is beyond the model's 1000 classes" in capsys.readouterr().err
+
+
+def test_the_streamed_validation_scores_equal_the_in_memory_ones(tuning_inputs):
+    import copy
+
+    import torch
+    from torch.utils.data import Subset
+
+    from tokenpatch.data import eval_transform, image_dataset
+    from tokenpatch.jobs.finetune import held_out
+    from tokenpatch.measure.evaluate import predict
+
+    data, weights = tuning_inputs
+    model = tokenpatch.checkpoint.load_weights(build_timm_model("deit_tiny_patch16_224"), weights)
+    dataset = image_dataset(data, transform=eval_transform(model))
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    reference = predict(model, images).argmax(1)
+    patched = tokenpatch.patch(copy.deepcopy(model), "evit", keep_ratio=0.3)
+    for subset, workers in ((dataset, 0), (Subset(dataset, range(7)), 2)):
+        val = held_out(patched, subset, workers=workers, batch_size=3)  # the reference: the patched model unpatched
+        assert torch.equal(val.reference, reference[: len(subset)]) and val.labels is None
+        expected = 100.0 * (predict(patched, images[: len(subset)]).argmax(1) == reference[: len(subset)]).double().mean()
+        assert val.evaluate(patched) == {"agreement": pytest.approx(expected.item())}
+
+
 def test_finetune_evaluates_under_the_asked_precision_and_memory_format(tuning_inputs, capsys):
     data, weights = tuning_inputs
     argv = ["finetune", "deit_tiny_patch16_224", "--data", str(data), "--checkpoint", str(weights), "--steps", "1",

@@ -167,7 +167,8 @@ def _finetune(args: argparse.Namespace) -> int:
                       macs_ratio=args.macs_ratio, options=method_options(_method_named(args), args.option),
                       checkpoint=args.checkpoint, labels=args.labels, val_fraction=args.val_fraction, fold=args.fold,
                       augment=args.augment, batch_size=args.batch_size, seed=args.seed, out=args.out, config=config,
-                      class_map=args.class_map, pretrained=not args.no_pretrained, runtime=_runtime(args))
+                      class_map=args.class_map, val_data=args.val_data, workers=args.workers,
+                      pretrained=not args.no_pretrained, runtime=_runtime(args))
     result = run_finetune_job(job)
     if not is_main_process():
         return 0
@@ -288,6 +289,11 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-last", action="store_true", help="images and weights in channels-last memory format")
 
 
+def _add_workers_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-j", "--workers", type=_count, default=DEFAULT_WORKERS,
+                        help=f"image-decoding processes (default {DEFAULT_WORKERS} here; 0: decode in this one)")
+
+
 def _add_output_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="DIR", help="also write the table to DIR/results.json (with the command, "
                         "device and library versions) and DIR/results.csv")
@@ -337,8 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="images the --macs-ratio fit counts MACs on")
     evaluate.add_argument("--limit", type=_positive, help="use only the first N images")
     evaluate.add_argument("--batch-size", type=_positive, default=50)
-    evaluate.add_argument("-j", "--workers", type=_count, default=DEFAULT_WORKERS,
-                          help=f"image-decoding processes (default {DEFAULT_WORKERS} here; 0: decode in this one)")
+    _add_workers_argument(evaluate)
     evaluate.add_argument("--img-size", type=_positive, help="input size of a timm model (default: the model's)")
     _add_runtime_arguments(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -352,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--data", required=True, help="image folder: flat, class sub-folders, or flat with labels.csv")
     tune.add_argument("--labels", help="file,class_index CSV (default: DATA/labels.csv when present)")
     tune.add_argument("--class-map", metavar="FILE", help=_CLASS_MAP_HELP)
+    tune.add_argument("--val-data", metavar="DIR", help="a separate validation folder (ImageNet's val/, any layout "
+                      "--data may have), streamed at every evaluation; then all of --data trains")
+    _add_workers_argument(tune)
     _add_runtime_arguments(tune)
     defaults = FinetuneConfig()
     length = tune.add_mutually_exclusive_group()
@@ -377,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"mixup alpha for the training images (default {defaults.mixup}; 0: off)")
     tune.add_argument("--augment", action="store_true", help="random resized crops and flips for the training images")
     tune.add_argument("--val-fraction", type=_fraction, default=FinetuneJob.val_fraction,
-                      help=f"share of images held out for evaluation (default {FinetuneJob.val_fraction})")
+                      help=f"share of images held out for evaluation (default {FinetuneJob.val_fraction}; "
+                      "not with --val-data)")
     tune.add_argument("--fold", type=_count, default=0,
                       help="which share of the seeded order is held out, from the end (0.5 with folds 0 and 1: swap halves)")
     tune.add_argument("--eval-every", type=_count, default=0, help="evaluate every N steps (0: at the end)")

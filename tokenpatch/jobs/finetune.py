@@ -20,14 +20,20 @@ from ..api import get_config, get_method_name
 from ..checkpoint import save
 from ..backends.build import Preprocessing
 from ..core.distributed import in_process_group, is_main_process, join_process_group, world_size
-from ..data import RememberedItems, image_dataset, input_transform, load_images
+from ..data import RememberedItems, image_dataset, input_transform
 from ..errors import CheckpointError, InvalidOptionError
-from ..measure.evaluate import accuracy, predict
+from ..measure.evaluate import streamed_top1
 from ..measure.flops import count_macs
 from ..measure.runtime import Runtime
 from ..training.finetune import FinetuneConfig, finetune, unpatched_behaviour
 from .evaluation import classes_of
 from .models import PatchRequest, load_model
+
+
+#: folders up to this many images (training ones when not augmented, validation ones) are decoded
+#: once and kept in memory when read in the main process (about 0.6 MB per 224 px image); larger
+#: ones are read from disk every epoch and every evaluation
+REMEMBERED_IMAGES = 1024
 
 
 @dataclass
@@ -43,6 +49,10 @@ class FinetuneJob:
         checkpoint: weights of the unpatched model (.safetensors or torch state dict), or a
             ``tokenpatch.save`` file to fine-tune further (its method modules' weights included).
         labels: a ``file,class_index`` CSV (default: ``data/labels.csv`` when present).
+        val_data: a separate validation folder (any layout ``data`` may have, its own
+            ``labels.csv``), streamed at every evaluation; then all of ``data`` trains and
+            ``val_fraction``/``fold`` are not used.
+        workers: image-decoding processes for the training and validation batches (0: this one).
         class_map: class folder names in the model's label order (timm's text format); ImageNet
             WordNet ids need none.
         macs_ratio: instead of ``keep_ratio``, the share of the unpatched MACs to spend (the keep
@@ -76,31 +86,35 @@ class FinetuneJob:
     out: Optional[str] = None
     config: FinetuneConfig = field(default_factory=FinetuneConfig)
     class_map: Optional[str] = None
+    val_data: Optional[str] = None
+    workers: int = 0
     pretrained: bool = True
     runtime: Runtime = field(default_factory=Runtime)
 
 
 @dataclass
 class HeldOut:
-    """Validation images, their labels (or None), the unpatched model's logits on them, and the
-    runtime the evaluations run with."""
+    """Validation images, streamed batch by batch each time a model is scored: their labels (or
+    None), the unpatched model's top-1 on each, and the runtime the evaluations run with. Only the
+    (M,) labels and top-1 stay in memory, never the images."""
 
-    images: Tensor
+    batches: DataLoader
     labels: Optional[Tensor]
     reference: Tensor
     runtime: Runtime = field(default_factory=Runtime)
 
+    def __len__(self) -> int:
+        return len(self.reference)
+
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Agreement with the unpatched top-1 (and top-1 when labelled), in percent."""
-        return self.scores(predict(model, self.images, batch_size=32, runtime=self.runtime))
+        return self.scores(streamed_top1(model, self.batches, self.runtime)[0])
 
-    def scores(self, logits: Tensor) -> dict[str, float]:
-        """Agreement (and top-1 when labelled) of (M, classes) ``logits``, in percent."""
-        result = accuracy(logits, self.labels if self.labels is not None else torch.zeros(len(logits), dtype=torch.long),
-                          self.reference)
-        scores = {"agreement": result.agreement}
+    def scores(self, top1: Tensor) -> dict[str, float]:
+        """Agreement (and top-1 when labelled) of (M,) predicted classes, in percent."""
+        scores = {"agreement": 100.0 * (top1 == self.reference).double().mean().item()}
         if self.labels is not None:
-            scores["top1"] = result.top1
+            scores["top1"] = 100.0 * (top1 == self.labels).double().mean().item()
         return scores
 
 
@@ -128,32 +142,36 @@ def split_dataset(preprocessing: Preprocessing, data: str, labels: Optional[str]
     return Subset(trained, order[:end - held] + order[end:]), Subset(evaluated, order[end - held:end])
 
 
-def held_out(model: nn.Module, subset: Subset, runtime: Runtime = Runtime()) -> HeldOut:
-    """Load the validation images and the unpatched model's logits on them."""
-    images, labels = load_images(subset)
+def held_out(model: nn.Module, dataset: Dataset, runtime: Runtime = Runtime(), workers: int = 0,
+             batch_size: int = 32) -> HeldOut:
+    """The validation set ``dataset`` as a :class:`HeldOut`: the unpatched model's top-1 on every
+    image (one streamed pass) and the labels. A small set read in this process is decoded once and
+    kept (its images are scored again at every evaluation); a large one, or one read by ``workers``,
+    is decoded again each time."""
+    if workers == 0 and len(dataset) <= REMEMBERED_IMAGES:
+        dataset = RememberedItems(dataset)
+    batches = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                         pin_memory=runtime.pin_memory)
     with unpatched_behaviour(model):
-        reference = predict(model, images, batch_size=32, runtime=runtime)
-    return HeldOut(images, labels if (labels >= 0).all() else None, reference, runtime)
+        reference, labels = streamed_top1(model, batches, runtime)
+    return HeldOut(batches, labels if (labels >= 0).all() else None, reference, runtime)
 
 
-#: training folders up to this many images are decoded once and kept in memory when not augmented
-#: (about 0.6 MB per 224 px image); larger ones are read from disk every epoch
-REMEMBERED_IMAGES = 1024
-
-
-def _loader(train: Dataset, batch_size: int, seed: int) -> DataLoader:
-    """Shuffled batches; under torchrun each process gets its own shard (``batch_size`` per process)."""
+def _loader(train: Dataset, batch_size: int, seed: int, workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """Shuffled batches decoded by ``workers`` processes (kept across epochs); under torchrun each
+    process gets its own shard (``batch_size`` per process)."""
+    common = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
     if in_process_group():
-        sampler = DistributedSampler(train, shuffle=True, seed=seed)
-        return DataLoader(train, batch_size=batch_size, sampler=sampler)
-    return DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        return DataLoader(train, sampler=DistributedSampler(train, shuffle=True, seed=seed), **common)
+    return DataLoader(train, shuffle=True, generator=torch.Generator().manual_seed(seed), **common)
 
 
 def run(model: nn.Module, train: Dataset, val: HeldOut, config: FinetuneConfig, batch_size: int,
-        seed: int) -> dict[str, Any]:
-    """Fine-tune ``model`` on ``train`` and report before/after scores on ``val`` and the MACs."""
+        seed: int, workers: int = 0) -> dict[str, Any]:
+    """Fine-tune ``model`` on ``train`` (batches decoded by ``workers`` processes) and report
+    before/after scores on ``val`` and the MACs."""
     before = val.evaluate(model.eval())
-    loader = _loader(train, batch_size, seed)
+    loader = _loader(train, batch_size, seed, workers, val.runtime.pin_memory)
     history = finetune(model, loader, config, evaluate=val.evaluate)
     macs = count_macs(model).total
     with unpatched_behaviour(model):
@@ -164,7 +182,7 @@ def run(model: nn.Module, train: Dataset, val: HeldOut, config: FinetuneConfig, 
     loop = {k: v for k, v in history[-1].items() if k.endswith("_img_s") or k == "seconds"}
     return {"unpatched": val.scores(val.reference), "before": before, "after": after, "after_dense": after_dense,
             "macs": macs, "macs_unpatched": macs_unpatched, "steps": history[-1]["step"], "loop": loop,
-            "train_images": len(train), "val_images": len(val.images), "final_loss": history[-1]["loss"]}
+            "train_images": len(train), "val_images": len(val), "final_loss": history[-1]["loss"]}
 
 
 def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
@@ -174,17 +192,28 @@ def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
     _check_writable(job.out)
     loaded = load_model(job.model, job.checkpoint, pretrained=job.pretrained)
     model = job.runtime.place(loaded.patched(PatchRequest(job.method, job.keep_ratio, job.macs_ratio, job.options)))
-    train, val = split_dataset(loaded.preprocessing, job.data, job.labels, job.val_fraction, job.seed, job.augment,
-                               job.fold, classes_of(model), job.class_map)
-    if not job.augment and len(train) <= REMEMBERED_IMAGES:
+    train, val = _datasets(job, loaded.preprocessing, classes_of(model))
+    if not job.augment and job.workers == 0 and len(train) <= REMEMBERED_IMAGES:
         train = RememberedItems(train)
-    result = run(model, train, held_out(model, val, job.runtime), job.config, job.batch_size, job.seed)
+    result = run(model, train, held_out(model, val, job.runtime, job.workers), job.config, job.batch_size, job.seed,
+                 job.workers)
     if job.out and is_main_process():
         save(model, job.out)
     return {"model": job.model, "weights": loaded.weights, "method": get_method_name(model),
             "keep_ratio": get_config(model).keep_ratio, "options": get_config(model).to_dict(),
             "world_size": world_size(), "augment": job.augment, "finetune_config": dataclasses.asdict(job.config),
             **result, "out": job.out}
+
+
+def _datasets(job: FinetuneJob, preprocessing: Preprocessing, num_classes: int) -> tuple[Dataset, Dataset]:
+    """(training, validation) images of ``job``: all of ``data`` and the ``val_data`` folder, or
+    ``data`` split by ``val_fraction`` and ``fold``; labels in the model's ``num_classes``."""
+    if job.val_data is None:
+        return split_dataset(preprocessing, job.data, job.labels, job.val_fraction, job.seed, job.augment, job.fold,
+                             num_classes, job.class_map)
+    train = image_dataset(job.data, job.labels, input_transform(preprocessing, training=job.augment), num_classes,
+                          job.class_map)
+    return train, image_dataset(job.val_data, None, input_transform(preprocessing), num_classes, job.class_map)
 
 
 def _check_writable(out: Optional[str]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,22 @@ def predict(model: nn.Module, images: Tensor, batch_size: int = 50, progress: bo
         with runtime.autocast():
             logits.append(logits_of(model, model(runtime.inputs(batch))).float().cpu())
     return torch.cat(logits)
+
+
+@torch.no_grad()
+def streamed_top1(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
+                  runtime: Optional[Runtime] = None) -> tuple[Tensor, Tensor]:
+    """(M,) top-1 class of ``model`` (eval mode) and (M,) labels over (images, labels) ``batches``,
+    each batch run on ``runtime``'s device under its autocast: only the predictions are kept, so
+    memory does not grow with the images."""
+    model.eval()
+    runtime = runtime or Runtime()
+    predicted, labels = [], []
+    for images, batch_labels in batches:
+        with runtime.autocast():
+            predicted.append(logits_of(model, model(runtime.inputs(images))).argmax(1).cpu())
+        labels.append(torch.as_tensor(batch_labels))
+    return torch.cat(predicted), torch.cat(labels)
 
 
 @dataclass(frozen=True)
