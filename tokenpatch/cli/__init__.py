@@ -406,6 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """A user error's message on one line. One raised in a ``DataLoader`` worker (an unreadable
+    image) as it was raised there: torch re-raises it with the worker's traceback in the message."""
+    lines = str(exc).strip().splitlines()
+    if len(lines) > 1 and "DataLoader worker process" in lines[0]:
+        lines = [lines[-1].partition(": ")[2]]
+    return " ".join(" ".join(lines).split())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``tokenpatch`` command: 0 on success, 2 with one line on a user error
     (a bad argument, path, image or checkpoint, or a file that cannot be written)."""
@@ -415,6 +424,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.run(args)
     except (TokenPatchError, OSError) as exc:  # user errors: one line, exit 2 (a bug keeps its traceback)
-        message = " ".join(str(exc).split())  # one line, even for multi-line messages
+        message = _one_line(exc)
         print(f"tokenpatch: error: {message[:500]}", file=sys.stderr)
         return 2

@@ -79,18 +79,6 @@ def eval_loader(dataset: Dataset, batch_size: int, workers: int, runtime: Runtim
                       pin_memory=runtime.pin_memory, persistent_workers=False)
 
 
-def _batches(loader: Iterable[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
-    """``loader``'s batches; a tokenpatch error raised in a loader worker (an unreadable image)
-    comes out as it was raised there, without the worker's traceback that torch puts in its message."""
-    try:
-        yield from loader
-    except TokenPatchError as exc:
-        lines = str(exc).strip().splitlines()
-        if len(lines) > 1 and "DataLoader worker" in lines[0]:
-            raise type(exc)(lines[-1].partition(": ")[2]) from None
-        raise
-
-
 class Tally:
     """Running counts of one model's scores: images, labelled images, top-1 and top-5 hits, and
     top-1 agreements with the reference, summed over batches (and processes)."""
@@ -189,7 +177,7 @@ def _prepare(model: nn.Module, spec: MethodSpec, label: str, keep_ratio: Optiona
 def _score(reference: _Contender, contenders: Sequence[_Contender], batches: Iterable[tuple[Tensor, Tensor]],
            runtime: Runtime, progress: bool) -> None:
     """Run every model on every batch, the unpatched one first, and count; then sum over processes."""
-    for images, labels in tqdm(_batches(batches), desc="eval", disable=not progress, leave=False):
+    for images, labels in tqdm(batches, desc="eval", disable=not progress, leave=False):
         images = runtime.inputs(images)
         with runtime.autocast():
             logits = logits_of(reference.model, reference.model(images))
