@@ -52,11 +52,11 @@ def test_lists_become_tuples_and_ints_become_floats():
 
 @pytest.mark.parametrize("text, expected", [("false", False), ("True", True)])
 def test_cli_options_are_read_by_their_type(text, expected, capsys):
-    argv = ["audit", "deit_tiny_patch16_224", "--img-size", "64", "--method", "evit", "--option", f"fuse={text}",
-            "--batch-size", "1", "--repeats", "1", "--json"]
+    audit = ["audit", "deit_tiny_patch16_224", "--no-pretrained", "--img-size", "64", "--method", "evit"]
+    argv = audit + ["--option", f"fuse={text}", "--batch-size", "1", "--repeats", "1", "--json"]
     assert main(argv) == 0
     assert '"method": "evit"' in capsys.readouterr().out
-    args = ["audit", "deit_tiny_patch16_224", "--img-size", "64", "--method", "evit", "--option", "fuse=no"]
+    args = audit + ["--option", "fuse=no"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err == "tokenpatch: error: fuse must be True or False, got 'no'"

@@ -64,8 +64,8 @@ def _write_results(args: argparse.Namespace, header: dict[str, Any], rows: list[
 
 def _audit(args: argparse.Namespace) -> int:
     runtime = _runtime(args)
+    options = method_options(_method_named(args), args.option)  # bad options fail before any download
     loaded = _load(args, args.img_size)
-    options = method_options(_method_named(args), args.option)
     names = sorted(available_methods()) if args.methods == "all" else [args.method]
     patched = {}
     for name in names:
@@ -187,8 +187,9 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _explain(args: argparse.Namespace) -> int:
     runtime = _runtime(args)
+    options = method_options(_method_named(args), args.option)
     loaded = _load(args)
-    model = loaded.patched(PatchRequest(args.method, args.keep_ratio, options=method_options(_method_named(args), args.option)))
+    model = loaded.patched(PatchRequest(args.method, args.keep_ratio, options=options))
     result = write_explanations(model, args.images, loaded.preprocessing, args.out, runtime)
     if args.json:
         options = get_config(model).to_dict()
