@@ -125,6 +125,18 @@ def test_the_streamed_validation_scores_equal_the_in_memory_ones(tuning_inputs):
         assert val.evaluate(patched) == {"agreement": pytest.approx(expected.item())}
 
 
+def test_finetune_epochs_are_passes_over_the_training_images(tuning_inputs, capsys):
+    data, weights = tuning_inputs
+    argv = ["finetune", "deit_tiny_patch16_224", "--data", str(data), "--checkpoint", str(weights), "--epochs", "2",
+            "--batch-size", "3", "-j", "0", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["train_images"], result["epochs"], result["steps"]) == (8, 2, 6)  # 8 images: 3 batches a pass
+    with pytest.raises(SystemExit) as exited:
+        main(argv[:-1] + ["--steps", "2"])
+    assert exited.value.code == 2 and "not allowed with argument --epochs" in capsys.readouterr().err
+
+
 def test_finetune_evaluates_under_the_asked_precision_and_memory_format(tuning_inputs, capsys):
     data, weights = tuning_inputs
     argv = ["finetune", "deit_tiny_patch16_224", "--data", str(data), "--checkpoint", str(weights), "--steps", "1",

@@ -221,3 +221,21 @@ def test_folds_swap_the_halves_and_are_checked(tmp_path):
     assert sorted(val0.indices + val1.indices) == list(range(6))
     with pytest.raises(ValueError, match="--fold 2 out of range"):
         split_dataset(preprocessing_of(make_model("deit_tiny")), str(tmp_path), None, 0.5, seed=3, fold=2)
+
+
+def test_each_pass_over_a_sharding_loader_is_a_new_epoch():
+    """``finetune`` cycles its batches; a ``DistributedSampler`` is told each pass's epoch (a new
+    shuffle each epoch, the same in every process), as torch's own training loops do."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from tokenpatch.training.finetune import _repeat
+
+    data = list(range(6))
+    sampler = DistributedSampler(data, num_replicas=2, rank=0, shuffle=True, seed=0)
+    batches = _repeat(DataLoader(data, batch_size=3, sampler=sampler))
+    passes = [next(batches).tolist() for _ in range(4)]  # one batch of 3 per pass on this rank
+    orders = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        orders.append(list(sampler))
+    assert passes == orders and len({tuple(p) for p in passes}) > 1

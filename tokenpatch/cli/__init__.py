@@ -167,7 +167,7 @@ def _finetune(args: argparse.Namespace) -> int:
                       macs_ratio=args.macs_ratio, options=method_options(_method_named(args), args.option),
                       checkpoint=args.checkpoint, labels=args.labels, val_fraction=args.val_fraction, fold=args.fold,
                       augment=args.augment, batch_size=args.batch_size, seed=args.seed, out=args.out, config=config,
-                      class_map=args.class_map, val_data=args.val_data, workers=args.workers,
+                      epochs=args.epochs, class_map=args.class_map, val_data=args.val_data, workers=args.workers,
                       pretrained=not args.no_pretrained, runtime=_runtime(args))
     result = run_finetune_job(job)
     if not is_main_process():
@@ -368,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"optimisation steps (default {defaults.steps})")
     length.add_argument("--minutes", type=_positive_float,
                         help="train for this long instead of --steps (then evaluate and save as usual)")
+    length.add_argument("--epochs", type=_positive, help="passes over the training images instead of --steps")
     tune.add_argument("--batch-size", type=_positive, default=FinetuneJob.batch_size,
                       help=f"images per step, per process under torchrun (default {FinetuneJob.batch_size})")
     tune.add_argument("--lr", type=_positive_float, default=defaults.lr, help=f"peak learning rate (default {defaults.lr})")

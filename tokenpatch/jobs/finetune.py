@@ -65,6 +65,8 @@ class FinetuneJob:
         seed: seeds the split, the shuffling and the training.
         out: save the fine-tuned patched model here (``tokenpatch.save`` format).
         config: the optimisation options.
+        epochs: instead of ``config.steps``/``config.minutes``, this many passes over the
+            training images (steps = epochs x batches per process and epoch).
         pretrained: load the model's published weights when there is no ``checkpoint``.
         runtime: the device the model trains and is evaluated on; evaluation also under its
             autocast and memory format (training in full precision).
@@ -85,6 +87,7 @@ class FinetuneJob:
     seed: int = 0
     out: Optional[str] = None
     config: FinetuneConfig = field(default_factory=FinetuneConfig)
+    epochs: Optional[int] = None
     class_map: Optional[str] = None
     val_data: Optional[str] = None
     workers: int = 0
@@ -167,11 +170,14 @@ def _loader(train: Dataset, batch_size: int, seed: int, workers: int = 0, pin_me
 
 
 def run(model: nn.Module, train: Dataset, val: HeldOut, config: FinetuneConfig, batch_size: int,
-        seed: int, workers: int = 0) -> dict[str, Any]:
-    """Fine-tune ``model`` on ``train`` (batches decoded by ``workers`` processes) and report
-    before/after scores on ``val`` and the MACs."""
+        seed: int, workers: int = 0, epochs: Optional[int] = None) -> dict[str, Any]:
+    """Fine-tune ``model`` on ``train`` (batches decoded by ``workers`` processes; ``epochs``
+    passes over it, if given, else as ``config`` says) and report before/after scores on ``val``
+    and the MACs."""
     before = val.evaluate(model.eval())
     loader = _loader(train, batch_size, seed, workers, val.runtime.pin_memory)
+    if epochs is not None:
+        config = dataclasses.replace(config, steps=epochs * len(loader), minutes=None)
     history = finetune(model, loader, config, evaluate=val.evaluate)
     macs = count_macs(model).total
     with unpatched_behaviour(model):
@@ -196,12 +202,13 @@ def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
     if not job.augment and job.workers == 0 and len(train) <= REMEMBERED_IMAGES:
         train = RememberedItems(train)
     result = run(model, train, held_out(model, val, job.runtime, job.workers), job.config, job.batch_size, job.seed,
-                 job.workers)
+                 job.workers, job.epochs)
     if job.out and is_main_process():
         save(model, job.out)
     return {"model": job.model, "weights": loaded.weights, "method": get_method_name(model),
             "keep_ratio": get_config(model).keep_ratio, "options": get_config(model).to_dict(),
-            "world_size": world_size(), "augment": job.augment, "finetune_config": dataclasses.asdict(job.config),
+            "world_size": world_size(), "augment": job.augment, "epochs": job.epochs,
+            "finetune_config": dataclasses.asdict(job.config),
             **result, "out": job.out}
 
 

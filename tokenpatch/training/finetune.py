@@ -122,11 +122,15 @@ def lr_factor(config: FinetuneConfig, step: int, progress: float) -> float:
 
 def _repeat(batches: Iterable[Any]) -> Iterator[Any]:
     """Iterate ``batches`` again and again (re-iterating, unlike ``itertools.cycle``, holds no copies).
+    A ``DataLoader`` whose sampler shards by epoch (``DistributedSampler``) is told each pass's
+    epoch, so every epoch is shuffled anew, alike in every process.
 
     Raises:
         TokenPatchError: when a pass over ``batches`` yields nothing (empty, or a spent iterator).
     """
-    while True:
+    for epoch in itertools.count():
+        if hasattr(getattr(batches, "sampler", None), "set_epoch"):
+            batches.sampler.set_epoch(epoch)
         empty = True
         for batch in batches:
             empty = False
