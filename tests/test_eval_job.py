@@ -207,3 +207,16 @@ def test_the_real_sample_as_synset_folders_gives_the_table_of_its_labels_csv(sha
     assert flat["images"] == synsets["images"] == 500 and flat["labelled"] and synsets["labelled"]
     assert flat["results"] == synsets["results"]
     assert flat["results"][0]["top1"] > 70  # the real labels: DeiT-Tiny's 77 % (not the 0.1 % of re-indexed ones)
+
+
+def test_tied_logits_rank_alike_for_top1_and_agreement():
+    """Half-precision logits tie often; one ranking serves top-1, top-5 and agreement, so the
+    unpatched model always agrees with itself."""
+    model = make_model("deit_tiny", depth=2)
+    torch.nn.init.zeros_(model.head.weight)
+    torch.nn.init.zeros_(model.head.bias)  # every class ties
+    x = images(model, batch=4)
+    rows = evaluation_rows(model, in_batches(x, torch.tensor([0, 1, 2, 3]), 2), [MethodSpec("evit")], x[:2],
+                           keep_ratio=0.5, progress=False)
+    assert rows[0]["agreement"] == rows[1]["agreement"] == 100.0
+    assert rows[0]["top1"] == rows[1]["top1"]

@@ -88,9 +88,8 @@ class Tally:
     def __init__(self) -> None:
         self.counts = torch.zeros(len(self.FIELDS), dtype=torch.float64)
 
-    def add(self, logits: Tensor, labels: Tensor, reference_top1: Tensor) -> None:
-        """Count a batch: (B, classes) ``logits``, (B,) ``labels`` (-1 unknown), (B,) reference top-1."""
-        top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices.cpu()
+    def add(self, top5: Tensor, labels: Tensor, reference_top1: Tensor) -> None:
+        """Count a batch: (B, 5) best classes (:func:`top5_of`), (B,) ``labels`` (-1 unknown), (B,) reference top-1."""
         known = labels >= 0
         hits = top5 == labels[:, None]
         self.counts += torch.tensor([len(labels), known.sum(), hits[:, 0].sum(), hits.any(1).sum(),
@@ -98,6 +97,12 @@ class Tally:
 
     def percent(self, name: str) -> float:
         return 100.0 * self.counts[self.FIELDS.index(name)].item() / max(self.counts[0].item(), 1.0)
+
+
+def top5_of(logits: Tensor) -> Tensor:
+    """(B, 5) indices of the best classes of (B, classes) ``logits``, best first, on the CPU (one
+    ranking for top-1, top-5 and agreement, so ties in half precision are broken alike)."""
+    return logits.float().topk(min(5, logits.shape[1]), dim=1).indices.cpu()
 
 
 @dataclass
@@ -180,11 +185,11 @@ def _score(reference: _Contender, contenders: Sequence[_Contender], batches: Ite
     for images, labels in tqdm(batches, desc="eval", disable=not progress, leave=False):
         images = runtime.inputs(images)
         with runtime.autocast():
-            logits = logits_of(reference.model, reference.model(images))
-            reference_top1 = logits.argmax(1).cpu()
-            reference.tally.add(logits, labels, reference_top1)
+            reference_top5 = top5_of(logits_of(reference.model, reference.model(images)))
+            reference.tally.add(reference_top5, labels, reference_top5[:, 0])
             for contender in contenders:
-                contender.tally.add(logits_of(contender.model, contender.model(images)), labels, reference_top1)
+                contender.tally.add(top5_of(logits_of(contender.model, contender.model(images))), labels,
+                                    reference_top5[:, 0])
     if in_process_group():
         counts = torch.stack([c.tally.counts for c in (reference, *contenders)]).to(runtime.device)  # nccl: on the GPU
         torch.distributed.all_reduce(counts)  # float64 sums of counts are exact
@@ -211,5 +216,5 @@ def classes_of(model: nn.Module) -> int:
     classes = head.out_features if isinstance(head, nn.Linear) else getattr(model, "num_classes", 0)
     if not classes:
         raise TokenPatchError(f"{type(model).__name__} has no classifier to score images with (an encoder); "
-                              "eval needs an image classifier")
+                              "eval and finetune need an image classifier")
     return classes
