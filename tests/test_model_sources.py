@@ -97,9 +97,10 @@ def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 X = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
 
 
-def test_a_timm_name_loads_its_pretrained_weights_from_the_cache_exactly_like_the_checkpoint_file(sources, offline_cache):
+def test_timm_names_load_their_pretrained_weights_from_the_cache_exactly_like_the_checkpoint_file(sources, offline_cache):
     from_file = load_model("deit_tiny_patch16_224", str(sources["weights"]))
-    for name in ("deit_tiny_patch16_224", "deit_tiny_patch16_224.fb_in1k", f"hf-hub:{TIMM_REPO}"):
+    local = sources["cache"] / f"models--{TIMM_REPO.replace('/', '--')}" / "snapshots" / REVISION  # config + weights
+    for name in ("deit_tiny_patch16_224", "deit_tiny_patch16_224.fb_in1k", f"hf-hub:{TIMM_REPO}", f"local-dir:{local}"):
         loaded = load_model(name)
         assert loaded.weights == "pretrained"
         assert torch.equal(_logits(loaded.unpatched, X), _logits(from_file.unpatched, X)), name
