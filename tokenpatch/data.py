@@ -18,8 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .backends import find_backend
-from .backends.build import Preprocessing
+from .backends.build import Preprocessing, preprocessing_of
 from .errors import DataError
 
 DATA_ENV = "TOKENPATCH_DATA"
@@ -234,12 +233,6 @@ def _relabel(dataset: Any, indices: dict[str, int]) -> None:
     dataset.samples = [(path, indices[dataset.classes[c]]) for path, c in dataset.samples]
     dataset.imgs, dataset.targets = dataset.samples, [c for _, c in dataset.samples]
     dataset.class_to_idx = indices
-
-
-def preprocessing_of(model: nn.Module) -> Preprocessing:
-    """``model``'s data config as its backend knows it (timm models; a transformers model keeps
-    its preprocessing in its image processor: :func:`tokenpatch.backends.build.build_model`)."""
-    return Preprocessing(find_backend(model).data_config(model))
 
 
 def eval_transform(model: nn.Module) -> Callable:

@@ -50,6 +50,14 @@ class BuiltModel:
     pretrained: bool
 
 
+def preprocessing_of(model: nn.Module) -> Preprocessing:
+    """``model``'s data config as its backend knows it (timm models; a transformers model keeps its
+    preprocessing in its image processor, which :func:`build_model` loads with it)."""
+    from . import find_backend
+
+    return Preprocessing(find_backend(model).data_config(model))
+
+
 def build_model(spec: str, img_size: Optional[int] = None, pretrained: bool = True) -> BuiltModel:
     """The model ``spec`` names (see the module docstring), in eval mode.
 
@@ -73,7 +81,7 @@ def build_model(spec: str, img_size: Optional[int] = None, pretrained: bool = Tr
             built = _build_transformers_model(spec[len(HF_PREFIX):], pretrained)
         else:
             model = build_timm_model(spec, img_size, pretrained)
-            built = BuiltModel(model, Preprocessing(find_backend(model).data_config(model)), pretrained)
+            built = BuiltModel(model, preprocessing_of(model), pretrained)
     find_backend(built.model)  # a model tokenpatch cannot patch is refused here, by name
     return built
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backends import find_backend
-from ..core.distributed import in_process_group, is_main_process, world_size
+from ..core.distributed import in_process_group, is_main_process
 from ..core.runner import collecting, context_of, overriding, remove_patch
 from ..errors import TokenPatchError
 from ..measure.evaluate import eval_mode, logits_of
