@@ -46,7 +46,7 @@ def config_dict(model: nn.Module) -> dict[str, Any]:
 def save_config(model: nn.Module, path: PathLike) -> None:
     """Write the patched model's method and options as JSON (atomically)."""
     text = json.dumps(config_dict(model), indent=2)
-    _write_atomically(path, lambda name: Path(name).write_text(text))
+    write_atomically(path, lambda name: Path(name).write_text(text))
 
 
 def load_config(path: PathLike) -> dict[str, Any]:
@@ -82,7 +82,7 @@ def save(model: nn.Module, path: PathLike) -> None:
     """
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     metadata = {METADATA_KEY: json.dumps(config_dict(model)), DIGEST_KEY: tensor_digest(state)}
-    _write_atomically(path, lambda name: save_file(state, name, metadata=metadata))
+    write_atomically(path, lambda name: save_file(state, name, metadata=metadata))
 
 
 def is_checkpoint(path: PathLike) -> bool:
@@ -229,7 +229,7 @@ def _config_from_text(path: PathLike, text: str) -> dict[str, Any]:
     return config
 
 
-def _write_atomically(path: PathLike, write: Callable[[str], None]) -> None:
+def write_atomically(path: PathLike, write: Callable[[str], None]) -> None:
     """Run ``write(temporary_name)`` next to ``path``, then rename it over ``path``.
 
     The file gets the permissions of any new file, 0666 less the umask: a placeholder created

@@ -162,13 +162,14 @@ def _finetune(args: argparse.Namespace) -> int:
     config = FinetuneConfig(steps=args.steps, minutes=args.minutes, lr=args.lr, label_weight=args.label_weight,
                             eval_every=args.eval_every, module_lr=args.module_lr, feature_weight=args.feature_weight,
                             temperature=args.temperature, train_backbone=not args.freeze_backbone,
-                            freeze_prefix=args.freeze_prefix, mixup=args.mixup)
+                            freeze_prefix=args.freeze_prefix, mixup=args.mixup, accum_steps=args.accum_steps,
+                            save_every=args.save_every)
     job = FinetuneJob(model=args.model, data=args.data, method=args.method, keep_ratio=args.keep_ratio,
                       macs_ratio=args.macs_ratio, options=method_options(_method_named(args), args.option),
                       checkpoint=args.checkpoint, labels=args.labels, val_fraction=args.val_fraction, fold=args.fold,
                       augment=args.augment, batch_size=args.batch_size, seed=args.seed, out=args.out, config=config,
                       epochs=args.epochs, class_map=args.class_map, val_data=args.val_data, workers=args.workers,
-                      pretrained=not args.no_pretrained, runtime=_runtime(args))
+                      pretrained=not args.no_pretrained, runtime=_runtime(args), resume=args.resume)
     result = run_finetune_job(job)
     if not is_main_process():
         return 0
@@ -370,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train for this long instead of --steps (then evaluate and save as usual)")
     length.add_argument("--epochs", type=_positive, help="passes over the training images instead of --steps")
     tune.add_argument("--batch-size", type=_positive, default=FinetuneJob.batch_size,
-                      help=f"images per step, per process under torchrun (default {FinetuneJob.batch_size})")
+                      help=f"images per batch, per process under torchrun (default {FinetuneJob.batch_size})")
+    tune.add_argument("--accum-steps", type=_positive, default=defaults.accum_steps,
+                      help="batches whose gradients add up before each step (a step on N x --batch-size images)")
     tune.add_argument("--lr", type=_positive_float, default=defaults.lr, help=f"peak learning rate (default {defaults.lr})")
     tune.add_argument("--label-weight", type=_non_negative, default=defaults.label_weight,
                       help="cross-entropy weight when labels exist (needs --mixup 0)")
@@ -394,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--eval-every", type=_count, default=0, help="evaluate every N steps (0: at the end)")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--out", help="save the fine-tuned patched model here (tokenpatch.save format)")
+    tune.add_argument("--save-every", type=_count, default=0, metavar="N",
+                      help="every N steps write the resumable training state to OUT.state (needs --out)")
+    tune.add_argument("--resume", metavar="FILE", help="continue the run that wrote this training state (OUT.state): "
+                      "give the same model, data and options")
     tune.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     tune.set_defaults(run=_finetune)
 

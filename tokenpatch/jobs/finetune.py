@@ -14,18 +14,19 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..api import get_config, get_method_name
 from ..checkpoint import save
 from ..backends.build import Preprocessing
-from ..core.distributed import in_process_group, is_main_process, join_process_group, world_size
+from ..core.distributed import is_main_process, join_process_group, world_size
 from ..data import RememberedItems, image_dataset, input_transform
 from ..errors import CheckpointError, InvalidOptionError
 from ..measure.evaluate import streamed_top1
 from ..measure.flops import count_macs
 from ..measure.runtime import Runtime
 from ..training.finetune import FinetuneConfig, finetune, unpatched_behaviour
+from ..training.sampling import EpochSampler, SeededItems
 from .evaluation import classes_of
 from .models import PatchRequest, load_model
 
@@ -68,8 +69,10 @@ class FinetuneJob:
         epochs: instead of ``config.steps``/``config.minutes``, this many passes over the
             training images (steps = epochs x batches per process and epoch).
         pretrained: load the model's published weights when there is no ``checkpoint``.
-        runtime: the device the model trains and is evaluated on; evaluation also under its
-            autocast and memory format (training in full precision).
+        runtime: the device the model trains and is evaluated on, under its autocast (training
+            too, with a grad scaler for fp16) and memory format.
+        resume: a training state (``OUT.state``, written every ``config.save_every`` steps) to
+            continue from; the rest of the job must be the same as the run that wrote it.
     """
 
     model: str
@@ -93,6 +96,7 @@ class FinetuneJob:
     workers: int = 0
     pretrained: bool = True
     runtime: Runtime = field(default_factory=Runtime)
+    resume: Optional[str] = None
 
 
 @dataclass
@@ -154,7 +158,7 @@ def held_out(model: nn.Module, dataset: Dataset, runtime: Runtime = Runtime(), w
     if workers == 0 and len(dataset) <= REMEMBERED_IMAGES:
         dataset = RememberedItems(dataset)
     batches = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                         pin_memory=runtime.pin_memory)
+                         pin_memory=runtime.pin_memory, generator=torch.Generator())  # leaves the global one alone
     with unpatched_behaviour(model):
         reference, labels = streamed_top1(model, batches, runtime)
     return HeldOut(batches, labels if (labels >= 0).all() else None, reference, runtime)
@@ -162,23 +166,27 @@ def held_out(model: nn.Module, dataset: Dataset, runtime: Runtime = Runtime(), w
 
 def _loader(train: Dataset, batch_size: int, seed: int, workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """Shuffled batches decoded by ``workers`` processes (kept across epochs); under torchrun each
-    process gets its own shard (``batch_size`` per process)."""
-    common = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
-    if in_process_group():
-        return DataLoader(train, sampler=DistributedSampler(train, shuffle=True, seed=seed), **common)
-    return DataLoader(train, shuffle=True, generator=torch.Generator().manual_seed(seed), **common)
+    process gets its own shard (``batch_size`` per process). Each epoch's order and each image's
+    augmentation depend only on ``seed``, the epoch and the image
+    (:class:`~tokenpatch.training.sampling.EpochSampler`), so a resumed run reads what the
+    interrupted one would have, whatever ``workers``. Incomplete last batches are dropped when
+    there is at least one full one."""
+    drop_last = len(train) >= batch_size * world_size()
+    return DataLoader(SeededItems(train, seed), sampler=EpochSampler(train, seed), batch_size=batch_size,
+                      drop_last=drop_last, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(seed))  # worker seeds: not from the global generator
 
 
 def run(model: nn.Module, train: Dataset, val: HeldOut, config: FinetuneConfig, batch_size: int,
-        seed: int, workers: int = 0, epochs: Optional[int] = None) -> dict[str, Any]:
+        seed: int, workers: int = 0, epochs: Optional[int] = None, resume: Optional[str] = None) -> dict[str, Any]:
     """Fine-tune ``model`` on ``train`` (batches decoded by ``workers`` processes; ``epochs``
-    passes over it, if given, else as ``config`` says) and report before/after scores on ``val``
-    and the MACs."""
+    passes over it, if given, else as ``config`` says; from the training state ``resume`` when
+    given) and report before/after scores on ``val`` and the MACs."""
     before = val.evaluate(model.eval())
     loader = _loader(train, batch_size, seed, workers, val.runtime.pin_memory)
     if epochs is not None:
-        config = dataclasses.replace(config, steps=epochs * len(loader), minutes=None)
-    history = finetune(model, loader, config, evaluate=val.evaluate)
+        config = dataclasses.replace(config, steps=max(1, epochs * len(loader) // config.accum_steps), minutes=None)
+    history = finetune(model, loader, config, evaluate=val.evaluate, resume=resume)
     macs = count_macs(model).total
     with unpatched_behaviour(model):
         macs_unpatched = count_macs(model).total
@@ -196,13 +204,16 @@ def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
     join_process_group(job.runtime.device)
     torch.manual_seed(job.seed)
     _check_writable(job.out)
+    if job.config.save_every and not (job.out or job.config.state_path):
+        raise InvalidOptionError("--save-every needs --out: the training state is written to OUT.state")
     loaded = load_model(job.model, job.checkpoint, pretrained=job.pretrained)
     model = job.runtime.place(loaded.patched(PatchRequest(job.method, job.keep_ratio, job.macs_ratio, job.options)))
     train, val = _datasets(job, loaded.preprocessing, classes_of(model))
     if not job.augment and job.workers == 0 and len(train) <= REMEMBERED_IMAGES:
         train = RememberedItems(train)
-    result = run(model, train, held_out(model, val, job.runtime, job.workers), job.config, job.batch_size, job.seed,
-                 job.workers, job.epochs)
+    config = dataclasses.replace(job.config, amp=job.runtime.amp, state_path=job.config.state_path or state_path(job.out))
+    result = run(model, train, held_out(model, val, job.runtime, job.workers), config, job.batch_size, job.seed,
+                 job.workers, job.epochs, job.resume)
     if job.out and is_main_process():
         save(model, job.out)
     return {"model": job.model, "weights": loaded.weights, "method": get_method_name(model),
@@ -221,6 +232,11 @@ def _datasets(job: FinetuneJob, preprocessing: Preprocessing, num_classes: int) 
     train = image_dataset(job.data, job.labels, input_transform(preprocessing, training=job.augment), num_classes,
                           job.class_map)
     return train, image_dataset(job.val_data, None, input_transform(preprocessing), num_classes, job.class_map)
+
+
+def state_path(out: Optional[str]) -> Optional[str]:
+    """Where a job saving to ``out`` writes its resumable training state: ``OUT.state``."""
+    return f"{out}.state" if out else None
 
 
 def _check_writable(out: Optional[str]) -> None:

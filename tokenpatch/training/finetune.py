@@ -26,9 +26,9 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +37,12 @@ from torch import Tensor, nn
 from ..backends import find_backend
 from ..core.distributed import in_process_group, is_main_process
 from ..core.runner import collecting, context_of, overriding, remove_patch
-from ..errors import TokenPatchError
+from ..errors import InvalidOptionError, TokenPatchError
 from ..measure.evaluate import eval_mode, logits_of
+from ..measure.runtime import AMP_DTYPES
 from .loop import Budget, LoopTimes
 from .losses import DistillationLoss, FeatureDistillationLoss
+from .state import Position, load_state, save_state, set_rng_state
 
 
 @contextmanager
@@ -93,6 +95,13 @@ class FinetuneConfig:
             shuffled copy of itself by a Beta(alpha, alpha) weight, and teacher and student see
             the same blend, so a small folder yields new inputs every step (Beyer et al.,
             CVPR 2022: "a good teacher is patient and consistent"). Distillation only: no labels.
+        accum_steps: batches whose gradients add up before each optimisation step (a step on
+            ``accum_steps`` x the batch size, to float tolerance; mixup blends within a batch).
+        amp: ``"bf16"`` or ``"fp16"``: the teacher's and the student's forward passes under
+            autocast (fp16 with a grad scaler); the weights and the optimizer stay in fp32.
+        save_every: write the resumable training state (:mod:`tokenpatch.training.state`) to
+            ``state_path`` every this many steps (0: never).
+        state_path: the training state file (written atomically; by rank 0 under torchrun).
     """
 
     steps: int = 200
@@ -110,6 +119,10 @@ class FinetuneConfig:
     train_backbone: bool = True
     freeze_prefix: bool = False
     mixup: float = 1.0
+    accum_steps: int = 1
+    amp: Optional[str] = None
+    save_every: int = 0
+    state_path: Optional[str] = None
 
 
 def lr_factor(config: FinetuneConfig, step: int, progress: float) -> float:
@@ -120,22 +133,35 @@ def lr_factor(config: FinetuneConfig, step: int, progress: float) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _repeat(batches: Iterable[Any]) -> Iterator[Any]:
-    """Iterate ``batches`` again and again (re-iterating, unlike ``itertools.cycle``, holds no copies).
-    A ``DataLoader`` whose sampler shards by epoch (``DistributedSampler``) is told each pass's
-    epoch, so every epoch is shuffled anew, alike in every process.
+def _repeat(batches: Iterable[Any], position: Optional[Position] = None) -> Iterator[Any]:
+    """Iterate ``batches`` again and again (re-iterating, unlike ``itertools.cycle``, holds no
+    copies), from ``position`` (epoch, batches of it already read), which is kept up to date.
+
+    A ``DataLoader`` whose sampler orders by epoch (``DistributedSampler``,
+    :class:`~tokenpatch.training.sampling.EpochSampler`) is told each pass's epoch, so every epoch
+    is shuffled anew, alike in every process; an ``EpochSampler`` also skips the batches already
+    read without loading them (other iterables are read and the batches dropped).
 
     Raises:
         TokenPatchError: when a pass over ``batches`` yields nothing (empty, or a spent iterator).
     """
-    for epoch in itertools.count():
-        if hasattr(getattr(batches, "sampler", None), "set_epoch"):
-            batches.sampler.set_epoch(epoch)
+    position = position if position is not None else Position()
+    sampler = getattr(batches, "sampler", None)
+    for epoch in itertools.count(position.epoch):
+        skip = position.batches if epoch == position.epoch else 0
+        position.epoch, position.batches = epoch, skip
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        if skip and hasattr(sampler, "skip_next"):
+            sampler.skip_next(skip * batches.batch_size)
+            skip = 0
+        iterator = itertools.islice(iter(batches), skip, None)
         empty = True
-        for batch in batches:
+        for batch in iterator:
             empty = False
+            position.batches += 1
             yield batch
-        if empty:
+        if empty and not position.batches:
             raise TokenPatchError("no training batches: the data is empty (or a one-shot iterator already spent)")
 
 
@@ -284,86 +310,174 @@ def _distributed(model: nn.Module) -> nn.Module:
 
 def finetune(model: nn.Module, batches: Iterable[Any], config: FinetuneConfig = FinetuneConfig(),
              evaluate: Optional[Callable[[nn.Module], dict[str, float]]] = None,
-             progress: bool = True, teacher: Optional[nn.Module] = None) -> list[dict[str, float]]:
+             progress: bool = True, teacher: Optional[nn.Module] = None,
+             resume: Optional[str] = None) -> list[dict[str, float]]:
     """Fine-tune a patched ``model`` in place by self-distillation.
 
     Args:
         model: a patched model (its unpatched self is the teacher).
         batches: an iterable of (B, 3, H, W) ``images`` or ``(images, labels)`` (labels < 0 mean
-            "none"); it is cycled until ``config.steps`` steps (or ``config.minutes``) are done.
+            "none"); it is cycled until ``config.steps`` steps (or ``config.minutes``) are done,
+            ``config.accum_steps`` batches per step.
         config: optimisation options.
         evaluate: called with the model (in eval mode) every ``config.eval_every`` steps and at
             the end; its dict is added to the history.
         progress: show a progress bar with loss and images/s.
-        teacher: the model to distil from; None takes :func:`frozen_teacher` of ``model``.
+        teacher: the model to distil from; None takes :func:`frozen_teacher` of ``model`` (before
+            ``resume`` loads anything: pass the model as the first run started from).
+        resume: a training state written by ``config.save_every`` to continue from (weights,
+            optimizer, step, data position and random generators). Bit-identical to the
+            uninterrupted run on the CPU when ``batches`` comes back the same way in every run
+            (the job's :class:`~tokenpatch.training.sampling.EpochSampler` loader does).
 
     Returns:
-        History: one dict per step (``step``, ``loss``, ``lr`` and the evaluation's keys); the last
-        one also has the loop's throughput by phase (:meth:`LoopTimes.rates`: ``data_img_s``,
-        ``teacher_img_s``, ``student_img_s``, ``loop_img_s``) and ``seconds``.
+        History: one dict per step of this run (``step``, ``loss``, ``lr`` and the evaluation's
+        keys); the last one also has the loop's throughput by phase (:meth:`LoopTimes.rates`:
+        ``data_img_s``, ``teacher_img_s``, ``student_img_s``, ``loop_img_s``) and ``seconds``.
     """
     if config.mixup > 0 and config.label_weight > 0:
         raise TokenPatchError("mixup blends images, so their labels no longer apply: set mixup=0 to train on labels")
+    check_loop_options(config)
     teacher = teacher if teacher is not None else frozen_teacher(model)
     groups = _parameter_groups(model, config)
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    device = next(model.parameters()).device
+    scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
+    position = _resumed(resume, model, optimizer, scaler, config)
     ctx = context_of(model)
     signals = ctx.method.training_signals(ctx.config)
     with collecting(model, signals), training_only(model, [p for g in groups for p in g["params"]]):
         network = _distributed(model)  # after freezing: DDP syncs the parameters that require grad
-        history = _steps(model, network, teacher, batches, config, optimizer, evaluate, progress)
+        step = _Step(model, network, teacher, config, optimizer, scaler)
+        history = _steps(step, batches, position, evaluate, progress)
     model.eval()
     return history
 
 
-def _steps(model: nn.Module, network: nn.Module, teacher: nn.Module, batches: Iterable[Any], config: FinetuneConfig,
-           optimizer: torch.optim.Optimizer, evaluate: Optional[Callable[[nn.Module], dict[str, float]]],
-           progress: bool) -> list[dict[str, float]]:
-    """The optimisation loop of :func:`finetune`; returns its history."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    peaks = [g["lr"] for g in optimizer.param_groups]
-    distill = DistillationLoss(config.temperature)
-    budget, times = Budget(config.steps, config.minutes), LoopTimes()
-    device = next(model.parameters()).device
+def check_loop_options(config: FinetuneConfig) -> None:
+    """Refuse options the loop cannot run: accumulation, saving and autocast settings."""
+    if not (isinstance(config.accum_steps, int) and config.accum_steps >= 1):
+        raise InvalidOptionError(f"accum_steps must be a positive integer, got {config.accum_steps!r}")
+    if not (isinstance(config.save_every, int) and config.save_every >= 0):
+        raise InvalidOptionError(f"save_every must be a whole number of steps, got {config.save_every!r}")
+    if config.save_every and not config.state_path:
+        raise InvalidOptionError("save_every needs state_path, the file to write the training state to")
+    if config.amp is not None and config.amp not in AMP_DTYPES:
+        raise InvalidOptionError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {config.amp!r}")
+
+
+def _resumed(path: Optional[str], model: nn.Module, optimizer: torch.optim.Optimizer,
+             scaler: Optional[torch.amp.GradScaler], config: FinetuneConfig) -> Position:
+    """Load the state at ``path`` into the model, optimizer, scaler and generators; its position
+    (the start when there is no ``path``)."""
+    if path is None:
+        return Position()
+    resumed = load_state(path, model)
+    if config.minutes is None and resumed.position.step >= config.steps:
+        raise InvalidOptionError(f"--resume {path}: the run already did {resumed.position.step} of its "
+                                 f"{config.steps} steps")
+    optimizer.load_state_dict(resumed.optimizer)
+    if scaler is not None and resumed.scaler is not None:
+        scaler.load_state_dict(resumed.scaler)
+    set_rng_state(resumed.rng)
+    return resumed.position
+
+
+class _Step:
+    """One optimisation step: ``accum_steps`` micro-batches whose gradients add up (DDP syncs the
+    last one only), under autocast when ``config.amp``, with fp16's grad scaler, then clipping and
+    the optimizer."""
+
+    def __init__(self, model: nn.Module, network: nn.Module, teacher: nn.Module, config: FinetuneConfig,
+                 optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> None:
+        self.model, self.network, self.teacher, self.config = model, network, teacher, config
+        self.optimizer, self.scaler = optimizer, scaler
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.distill = DistillationLoss(config.temperature)
+        self.device = next(model.parameters()).device
+
+    def autocast(self) -> ContextManager:
+        """Autocast to ``config.amp`` on the model's device (nothing without it)."""
+        if self.config.amp is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.config.amp])
+
+    def targets(self, images: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """The teacher's targets on ``images`` (see :func:`teacher_targets`)."""
+        with self.autocast():
+            logits, features = teacher_targets(self.teacher, images, self.config)
+        return logits.float(), features.float() if features is not None else None
+
+    def backward(self, step: int, targets: tuple[Tensor, Optional[Tensor]], images: Tensor,
+                 labels: Optional[Tensor], last: bool) -> float:
+        """Add one micro-batch's gradients (its loss over ``accum_steps``); returns that share."""
+        self.model.train()
+        sync = last or not isinstance(self.network, nn.parallel.DistributedDataParallel)
+        with step_options(self.model, step), (nullcontext() if sync else self.network.no_sync()):
+            with self.autocast():
+                loss = student_loss(self.model, targets, images, labels, self.config, self.distill, self.network)
+            loss = loss.float() / self.config.accum_steps
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return loss.item()
+
+    def apply(self) -> None:
+        """Clip the summed gradients, step the optimizer and clear the gradients."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.config.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _steps(step: _Step, batches: Iterable[Any], position: Position,
+           evaluate: Optional[Callable[[nn.Module], dict[str, float]]], progress: bool) -> list[dict[str, float]]:
+    """The optimisation loop of :func:`finetune` from ``position``; returns its history."""
+    config, optimizer = step.config, step.optimizer
+    peaks = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+    for group, peak in zip(optimizer.param_groups, peaks):
+        group["initial_lr"] = peak  # kept in the optimizer's state, so a resumed run finds the peaks
+    budget, times = Budget(config.steps, config.minutes, spent=position.seconds), LoopTimes()
     history: list[dict[str, float]] = []
-    with budget.progress_bar(enabled=progress and is_main_process()) as bar:  # closed on errors too
-        batch_source = _repeat(batches)
-        for step in itertools.count(1):
-            factor = lr_factor(config, step - 1, budget.progress(step - 1, config.warmup_steps))
+    with budget.progress_bar(enabled=progress and is_main_process(), done=position.step) as bar:
+        source = _repeat(batches, position)
+        for number in itertools.count(position.step + 1):
+            factor = lr_factor(config, number - 1, budget.progress(number - 1, config.warmup_steps))
             for group, peak in zip(optimizer.param_groups, peaks):
                 group["lr"] = peak * factor
-            with times.phase("data"):
-                images, labels = _split_batch(next(batch_source), device)
-                if config.mixup > 0:
-                    images, labels = mixed(images, config.mixup), None
-            with times.phase("teacher"):
-                targets = teacher_targets(teacher, images, config)
+            loss = sum(_micro_step(step, number, source, times, last=k == config.accum_steps - 1)
+                       for k in range(config.accum_steps))
             with times.phase("student"):
-                loss = _optimise(model, network, step, targets, images, labels, config, distill, optimizer, params)
-            times.images += images.shape[0]
-            done = budget.done(step)
-            record = {"step": step, "loss": loss, "lr": peaks[0] * factor}
-            if evaluate is not None and (done or (config.eval_every and step % config.eval_every == 0)) and is_main_process():
-                model.eval()
-                record.update(evaluate(model))
+                step.apply()
+            done = budget.done(number)
+            record = {"step": number, "loss": loss, "lr": peaks[0] * factor}
+            if evaluate is not None and (done or (config.eval_every and number % config.eval_every == 0)) and is_main_process():
+                step.model.eval()
+                record.update(evaluate(step.model))
             history.append(record)
-            budget.advance(bar, step, loss=f"{loss:.4f}", img_s=f"{times.rates().get('loop_img_s', 0.0):.1f}")
+            if config.save_every and number % config.save_every == 0:
+                position.step, position.seconds = number, budget.spent_so_far()
+                save_state(config.state_path, step.model, optimizer, position, step.scaler)
+            budget.advance(bar, number, loss=f"{loss:.4f}", img_s=f"{times.rates().get('loop_img_s', 0.0):.1f}")
             if done:
                 break
     history[-1].update(times.rates(), seconds=budget.elapsed())
     return history
 
 
-def _optimise(model: nn.Module, network: nn.Module, step: int, targets: tuple[Tensor, Optional[Tensor]], images: Tensor,
-              labels: Optional[Tensor], config: FinetuneConfig, distill: DistillationLoss,
-              optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> float:
-    """One optimisation step of the student on a batch; returns its loss."""
-    model.train()
-    with step_options(model, step):
-        loss = student_loss(model, targets, images, labels, config, distill, network)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if config.clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
-    optimizer.step()
-    return loss.item()
+def _micro_step(step: _Step, number: int, source: Iterator[Any], times: LoopTimes, last: bool) -> float:
+    """Read one batch, get the teacher's targets and add the student's gradients; the loss share."""
+    with times.phase("data"):
+        images, labels = _split_batch(next(source), step.device)
+        if step.config.mixup > 0:
+            images, labels = mixed(images, step.config.mixup), None
+    with times.phase("teacher"):
+        targets = step.targets(images)
+    with times.phase("student"):
+        loss = step.backward(number, targets, images, labels, last)
+    times.images += images.shape[0]
+    return loss

@@ -25,15 +25,15 @@ class Budget:
     same step.
     """
 
-    def __init__(self, steps: int, minutes: Optional[float] = None) -> None:
+    def __init__(self, steps: int, minutes: Optional[float] = None, spent: float = 0.0) -> None:
         if minutes is not None and not minutes > 0:
             raise InvalidOptionError(f"minutes must be > 0, got {minutes}")
         if minutes is None and not (isinstance(steps, int) and steps >= 1):
             raise InvalidOptionError(f"steps must be a positive integer, got {steps!r}")
         self.steps = steps
         self.seconds = None if minutes is None else 60.0 * minutes
-        self.started = time.perf_counter()
-        self.spent = 0.0  # under a time budget: the agreed elapsed seconds at the end of the last step
+        self.started = time.perf_counter() - spent  # a resumed run counts the time spent before
+        self.spent = spent  # under a time budget: the agreed elapsed seconds at the end of the last step
 
     def elapsed(self) -> float:
         """Seconds since the start, agreed between processes under ``torchrun``."""
@@ -55,11 +55,16 @@ class Budget:
         self.spent = self.elapsed()
         return self.spent >= self.seconds
 
-    def progress_bar(self, enabled: bool) -> tqdm:
-        """A bar over the steps, or over the seconds of a time budget."""
+    def spent_so_far(self) -> float:
+        """Seconds spent, as the last :meth:`done` agreed under a time budget (else measured now)."""
+        return self.spent if self.seconds is not None else self.elapsed()
+
+    def progress_bar(self, enabled: bool, done: int = 0) -> tqdm:
+        """A bar over the steps (``done`` of them already), or over the seconds of a time budget."""
         if self.seconds is None:
-            return tqdm(total=self.steps, desc="finetune", disable=not enabled)
-        return tqdm(total=round(self.seconds), desc="finetune", unit="s", disable=not enabled)
+            return tqdm(total=self.steps, initial=done, desc="finetune", disable=not enabled)
+        return tqdm(total=round(self.seconds), initial=min(round(self.spent), round(self.seconds)), desc="finetune",
+                    unit="s", disable=not enabled)
 
     def advance(self, bar: tqdm, step: int, **postfix: Any) -> None:
         """Move ``bar`` to the end of 1-based ``step`` and show ``postfix``."""

@@ -1,0 +1,75 @@
+"""A training order that can stop and resume: each epoch's order and each image's augmentation
+depend only on the seed, the epoch and the image, never on what ran before.
+
+:class:`EpochSampler` is torch's ``DistributedSampler`` (one shard per process, a new seeded order
+per epoch; one shard of everything without ``torchrun``) that can start a pass part-way through
+and tells the dataset which epoch an index belongs to. :class:`SeededItems` draws each image's
+random augmentation from a generator seeded by (seed, epoch, index), so the same image gets the
+same crop in an interrupted and an uninterrupted run, whichever process or worker decodes it.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+from ..core.distributed import in_process_group
+
+
+class EpochSampler(DistributedSampler):
+    """Indices of this process's shard of a seeded per-epoch order, as ``(epoch, index)`` pairs for
+    :class:`SeededItems`. :meth:`skip_next` starts the next pass part-way (resuming mid-epoch)
+    without decoding the images skipped."""
+
+    def __init__(self, dataset: Dataset, seed: int, drop_last: bool = False) -> None:
+        world, rank = ((torch.distributed.get_world_size(), torch.distributed.get_rank())
+                       if in_process_group() else (1, 0))
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
+        self.skipped = 0
+
+    def skip_next(self, count: int) -> None:
+        """Leave out the first ``count`` indices of the next pass only."""
+        self.skipped = count
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        skipped, self.skipped = self.skipped, 0
+        for position, index in enumerate(super().__iter__()):
+            if position >= skipped:
+                yield self.epoch, index
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one image of one epoch (tuples of ints hash alike in every process)."""
+    return hash((seed, epoch, index)) & (2**63 - 1)
+
+
+class SeededItems(Dataset):
+    """``dataset`` read by ``(epoch, index)`` (from :class:`EpochSampler`): each item's transform
+    draws from torch's, Python's and NumPy's generators seeded by (``seed``, epoch, index), and the
+    caller's generator states are left as they were. Plain indices read as epoch 0."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Any) -> Any:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        seed = item_seed(self.seed, epoch, index)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
+                return self.dataset[index]
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
