@@ -48,8 +48,17 @@ def test_the_readme_states_the_fine_tuning_defaults_the_code_has():
             action = next(a for a in tune._actions if flag in a.option_strings)
             if action.nargs == 0:  # a switch turns the default off or on
                 assert action.default is False
+            elif action.default is None and action.help and "(default " in action.help:  # a --recipe may set it
+                shown = re.search(r"\(default ([^;)]+)", action.help).group(1)
+                assert ast.literal_eval(shown) == stated[name], flag
             else:
                 assert action.default == stated[name], flag
+
+
+def test_the_readme_has_every_recipe_value_and_its_source():
+    from tokenpatch.training.recipes import recipe_table
+
+    assert recipe_table() in (ROOT / "README.md").read_text()
 
 
 def _subcommands() -> dict:

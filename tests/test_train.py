@@ -57,14 +57,29 @@ def test_head_features_are_what_the_classifier_reads_patched_or_not(key):
     assert model.head._forward_pre_hooks == {}  # the hook is gone after the context
 
 
-def test_mixup_blends_the_batch_with_itself_and_refuses_labels():
+def test_mixup_blends_the_batch_with_itself():
     batch = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 2, 2)
     out = mixed(batch, alpha=1.0)
     assert torch.allclose(out.sum(dim=0), batch.sum(dim=0))  # a permutation's blend keeps the batch sum
     assert out.min() >= 0 and out.max() <= 3 and not torch.equal(out, batch)
+
+
+def test_labelled_batches_mix_into_soft_targets_scored_as_timm_scores_them():
+    from timm.loss import SoftTargetCrossEntropy
+
+    from tokenpatch.training.finetune import student_loss, teacher_targets
+
     model = tokenpatch.patch(make_model("deit_tiny"), "idle", keep_ratio=0.5)
-    with pytest.raises(TokenPatchError, match="mixup"):
-        finetune(model, [images(model)], FinetuneConfig(steps=1, mixup=0.5, label_weight=1.0), progress=False)
+    x, y = images(model, batch=4), torch.tensor([0, 1, 2, 3])
+    config = FinetuneConfig(steps=2, mixup=0.8, cutmix=1.0, label_smoothing=0.1, label_weight=1.0, distill_weight=0.0)
+    history = finetune(model, [(x, y)], config, progress=False)
+    assert all(r["loss"] > 0 for r in history)
+    soft = torch.softmax(torch.randn(4, model.num_classes), dim=-1)
+    loss = student_loss(model, teacher_targets(model, x, config), x, soft, config, DistillationLoss())
+    with torch.no_grad():
+        assert loss.item() == pytest.approx(SoftTargetCrossEntropy()(model(x), soft).item(), rel=1e-5)
+    with pytest.raises(TokenPatchError, match="even batch size, got 3"):
+        finetune(model, [(x[:3], y[:3])], config, progress=False)
 
 
 @pytest.mark.parametrize("method", ["idle", "evit"])

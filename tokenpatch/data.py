@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .backends.build import Preprocessing, preprocessing_of
-from .errors import DataError
+from .errors import DataError, InvalidOptionError
 
 DATA_ENV = "TOKENPATCH_DATA"
 DEIT_TINY_WEIGHTS = "weights/deit_tiny_patch16_224.safetensors"
@@ -126,6 +126,13 @@ class RememberedItems(Dataset):
         if i not in self.items:
             self.items[i] = self.dataset[i]
         return self.items[i]
+
+
+def has_labels(dataset: Dataset) -> bool:
+    """False for a folder without labels (:class:`UnlabelledImages`, however wrapped in subsets)."""
+    while not isinstance(dataset, UnlabelledImages) and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return not isinstance(dataset, UnlabelledImages)
 
 
 def image_dataset(root: PathLike, labels_csv: Optional[PathLike] = None, transform: Optional[Callable] = None,
@@ -255,22 +262,46 @@ class ProcessorTransform:
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
-def input_transform(preprocessing: Preprocessing, training: bool = False) -> Callable:
+#: training augmentations by name: keyword arguments of timm's ``create_transform``
+TRAINING_AUGMENTATIONS: dict[str, dict[str, Any]] = {
+    # self-distillation on a small folder: the teacher sees the same crop, so light is enough
+    "light": dict(scale=(0.35, 1.0), hflip=0.5, color_jitter=0.0, auto_augment=None, re_prob=0.0),
+    # DeiT's recipe, which the IdleViT, EViT and DynamicViT training scripts keep (datasets.py
+    # build_transform with main.py's defaults): RandAugment, random erasing, bicubic crops
+    "deit": dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1",
+                 re_prob=0.25, re_mode="pixel", re_count=1, interpolation="bicubic"),
+}
+
+
+def augmentation_named(augment: Union[bool, str, None]) -> Optional[str]:
+    """The training augmentation ``augment`` asks for: None (False, None), ``light`` (True), or the
+    name it gives, checked against :data:`TRAINING_AUGMENTATIONS`."""
+    if augment is None or augment is False:
+        return None
+    name = "light" if augment is True else augment
+    if name not in TRAINING_AUGMENTATIONS:
+        raise InvalidOptionError(f"unknown augmentation {name!r}: expected one of {', '.join(TRAINING_AUGMENTATIONS)}")
+    return name
+
+
+def input_transform(preprocessing: Preprocessing, training: bool = False, augmentation: str = "light") -> Callable:
     """PIL image -> (3, H, W) model input.
 
     Evaluation: a transformers checkpoint's own image processor where there is one, else timm's
-    eval transform of the data config (resize, crop, normalise). Training: light augmentation
-    built with timm's ``create_transform`` for the data config: random resized crop (scale
-    0.35-1) and horizontal flip, no colour or erasing. With self-distillation the teacher sees the
-    same augmented image, so no labels are needed and the student does not memorise a small folder.
+    eval transform of the data config (resize, crop, normalise). Training: the named
+    ``augmentation`` (:data:`TRAINING_AUGMENTATIONS`) built with timm's ``create_transform`` for
+    the data config's size and normalisation: ``light`` is a random resized crop (scale 0.35-1)
+    and a horizontal flip, no colour or erasing (with self-distillation the teacher sees the same
+    augmented image, so no labels are needed and the student does not memorise a small folder);
+    ``deit`` is the papers' recipe.
     """
     from timm.data import create_transform
 
     config = preprocessing.data_config
     if training:
-        return create_transform(input_size=config["input_size"], is_training=True, scale=(0.35, 1.0), hflip=0.5,
-                                color_jitter=0.0, auto_augment=None, re_prob=0.0,
-                                interpolation=config["interpolation"], mean=config["mean"], std=config["std"])
+        options = {"interpolation": config["interpolation"], **TRAINING_AUGMENTATIONS[augmentation_named(augmentation)]}
+        return create_transform(input_size=config["input_size"], is_training=True, mean=config["mean"],
+                                std=config["std"], **options)
     if preprocessing.processor is not None:
         return ProcessorTransform(preprocessing.processor)
     return create_transform(**config)

@@ -58,12 +58,16 @@ def preprocessing_of(model: nn.Module) -> Preprocessing:
     return Preprocessing(find_backend(model).data_config(model))
 
 
-def build_model(spec: str, img_size: Optional[int] = None, pretrained: bool = True) -> BuiltModel:
+def build_model(spec: str, img_size: Optional[int] = None, pretrained: bool = True,
+                drop_path: Optional[float] = None) -> BuiltModel:
     """The model ``spec`` names (see the module docstring), in eval mode.
 
     Args:
         img_size: build a timm model for this input size (pretrained position embeddings are
             resampled by timm); not for ``hf:`` models.
+        drop_path: stochastic depth rate of the last block (timm's ``drop_path_rate``, rising
+            linearly from 0 over the blocks; a transformers config's ``drop_path_rate``), active in
+            training mode only; None keeps the model's own.
         pretrained: load the published weights; False builds random weights, seeded with
             :data:`RANDOM_WEIGHTS_SEED` (the global random state is left as it was).
 
@@ -78,16 +82,18 @@ def build_model(spec: str, img_size: Optional[int] = None, pretrained: bool = Tr
     with torch.random.fork_rng(devices=[]):  # random weights are the same in every process (torchrun) and run
         torch.manual_seed(RANDOM_WEIGHTS_SEED)
         if spec.startswith(HF_PREFIX):
-            built = _build_transformers_model(spec[len(HF_PREFIX):], pretrained)
+            built = _build_transformers_model(spec[len(HF_PREFIX):], pretrained, drop_path)
         else:
-            model = build_timm_model(spec, img_size, pretrained)
+            model = build_timm_model(spec, img_size, pretrained, drop_path)
             built = BuiltModel(model, preprocessing_of(model), pretrained)
     find_backend(built.model)  # a model tokenpatch cannot patch is refused here, by name
     return built
 
 
-def build_timm_model(name: str, img_size: Optional[int] = None, pretrained: bool = False) -> nn.Module:
-    """A timm model in eval mode; ``pretrained`` loads its published weights through timm."""
+def build_timm_model(name: str, img_size: Optional[int] = None, pretrained: bool = False,
+                     drop_path: Optional[float] = None) -> nn.Module:
+    """A timm model in eval mode; ``pretrained`` loads its published weights through timm;
+    ``drop_path`` is timm's ``drop_path_rate``."""
     import timm
 
     is_source = name.startswith(TIMM_SOURCE_PREFIXES)
@@ -96,7 +102,8 @@ def build_timm_model(name: str, img_size: Optional[int] = None, pretrained: bool
     if pretrained and not is_source and not _has_published_weights(name):
         raise TokenPatchError(f"timm publishes no weights for {name!r} (see timm.list_pretrained()); "
                               "give --checkpoint FILE, or --no-pretrained for random weights")
-    kwargs = {"img_size": img_size} if img_size else {}
+    kwargs = ({"img_size": img_size} if img_size else {}) | (
+        {"drop_path_rate": drop_path} if drop_path is not None else {})
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:  # not downloadable, not cached, or not loadable
@@ -104,6 +111,14 @@ def build_timm_model(name: str, img_size: Optional[int] = None, pretrained: bool
         raise TokenPatchError(f"cannot load {what} of {name!r} through timm ({_first_line(exc)}) "
                               f"{_OFFLINE_HINT}") from exc
     return model.eval()
+
+
+def _with_drop_path(model_config: Any, source: str, rate: float) -> Any:
+    """The transformers config the model is built from, with stochastic depth ``rate``."""
+    if not hasattr(model_config, "drop_path_rate"):
+        raise TokenPatchError(f"{source}: its transformers model has no stochastic depth (drop_path_rate) to set")
+    model_config.drop_path_rate = rate
+    return model_config
 
 
 def _has_published_weights(name: str) -> bool:
@@ -117,7 +132,7 @@ def _has_published_weights(name: str) -> bool:
     return config is not None and any((config.hf_hub_id, config.url, config.file, config.state_dict))
 
 
-def _build_transformers_model(source: str, pretrained: bool) -> BuiltModel:
+def _build_transformers_model(source: str, pretrained: bool, drop_path: Optional[float] = None) -> BuiltModel:
     """A transformers checkpoint (Hub id or folder) as :func:`_loader_of` picks its class, with its image processor."""
     try:
         import transformers
@@ -129,8 +144,9 @@ def _build_transformers_model(source: str, pretrained: bool) -> BuiltModel:
     try:
         config = transformers.AutoConfig.from_pretrained(source)
         loader, model_config = _loader_of(config)
+        given = {} if drop_path is None else {"config": _with_drop_path(model_config, source, drop_path)}
         if pretrained:
-            model = loader.from_pretrained(source)
+            model = loader.from_pretrained(source, **given)
         else:  # an Auto class builds from a config with from_config, a model class by its constructor
             model = loader.from_config(model_config) if hasattr(loader, "from_config") else loader(model_config)
         processor = transformers.AutoImageProcessor.from_pretrained(source)

@@ -24,17 +24,18 @@ from ..core.method import check_keep_ratio
 from ..core.options import parse_options
 from ..core.registry import DEFAULT_METHOD, get_method, training_free_methods
 from ..core.distributed import is_main_process, join_process_group, world_size
-from ..data import image_dataset, input_transform, load_images
+from ..data import TRAINING_AUGMENTATIONS, image_dataset, input_transform, load_images
 from ..errors import TokenPatchError
 from ..jobs.audit import AUDIT_COLUMNS, COMPILED_COLUMNS, audit_rows
 from ..jobs.evaluation import EVAL_COLUMNS, MAC_IMAGES, MethodSpec, classes_of, eval_loader, evaluation_rows
 from ..jobs.explain import write_explanations
-from ..jobs.finetune import FinetuneJob, run_finetune_job
+from ..jobs.finetune import FinetuneJob, finetune_job, run_finetune_job
 from ..jobs.models import DEFAULT_KEEP_RATIO, LoadedModel, PatchRequest, load_model
 from ..measure.budget import check_macs_ratio
 from ..measure.report import format_table, write_results
 from ..measure.runtime import AMP_DTYPES, Runtime
 from ..training.finetune import FinetuneConfig
+from ..training.recipes import RECIPES, recipe_named
 
 
 def _print_json(payload: dict[str, Any]) -> None:
@@ -153,23 +154,33 @@ def method_options(method: str, pairs: Sequence[tuple[str, str]]) -> dict[str, A
 
 
 def _method_named(args: argparse.Namespace) -> str:
-    """The method a command's options belong to: ``--method``, else a tokenpatch checkpoint's, else the default."""
+    """The method a command's options belong to: ``--method``, else the ``--recipe``'s, else a tokenpatch
+    checkpoint's, else the default."""
+    if args.method is None and getattr(args, "recipe", None) is not None:
+        return recipe_named(args.recipe).settings["method"].value
     saved = saved_config(args.checkpoint) if args.checkpoint else None
     return args.method or (saved["method"] if saved else DEFAULT_METHOD)
 
 
+#: finetune options a recipe sets and a flag overrides: argparse dest -> FinetuneJob/FinetuneConfig field
+RECIPE_FLAGS = {"method": "method", "keep_ratio": "keep_ratio", "macs_ratio": "macs_ratio", "steps": "steps",
+                "minutes": "minutes", "epochs": "epochs", "batch_size": "batch_size", "accum_steps": "accum_steps",
+                "lr": "lr", "module_lr": "module_lr", "weight_decay": "weight_decay", "label_weight": "label_weight",
+                "distill_weight": "distill_weight", "feature_weight": "feature_weight", "temperature": "temperature",
+                "mixup": "mixup", "cutmix": "cutmix", "label_smoothing": "label_smoothing", "augment": "augment",
+                "drop_path": "drop_path"}
+
+
 def _finetune(args: argparse.Namespace) -> int:
-    config = FinetuneConfig(steps=args.steps, minutes=args.minutes, lr=args.lr, label_weight=args.label_weight,
-                            eval_every=args.eval_every, module_lr=args.module_lr, feature_weight=args.feature_weight,
-                            temperature=args.temperature, train_backbone=not args.freeze_backbone,
-                            freeze_prefix=args.freeze_prefix, mixup=args.mixup, accum_steps=args.accum_steps,
-                            save_every=args.save_every)
-    job = FinetuneJob(model=args.model, data=args.data, method=args.method, keep_ratio=args.keep_ratio,
-                      macs_ratio=args.macs_ratio, options=method_options(_method_named(args), args.option),
-                      checkpoint=args.checkpoint, labels=args.labels, val_fraction=args.val_fraction, fold=args.fold,
-                      augment=args.augment, batch_size=args.batch_size, seed=args.seed, out=args.out, config=config,
-                      epochs=args.epochs, class_map=args.class_map, val_data=args.val_data, workers=args.workers,
-                      pretrained=not args.no_pretrained, runtime=_runtime(args), resume=args.resume)
+    given = {field: getattr(args, dest) for dest, field in RECIPE_FLAGS.items() if getattr(args, dest) is not None}
+    options = method_options(_method_named(args), args.option)
+    job = finetune_job(args.recipe, **given, **({"options": options} if options else {}),
+                       model=args.model, data=args.data, checkpoint=args.checkpoint, labels=args.labels,
+                       val_fraction=args.val_fraction, fold=args.fold, seed=args.seed, out=args.out,
+                       class_map=args.class_map, val_data=args.val_data, workers=args.workers,
+                       pretrained=not args.no_pretrained, runtime=_runtime(args), resume=args.resume,
+                       eval_every=args.eval_every, save_every=args.save_every,
+                       train_backbone=not args.freeze_backbone, freeze_prefix=args.freeze_prefix)
     result = run_finetune_job(job)
     if not is_main_process():
         return 0
@@ -265,6 +276,7 @@ _count = _number_in(int, 0)
 _positive_float = _number_in(float, 0, open_low=True)
 _non_negative = _number_in(float, 0)
 _fraction = _number_in(float, 0, 1, open_low=True, open_high=True)
+_fraction_or_zero = _number_in(float, 0, 1, open_high=True)
 _CHECKPOINT_HELP = ("weights: a state dict (.safetensors or torch) of the unpatched model, or a tokenpatch.save file, "
                     "whose method and options apply unless --method, --keep-ratio or --option say otherwise")
 _MODEL_HELP = ("timm model name, e.g. deit_small_patch16_224 (its pretrained weights through timm's Hub cache), timm's "
@@ -364,31 +376,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workers_argument(tune)
     _add_runtime_arguments(tune)
     defaults = FinetuneConfig()
+    tune.add_argument("--recipe", choices=sorted(RECIPES), help="a paper's fine-tuning recipe (its method, epochs, "
+                      "batch, learning rates, losses and augmentation; see the README); the flags below override it")
     length = tune.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=_positive, default=defaults.steps,
-                        help=f"optimisation steps (default {defaults.steps})")
+    length.add_argument("--steps", type=_positive, help=f"optimisation steps (default {defaults.steps})")
     length.add_argument("--minutes", type=_positive_float,
                         help="train for this long instead of --steps (then evaluate and save as usual)")
     length.add_argument("--epochs", type=_positive, help="passes over the training images instead of --steps")
-    tune.add_argument("--batch-size", type=_positive, default=FinetuneJob.batch_size,
+    tune.add_argument("--batch-size", type=_positive,
                       help=f"images per batch, per process under torchrun (default {FinetuneJob.batch_size})")
-    tune.add_argument("--accum-steps", type=_positive, default=defaults.accum_steps,
-                      help="batches whose gradients add up before each step (a step on N x --batch-size images)")
-    tune.add_argument("--lr", type=_positive_float, default=defaults.lr, help=f"peak learning rate (default {defaults.lr})")
-    tune.add_argument("--label-weight", type=_non_negative, default=defaults.label_weight,
-                      help="cross-entropy weight when labels exist (needs --mixup 0)")
-    tune.add_argument("--module-lr", type=_positive_float, default=defaults.module_lr,
-                      help=f"learning rate of a method's own new modules (predictors, interpreters; default {defaults.module_lr})")
-    tune.add_argument("--feature-weight", type=_non_negative, default=defaults.feature_weight,
-                      help="weight of MSE between the student's and teacher's pooled features (0: off)")
+    tune.add_argument("--accum-steps", type=_positive,
+                      help=f"batches whose gradients add up before each step (default {defaults.accum_steps}; a step on "
+                      "N x --batch-size images)")
+    tune.add_argument("--lr", type=_positive_float, help=f"peak learning rate (default {defaults.lr})")
+    tune.add_argument("--module-lr", type=_positive_float,
+                      help=f"learning rate of a method's own new modules, predictors and interpreters (default {defaults.module_lr})")
+    tune.add_argument("--weight-decay", type=_non_negative, help=f"AdamW weight decay (default {defaults.weight_decay})")
+    tune.add_argument("--drop-path", type=_fraction_or_zero, help="stochastic depth rate while training (timm's "
+                      "drop_path_rate; default: the model's)")
+    tune.add_argument("--distill-weight", type=_non_negative,
+                      help=f"weight of distilling the teacher's logits (default {defaults.distill_weight}; 0: labels only)")
+    tune.add_argument("--label-weight", type=_non_negative,
+                      help=f"cross-entropy weight when labels exist (default {defaults.label_weight})")
+    tune.add_argument("--label-smoothing", type=_fraction_or_zero,
+                      help=f"label smoothing of that cross-entropy (default {defaults.label_smoothing})")
+    tune.add_argument("--feature-weight", type=_non_negative,
+                      help=f"weight of MSE between the student's and teacher's pooled features (default {defaults.feature_weight}; "
+                      "0: off)")
     tune.add_argument("--freeze-backbone", action="store_true",
                       help="train only the method's own modules (predictors, interpreters), not the pretrained weights")
     tune.add_argument("--freeze-prefix", action="store_true",
                       help="keep the embedding and the blocks before the first reducing block as they are (faster steps)")
-    tune.add_argument("--temperature", type=_positive_float, default=defaults.temperature, help="distillation temperature")
-    tune.add_argument("--mixup", type=_non_negative, default=defaults.mixup,
-                      help=f"mixup alpha for the training images (default {defaults.mixup}; 0: off)")
-    tune.add_argument("--augment", action="store_true", help="random resized crops and flips for the training images")
+    tune.add_argument("--temperature", type=_positive_float, help=f"distillation temperature (default {defaults.temperature})")
+    tune.add_argument("--mixup", type=_non_negative,
+                      help=f"mixup alpha for the training images (default {defaults.mixup}; 0: off; labelled "
+                      "batches mix their labels too)")
+    tune.add_argument("--cutmix", type=_non_negative,
+                      help=f"CutMix alpha for labelled batches (default {defaults.cutmix}; 0: off; with --mixup, one of the two "
+                      "per batch)")
+    tune.add_argument("--augment", nargs="?", const="light", choices=sorted(TRAINING_AUGMENTATIONS),
+                      help=f"training augmentation (default {FinetuneJob.augment}): light (random resized crops and "
+                      "flips; the bare flag) or deit (RandAugment, random erasing: the papers' recipe)")
     tune.add_argument("--val-fraction", type=_fraction, default=FinetuneJob.val_fraction,
                       help=f"share of images held out for evaluation (default {FinetuneJob.val_fraction}; "
                       "not with --val-data)")

@@ -7,10 +7,11 @@ a :class:`FinetuneJob`); benchmarks call it directly.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -20,12 +21,13 @@ from ..api import get_config, get_method_name
 from ..checkpoint import save
 from ..backends.build import Preprocessing
 from ..core.distributed import is_main_process, join_process_group, world_size
-from ..data import RememberedItems, image_dataset, input_transform
+from ..data import RememberedItems, augmentation_named, has_labels, image_dataset, input_transform
 from ..errors import CheckpointError, InvalidOptionError
 from ..measure.evaluate import streamed_top1
 from ..measure.flops import count_macs
 from ..measure.runtime import Runtime
 from ..training.finetune import FinetuneConfig, finetune, unpatched_behaviour
+from ..training.recipes import recipe_named
 from ..training.sampling import EpochSampler, SeededItems
 from .evaluation import classes_of
 from .models import PatchRequest, load_model
@@ -61,7 +63,9 @@ class FinetuneJob:
         val_fraction: share of the images held out for evaluation.
         fold: which share is held out, counted from the end of the seeded order (cross-validation:
             with ``val_fraction=0.5``, folds 0 and 1 swap the halves).
-        augment: random resized crops and flips for the training images.
+        augment: training augmentation: False (none), True or ``"light"`` (random resized crops
+            and flips), ``"deit"`` (the papers' RandAugment recipe); see
+            :data:`~tokenpatch.data.TRAINING_AUGMENTATIONS`.
         batch_size: images per step (per process under torchrun).
         seed: seeds the split, the shuffling and the training.
         out: save the fine-tuned patched model here (``tokenpatch.save`` format).
@@ -73,6 +77,17 @@ class FinetuneJob:
             too, with a grad scaler for fp16) and memory format.
         resume: a training state (``OUT.state``, written every ``config.save_every`` steps) to
             continue from; the rest of the job must be the same as the run that wrote it.
+        recipe: the paper's recipe the job's values come from (:func:`finetune_job` fills them
+            in; :mod:`tokenpatch.training.recipes`), recorded in the result.
+        total_batch: images per optimisation step over all processes: ``config.accum_steps`` is
+            set to reach it (None: ``config.accum_steps`` as given).
+        lr_batch: ``config.lr`` and ``config.module_lr`` are for this many images per step and
+            scale linearly with the total batch (DeiT's rule; None: used as given).
+        min_lr: the floor of the cosine decay, as a learning rate (instead of
+            ``config.min_lr_ratio``).
+        warmup_epochs: warm-up in passes over the training images (instead of
+            ``config.warmup_steps``).
+        drop_path: stochastic depth rate to train with (timm's ``drop_path_rate``; None: the model's).
     """
 
     model: str
@@ -85,7 +100,7 @@ class FinetuneJob:
     macs_ratio: Optional[float] = None
     val_fraction: float = 0.2
     fold: int = 0
-    augment: bool = False
+    augment: Union[bool, str] = False
     batch_size: int = 32
     seed: int = 0
     out: Optional[str] = None
@@ -97,6 +112,12 @@ class FinetuneJob:
     pretrained: bool = True
     runtime: Runtime = field(default_factory=Runtime)
     resume: Optional[str] = None
+    recipe: Optional[str] = None
+    total_batch: Optional[int] = None
+    lr_batch: Optional[int] = None
+    min_lr: Optional[float] = None
+    warmup_epochs: Optional[float] = None
+    drop_path: Optional[float] = None
 
 
 @dataclass
@@ -126,18 +147,20 @@ class HeldOut:
 
 
 def split_dataset(preprocessing: Preprocessing, data: str, labels: Optional[str], val_fraction: float, seed: int,
-                  augment: bool = False, fold: int = 0, num_classes: Optional[int] = None,
+                  augment: Union[bool, str] = False, fold: int = 0, num_classes: Optional[int] = None,
                   class_map: Optional[str] = None) -> tuple[Subset, Subset]:
     """(train subset, validation subset) of the folder, labels in the model's ``num_classes`` (see
     :func:`~tokenpatch.data.image_dataset`); validation uses the model's evaluation transform,
-    training too unless ``augment`` (then :func:`~tokenpatch.data.input_transform`'s training one).
+    training too unless ``augment`` (then :func:`~tokenpatch.data.input_transform`'s training one
+    it names, see :func:`~tokenpatch.data.augmentation_named`).
 
     The images are put in a seeded order; the validation subset is its ``fold``-th share of
     ``val_fraction`` counted from the end, the training subset the rest.
     """
     evaluated = image_dataset(data, labels, input_transform(preprocessing), num_classes, class_map)
-    trained = image_dataset(data, labels, input_transform(preprocessing, training=True), num_classes,
-                            class_map) if augment else evaluated
+    augmentation = augmentation_named(augment)
+    trained = image_dataset(data, labels, input_transform(preprocessing, True, augmentation), num_classes,
+                            class_map) if augmentation else evaluated
     order = torch.randperm(len(evaluated), generator=torch.Generator().manual_seed(seed)).tolist()
     held = len(order) - int(round(len(order) * (1 - val_fraction)))
     if held == 0 or held == len(order):
@@ -178,14 +201,19 @@ def _loader(train: Dataset, batch_size: int, seed: int, workers: int = 0, pin_me
 
 
 def run(model: nn.Module, train: Dataset, val: HeldOut, config: FinetuneConfig, batch_size: int,
-        seed: int, workers: int = 0, epochs: Optional[int] = None, resume: Optional[str] = None) -> dict[str, Any]:
+        seed: int, workers: int = 0, epochs: Optional[int] = None, resume: Optional[str] = None,
+        warmup_epochs: Optional[float] = None) -> dict[str, Any]:
     """Fine-tune ``model`` on ``train`` (batches decoded by ``workers`` processes; ``epochs``
-    passes over it, if given, else as ``config`` says; from the training state ``resume`` when
-    given) and report before/after scores on ``val`` and the MACs."""
+    passes over it, if given, else as ``config`` says; warming up over ``warmup_epochs`` passes
+    if given; from the training state ``resume`` when given) and report before/after scores on
+    ``val``, the MACs and the options it ran with."""
     before = val.evaluate(model.eval())
     loader = _loader(train, batch_size, seed, workers, val.runtime.pin_memory)
+    steps_per_epoch = max(1, len(loader) // config.accum_steps)
     if epochs is not None:
-        config = dataclasses.replace(config, steps=max(1, epochs * len(loader) // config.accum_steps), minutes=None)
+        config = dataclasses.replace(config, steps=epochs * steps_per_epoch, minutes=None)
+    if warmup_epochs is not None:
+        config = dataclasses.replace(config, warmup_steps=round(warmup_epochs * steps_per_epoch))
     history = finetune(model, loader, config, evaluate=val.evaluate, resume=resume)
     macs = count_macs(model).total
     with unpatched_behaviour(model):
@@ -196,6 +224,7 @@ def run(model: nn.Module, train: Dataset, val: HeldOut, config: FinetuneConfig, 
     loop = {k: v for k, v in history[-1].items() if k.endswith("_img_s") or k == "seconds"}
     return {"unpatched": val.scores(val.reference), "before": before, "after": after, "after_dense": after_dense,
             "macs": macs, "macs_unpatched": macs_unpatched, "steps": history[-1]["step"], "loop": loop,
+            "finetune_config": dataclasses.asdict(config),
             "train_images": len(train), "val_images": len(val), "final_loss": history[-1]["loss"]}
 
 
@@ -206,21 +235,70 @@ def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
     _check_writable(job.out)
     if job.config.save_every and not (job.out or job.config.state_path):
         raise InvalidOptionError("--save-every needs --out: the training state is written to OUT.state")
-    loaded = load_model(job.model, job.checkpoint, pretrained=job.pretrained)
+    loaded = load_model(job.model, job.checkpoint, pretrained=job.pretrained, drop_path=job.drop_path)
     model = job.runtime.place(loaded.patched(PatchRequest(job.method, job.keep_ratio, job.macs_ratio, job.options)))
     train, val = _datasets(job, loaded.preprocessing, classes_of(model))
+    config = resolved_config(job)
+    if config.distill_weight == 0 and config.feature_weight == 0 and not has_labels(train):
+        raise InvalidOptionError(f"nothing to learn from: no distillation (distill_weight 0"
+                                 f"{', the ' + job.recipe + ' recipe' if job.recipe else ''}) and {job.data} has no labels")
     if not job.augment and job.workers == 0 and len(train) <= REMEMBERED_IMAGES:
         train = RememberedItems(train)
-    config = dataclasses.replace(job.config, amp=job.runtime.amp, state_path=job.config.state_path or state_path(job.out))
-    result = run(model, train, held_out(model, val, job.runtime, job.workers), config, job.batch_size, job.seed,
-                 job.workers, job.epochs, job.resume)
+    result = run(model, train, held_out(model, val, job.runtime, job.workers), config, job.batch_size,
+                 job.seed, job.workers, job.epochs, job.resume, job.warmup_epochs)
     if job.out and is_main_process():
         save(model, job.out)
-    return {"model": job.model, "weights": loaded.weights, "method": get_method_name(model),
+    return {"model": job.model, "weights": loaded.weights, "recipe": job.recipe, "method": get_method_name(model),
             "keep_ratio": get_config(model).keep_ratio, "options": get_config(model).to_dict(),
-            "world_size": world_size(), "augment": job.augment, "epochs": job.epochs,
-            "finetune_config": dataclasses.asdict(job.config),
-            **result, "out": job.out}
+            "world_size": world_size(), "batch_size": job.batch_size, "augment": job.augment, "epochs": job.epochs,
+            "drop_path": job.drop_path, **result, "out": job.out}
+
+
+def resolved_config(job: FinetuneJob) -> FinetuneConfig:
+    """``job.config`` as this run applies it: the runtime's autocast, the state file next to
+    ``out``, the accumulation that reaches ``total_batch`` over this run's processes, the learning
+    rates scaled linearly from ``lr_batch`` images to the total batch, and the ``min_lr`` floor
+    as a share of the learning rate."""
+    config = dataclasses.replace(job.config, amp=job.runtime.amp, state_path=job.config.state_path or state_path(job.out))
+    per_step = job.batch_size * world_size()
+    if job.total_batch is not None:
+        config.accum_steps = max(1, math.ceil(job.total_batch / per_step))
+    if job.lr_batch is not None:
+        scale = per_step * config.accum_steps / job.lr_batch
+        config.lr, config.module_lr = config.lr * scale, config.module_lr * scale
+    if job.min_lr is not None:
+        config.min_lr_ratio = min(1.0, job.min_lr / config.lr)
+    return config
+
+
+def finetune_job(recipe: Optional[str] = None, **given: Any) -> FinetuneJob:
+    """A :class:`FinetuneJob` from the values of ``recipe`` (see :mod:`tokenpatch.training.recipes`)
+    with ``given`` over them: :class:`FinetuneJob` and :class:`FinetuneConfig` fields by name, and
+    ``options`` merged key by key into the recipe's. A given ``lr`` replaces the recipe's scaled
+    one, ``accum_steps`` its total batch, ``steps`` or ``minutes`` its epochs, ``macs_ratio`` its keep
+    ratio.
+
+    Raises:
+        InvalidOptionError: an unknown recipe or field, or another method than the recipe's.
+    """
+    values = recipe_named(recipe).values() if recipe else {}
+    if recipe and given.get("method") not in (None, values["method"]):
+        raise InvalidOptionError(f"--recipe {recipe} trains {values['method']}; for --method {given['method']} "
+                                 "give its options yourself")
+    for key, replaced in (("lr", "lr_batch"), ("accum_steps", "total_batch"), ("steps", "epochs"),
+                          ("minutes", "epochs"), ("macs_ratio", "keep_ratio")):
+        if key in given:
+            values.pop(replaced, None)
+    options = {**values.pop("options", {}), **given.pop("options", {})}
+    values.update(given)
+    config_fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    job_fields = {f.name for f in dataclasses.fields(FinetuneJob)} - {"config", "options", "recipe"}
+    unknown = sorted(values.keys() - config_fields - job_fields)
+    if unknown:
+        raise InvalidOptionError(f"unknown fine-tuning settings: {', '.join(unknown)}")
+    config = FinetuneConfig(**{k: v for k, v in values.items() if k in config_fields})
+    return FinetuneJob(**{k: v for k, v in values.items() if k in job_fields}, options=options, config=config,
+                       recipe=recipe)
 
 
 def _datasets(job: FinetuneJob, preprocessing: Preprocessing, num_classes: int) -> tuple[Dataset, Dataset]:
@@ -229,8 +307,9 @@ def _datasets(job: FinetuneJob, preprocessing: Preprocessing, num_classes: int) 
     if job.val_data is None:
         return split_dataset(preprocessing, job.data, job.labels, job.val_fraction, job.seed, job.augment, job.fold,
                              num_classes, job.class_map)
-    train = image_dataset(job.data, job.labels, input_transform(preprocessing, training=job.augment), num_classes,
-                          job.class_map)
+    augmentation = augmentation_named(job.augment)
+    train = image_dataset(job.data, job.labels, input_transform(preprocessing, augmentation is not None,
+                                                                augmentation or "light"), num_classes, job.class_map)
     return train, image_dataset(job.val_data, None, input_transform(preprocessing), num_classes, job.class_map)
 
 

@@ -60,17 +60,18 @@ class LoadedModel:
 
 
 def load_model(spec: str, checkpoint: Optional[str] = None, img_size: Optional[int] = None,
-               pretrained: bool = True) -> LoadedModel:
+               pretrained: bool = True, drop_path: Optional[float] = None) -> LoadedModel:
     """Build ``spec`` (a timm name, ``hf-hub:ORG/NAME``, or ``hf:ORG/NAME``/``hf:PATH`` for
     transformers; see :func:`~tokenpatch.backends.build.build_model`) with its published weights
     (random ones when not ``pretrained``), or with ``checkpoint``'s: plain weights (a safetensors or
-    torch state dict) or a ``tokenpatch.save`` file (then also kept patched).
+    torch state dict) or a ``tokenpatch.save`` file (then also kept patched). ``drop_path``: the
+    stochastic depth rate to train with (see :func:`~tokenpatch.backends.build.build_model`).
 
     Raises:
         TokenPatchError: the model or its weights cannot be had (one line saying why).
         CheckpointError: the file cannot be read or does not fit the model (one line naming it).
     """
-    built = build_model(spec, img_size, pretrained=pretrained and checkpoint is None)
+    built = build_model(spec, img_size, pretrained=pretrained and checkpoint is None, drop_path=drop_path)
     model, preprocessing = built.model, built.preprocessing
     if checkpoint is None:
         return LoadedModel(model, preprocessing, "pretrained" if built.pretrained else "random weights")

@@ -102,6 +102,18 @@ class FinetuneConfig:
         save_every: write the resumable training state (:mod:`tokenpatch.training.state`) to
             ``state_path`` every this many steps (0: never).
         state_path: the training state file (written atomically; by rank 0 under torchrun).
+        distill_weight: weight of the distillation of the teacher's logits (0: labels only).
+        feature_normalize: the feature loss compares L2-normalised features (IdleViT's form).
+        cutmix: alpha of CutMix for labelled batches (timm's ``Mixup``, which also mixes the
+            labels into soft targets; with ``mixup`` it switches between the two per batch).
+            Labelled batches with ``label_weight > 0`` are mixed this way (``mixup`` and
+            ``cutmix``); unlabelled ones by the blend described under ``mixup``.
+        label_smoothing: smoothing of the labels' cross-entropy (of the soft targets when mixed).
+        decay_every_weight: False applies no weight decay to biases, norm weights and the
+            model's ``no_weight_decay()`` tensors (timm's position embedding and class token),
+            as timm's optimizer factory and the papers' code do.
+        freeze_tokens: keep the model's ``no_weight_decay()`` tensors (timm's position embedding
+            and class token) as they are (IdleViT leaves them out of its optimizer).
     """
 
     steps: int = 200
@@ -123,6 +135,12 @@ class FinetuneConfig:
     amp: Optional[str] = None
     save_every: int = 0
     state_path: Optional[str] = None
+    distill_weight: float = 1.0
+    feature_normalize: bool = False
+    cutmix: float = 0.0
+    label_smoothing: float = 0.0
+    decay_every_weight: bool = True
+    freeze_tokens: bool = False
 
 
 def lr_factor(config: FinetuneConfig, step: int, progress: float) -> float:
@@ -219,12 +237,15 @@ def student_loss(model: nn.Module, targets: tuple[Tensor, Optional[Tensor]], ima
     plus weighted cross-entropy on labels, the feature loss and the method's own losses."""
     target, target_features = targets
     logits, student_features = _logits_and_features(network or model, model, images, target_features is not None)
-    task_loss = distill.per_sample(logits, target)
-    if labels is not None and config.label_weight > 0:
-        task_loss = task_loss + config.label_weight * F.cross_entropy(logits, labels, reduction="none")
+    task_loss = config.distill_weight * distill.per_sample(logits, target)
+    if labels is not None and config.label_weight > 0:  # (B,) classes, or (B, classes) soft targets when mixed
+        smoothing = config.label_smoothing if labels.ndim == 1 else 0.0  # soft targets come smoothed
+        task_loss = task_loss + config.label_weight * F.cross_entropy(logits, labels, reduction="none",
+                                                                      label_smoothing=smoothing)
     loss = task_loss.mean()
     if target_features is not None:
-        loss = loss + config.feature_weight * FeatureDistillationLoss()(student_features, target_features)
+        features = FeatureDistillationLoss(normalize=config.feature_normalize)
+        loss = loss + config.feature_weight * features(student_features, target_features)
     ctx = context_of(model)
     for weight, method_loss in ctx.method.training_losses(ctx.config):
         loss = loss + weight * method_loss(model, task_loss)
@@ -274,16 +295,38 @@ def trained_parameters(model: nn.Module, config: FinetuneConfig) -> tuple[list[n
     if not config.train_backbone:
         return [], own
     skipped = {id(p) for p in own} | {id(p) for p in prefix_parameters(model) if config.freeze_prefix}
+    skipped |= {id(p) for p in named_no_weight_decay(model) if config.freeze_tokens}
     return [p for p in model.parameters() if p.requires_grad and id(p) not in skipped], own
 
 
 def _parameter_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, Any]]:
-    """Pretrained weights at ``lr``; the method's new modules at ``module_lr``."""
+    """Pretrained weights at ``lr``; the method's new modules at ``module_lr``; each split into
+    decayed and not decayed weights unless ``config.decay_every_weight``."""
     backbone, own = trained_parameters(model, config)
-    groups = [{"params": params, "lr": lr} for params, lr in ((backbone, config.lr), (own, config.module_lr)) if params]
+    exempt = {id(p) for p in no_decay_parameters(model)} if not config.decay_every_weight else set()
+    groups = []
+    for params, lr in ((backbone, config.lr), (own, config.module_lr)):
+        for decayed in (True, False):
+            chosen = [p for p in params if (id(p) not in exempt) == decayed]
+            if chosen:
+                groups.append({"params": chosen, "lr": lr, "weight_decay": config.weight_decay if decayed else 0.0})
     if not groups:
         raise TokenPatchError("nothing to train: train_backbone=False and the method has no modules of its own")
     return groups
+
+
+def named_no_weight_decay(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters a timm model names in ``no_weight_decay()`` (position embedding, class and
+    register tokens); none for a model without it."""
+    names = model.no_weight_decay() if callable(getattr(model, "no_weight_decay", None)) else set()
+    return [p for name, p in model.named_parameters() if name in names]
+
+
+def no_decay_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters timm's optimizer factory exempts from weight decay: every 1-D tensor (biases,
+    norm weights, layer scales) and the :func:`named_no_weight_decay` ones."""
+    named = {id(p) for p in named_no_weight_decay(model)}
+    return [p for p in model.parameters() if p.ndim <= 1 or id(p) in named]
 
 
 @contextmanager
@@ -335,8 +378,6 @@ def finetune(model: nn.Module, batches: Iterable[Any], config: FinetuneConfig = 
         keys); the last one also has the loop's throughput by phase (:meth:`LoopTimes.rates`:
         ``data_img_s``, ``teacher_img_s``, ``student_img_s``, ``loop_img_s``) and ``seconds``.
     """
-    if config.mixup > 0 and config.label_weight > 0:
-        raise TokenPatchError("mixup blends images, so their labels no longer apply: set mixup=0 to train on labels")
     check_loop_options(config)
     teacher = teacher if teacher is not None else frozen_teacher(model)
     groups = _parameter_groups(model, config)
@@ -395,6 +436,26 @@ class _Step:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.distill = DistillationLoss(config.temperature)
         self.device = next(model.parameters()).device
+        self.mixer: Optional[Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = None
+
+    def mix(self, images: Tensor, labels: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        """(images, labels) as the step trains on them: labelled batches (when labels count) mixed
+        by timm's ``Mixup``/``CutMix`` into (B, classes) soft targets; unlabelled ones blended
+        (:func:`mixed`) and left unlabelled."""
+        config = self.config
+        if labels is not None and config.label_weight > 0 and (config.mixup > 0 or config.cutmix > 0):
+            if images.shape[0] % 2:
+                raise TokenPatchError(f"mixing labelled images (timm's Mixup) needs an even batch size, got {images.shape[0]}")
+            if self.mixer is None:
+                from timm.data import Mixup
+
+                classes = find_backend(self.model).head(self.model).out_features
+                self.mixer = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
+                                   label_smoothing=config.label_smoothing, num_classes=classes)
+            return self.mixer(images, labels)
+        if config.mixup > 0:
+            return mixed(images, config.mixup), None
+        return images, labels
 
     def autocast(self) -> ContextManager:
         """Autocast to ``config.amp`` on the model's device (nothing without it)."""
@@ -472,9 +533,7 @@ def _steps(step: _Step, batches: Iterable[Any], position: Position,
 def _micro_step(step: _Step, number: int, source: Iterator[Any], times: LoopTimes, last: bool) -> float:
     """Read one batch, get the teacher's targets and add the student's gradients; the loss share."""
     with times.phase("data"):
-        images, labels = _split_batch(next(source), step.device)
-        if step.config.mixup > 0:
-            images, labels = mixed(images, step.config.mixup), None
+        images, labels = step.mix(*_split_batch(next(source), step.device))
     with times.phase("teacher"):
         targets = step.targets(images)
     with times.phase("student"):

@@ -51,9 +51,17 @@ class FeatureDistillationLoss(nn.Module):
     The features are what the classifier reads (the final class token after the last norm, or
     the pooled tokens), (B, C) each; :func:`tokenpatch.training.head_features` captures them. A
     denser signal than the logits' KL alone, in the spirit of DynamicViT's and EViT's token
-    distillation, applied to the one token every method keeps.
+    distillation, applied to the one token every method keeps. ``normalize`` compares the
+    L2-normalised features instead, as IdleViT's feature distillation does (``losses.py`` of
+    ``Ackesnal/IdleViT``).
     """
+
+    def __init__(self, normalize: bool = False) -> None:
+        super().__init__()
+        self.normalize = normalize
 
     def forward(self, student_features: Tensor, teacher_features: Tensor) -> Tensor:
         """(B, C) features of both -> scalar loss."""
+        if self.normalize:
+            student_features, teacher_features = F.normalize(student_features), F.normalize(teacher_features)
         return F.mse_loss(student_features, teacher_features)
