@@ -327,7 +327,7 @@ BAD_COMMANDS = {
     "eval: not a torch file": (["eval", MODEL, "--no-pretrained", "--data", "{d}/images", "--checkpoint", "{d}/junk.pth"],
                                "junk.pth is not a torch state dict"),
     "finetune: missing folder": (TUNE + ["--data", "{d}/nowhere"], "no image folder at"),
-    "finetune: corrupt image": (TUNE + ["--data", "{d}/broken", "--val-fraction", "0.5"],
+    "finetune: corrupt image": (TUNE + ["--data", "{d}/broken", "--val-fraction", "0.5", "--batch-size", "3"],
                                 "cannot read image {d}/broken/"),
     "finetune: fold out of range": (TUNE + ["--data", "{d}/images", "--fold", "9"], "--fold 9 out of range"),
     "finetune: out in a missing folder": (TUNE + ["--data", "{d}/images", "--out", "{d}/no/m.safetensors"],

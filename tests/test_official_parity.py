@@ -82,17 +82,19 @@ def reference_evit_logits(model, x, blocks, keep_rate, fuse=False):
     return torch.cat(out)
 
 
-def reference_dynamicvit_logits(model, x, prune_blocks, ratio):
+def reference_dynamicvit_logits(model, x, prune_blocks, ratio, predictors=None):
     """DynamicViT's official inference (``raoyongming/DynamicViT``, ``models/dyvit.py``, eval branch):
     before prune block s, the predictor scores the current patches (policy all ones) and the top
-    ``int(initial_patches * ratio ** s)`` by keep log-probability stay, in descending order."""
+    ``int(initial_patches * ratio ** s)`` by keep log-probability stay, in descending order.
+    ``predictors`` (default: the patched model's) map (1, M, C) tokens and a (1, M) policy to (1, M, 2)."""
+    predictors = predictors if predictors is not None else model.tokenpatch
     out = []
     for t in model._pos_embed(model.patch_embed(x)):
         initial = t.shape[0] - 1
         for i, block in enumerate(model.blocks):
             if i in prune_blocks:
                 stage = prune_blocks.index(i)
-                keep_log_prob = model.tokenpatch[stage](t[None, 1:], torch.ones(1, t.shape[0] - 1))[0, :, 0]
+                keep_log_prob = predictors[stage](t[None, 1:], torch.ones(1, t.shape[0] - 1))[0, :, 0]
                 chosen = keep_log_prob.argsort(descending=True)[: int(initial * ratio ** (stage + 1))]
                 t = torch.cat([t[:1], t[1:][chosen]])
             t = mlp_residual(block, t + block.ls1(explicit_attention(block, t)[0]))

@@ -12,6 +12,7 @@ message names the path, and leaves the model as it was.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -26,7 +27,8 @@ from safetensors.torch import safe_open, save_file
 from torch import Tensor, nn
 
 from .api import patch, unpatch
-from .core.runner import context_of, is_patched
+from .core.registry import METHODS, get_method
+from .core.runner import MODULES_NAME, context_of, is_patched
 from .errors import (AlreadyPatchedError, CheckpointError, CheckpointMismatchError, CorruptCheckpointError,
                      InvalidOptionError, UnknownMethodError)
 
@@ -142,7 +144,7 @@ def load(model: ModelT, path: PathLike) -> ModelT:
     except (UnknownMethodError, InvalidOptionError) as exc:
         raise CheckpointMismatchError(f"{path} cannot be patched in: {exc}") from exc
     try:
-        _load_state(model, state, path)
+        load_state(model, state, path)
     except BaseException:
         unpatch(model)
         raise
@@ -151,7 +153,8 @@ def load(model: ModelT, path: PathLike) -> ModelT:
 
 def read_state_dict(path: PathLike) -> dict[str, Tensor]:
     """The tensors of a ``.safetensors`` file or of a torch state dict (also one under a ``model``
-    or ``state_dict`` key), read without unpickling code.
+    or ``state_dict`` key, beside the optimizer and the ``argparse`` arguments the papers' training
+    scripts save with it), read without unpickling code.
 
     Raises:
         CheckpointError: naming ``path`` and why it is not a state dict.
@@ -160,7 +163,8 @@ def read_state_dict(path: PathLike) -> dict[str, Tensor]:
         return _read_safetensors(path)[0]
     _check_file(path)
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # a plain record of the training arguments
+            content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors: the file is not a torch save of tensors
         reason = _first_line(exc).split(". ")[0]  # torch's refusal explains weights_only at length
         raise CheckpointError(f"{path} is not a torch state dict or safetensors file ({reason})") from exc
@@ -171,6 +175,51 @@ def read_state_dict(path: PathLike) -> dict[str, Tensor]:
     return dict(content)
 
 
+def load_official(model: ModelT, path: PathLike, method: Optional[str] = None, **options: Any) -> ModelT:
+    """Load a checkpoint saved by a method's official training code into the unpatched ``model``
+    and return it patched with ``method`` and ``options`` (``options`` are the user's: the
+    official files do not record them; the IdleViT and DynamicViT releases name the keep ratio in
+    the file name, e.g. ``idlevit_deit_small_ratio0.7.pth``).
+
+    The released IdleViT, EViT and DynamicViT checkpoints are torch files with the weights under
+    ``model`` (:func:`read_state_dict` reads them) and timm's names for the backbone; a method's
+    own modules are renamed from the official names
+    (:meth:`~tokenpatch.core.method.Method.official_module_keys`: DynamicViT's
+    ``score_predictor.*``). ``method`` None takes the registered method whose module names the
+    file has. The model is left unpatched and unchanged when anything does not fit.
+
+    Raises:
+        CheckpointError: the file cannot be read, no ``method`` is given and no method's module
+            names are in it; :class:`CheckpointMismatchError` when the backbone or the modules do
+            not fit.
+    """
+    return load_official_state(model, read_state_dict(path), path, method, **options)
+
+
+def official_method(state: Mapping[str, Tensor]) -> Optional[str]:
+    """The registered method whose own modules' official names are among ``state``'s keys, or None."""
+    keys = list(state)
+    return next((name for name in METHODS if get_method(name).official_module_keys(keys)), None)
+
+
+def load_official_state(model: ModelT, state: Mapping[str, Tensor], path: PathLike, method: Optional[str] = None,
+                        **options: Any) -> ModelT:
+    """:func:`load_official` of a state dict already read from ``path`` (named in errors)."""
+    if is_patched(model):
+        raise AlreadyPatchedError("load_official() expects an unpatched model; call tokenpatch.unpatch(model) first")
+    method = method or official_method(state)
+    if method is None:
+        raise CheckpointError(f"{path}: no method's own module weights in it; name the method it was trained with")
+    renamed = get_method(method).official_module_keys(list(state))
+    patch(model, method, **options)
+    try:
+        load_state(model, {f"{MODULES_NAME}.{renamed[k]}" if k in renamed else k: v for k, v in state.items()}, path)
+    except BaseException:
+        unpatch(model)
+        raise
+    return model
+
+
 def load_weights(model: ModelT, path: PathLike) -> ModelT:
     """Load a plain state dict (:func:`read_state_dict`) into ``model``, strictly.
 
@@ -178,12 +227,13 @@ def load_weights(model: ModelT, path: PathLike) -> ModelT:
         CheckpointError: the file cannot be read; :class:`CheckpointMismatchError` when its keys or
             shapes do not fit ``model`` (which is then unchanged).
     """
-    _load_state(model, read_state_dict(path), path)
+    load_state(model, read_state_dict(path), path)
     return model
 
 
-def _load_state(model: nn.Module, state: dict[str, Tensor], path: PathLike) -> None:
-    """``load_state_dict(strict=True)`` after checking every key and shape, so it cannot fail half-way."""
+def load_state(model: nn.Module, state: Mapping[str, Tensor], path: PathLike) -> None:
+    """``load_state_dict(strict=True)`` after checking every key and shape, so it cannot fail half-way
+    (a :class:`CheckpointMismatchError` naming ``path`` and the first mismatches)."""
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)

@@ -7,6 +7,8 @@ in :mod:`tokenpatch.jobs`."""
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +20,7 @@ from typing import Any, Callable, NoReturn, Optional, Sequence
 import torch
 from torch.utils.data import Dataset, Subset
 
-from ..api import available_methods, get_config, get_method_name
+from ..api import available_methods, get_config, get_method_name, set_options
 from ..checkpoint import saved_config
 from ..core.method import check_keep_ratio
 from ..core.options import parse_options
@@ -95,9 +97,10 @@ def _eval(args: argparse.Namespace) -> int:
         methods = [MethodSpec(name, label=f"{name} (checkpoint)",
                               model=loaded.patched(PatchRequest(keep_ratio=args.keep_ratio)))]
     methods = methods or [MethodSpec(name) for name in training_free_methods()]
+    keep_ratio = None if args.macs_ratio is not None else args.keep_ratio
+    methods = [_with_checkpoint_modules(spec, loaded, keep_ratio) for spec in methods]
     dataset = _eval_dataset(args, loaded)
     first_images, _ = load_images(dataset, max(args.calibration, MAC_IMAGES))
-    keep_ratio = None if args.macs_ratio is not None else args.keep_ratio
     started = time.perf_counter()
     rows = evaluation_rows(loaded.unpatched, eval_loader(dataset, args.batch_size, args.workers, runtime), methods,
                            first_images, keep_ratio, args.macs_ratio, args.calibration, MAC_IMAGES, runtime,
@@ -119,6 +122,18 @@ def _eval(args: argparse.Namespace) -> int:
               + (f", {world_size()} processes" if world_size() > 1 else ""))
         _print_eval_table(rows, columns)
     return 0
+
+
+def _with_checkpoint_modules(spec: MethodSpec, loaded: LoadedModel, keep_ratio: Optional[float]) -> MethodSpec:
+    """``spec``, run on a copy of the checkpoint's patched model (its trained modules: DynamicViT's
+    predictors) with the spec's options when it names the checkpoint's method."""
+    if spec.model is not None or loaded.saved is None or spec.name != get_method_name(loaded.saved):
+        return spec
+    model = copy.deepcopy(loaded.saved)
+    changes = {**({} if keep_ratio is None else {"keep_ratio": keep_ratio}), **spec.options}
+    if changes:
+        set_options(model, **changes)
+    return dataclasses.replace(spec, model=model)
 
 
 def _eval_dataset(args: argparse.Namespace, loaded: LoadedModel) -> Dataset:

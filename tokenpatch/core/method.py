@@ -178,6 +178,12 @@ class Method(ABC, Generic[ConfigT, StateT]):
         """
         return None
 
+    def official_module_keys(self, keys: Sequence[str]) -> dict[str, str]:
+        """Which of ``keys`` (of a state dict saved by the method's official code) are the weights
+        of the modules :meth:`build_modules` makes, renamed: ``{official key: module key}`` (keys
+        relative to the modules). Empty when the method has no modules or the keys hold none."""
+        return {}
+
     def check_compatible(self, config: ConfigT, facts: ModelFacts) -> None:
         """Raise :class:`InvalidOptionError` if ``config`` can't work on a model with these facts."""
 

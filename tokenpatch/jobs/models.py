@@ -12,7 +12,7 @@ from torch import nn
 
 from ..api import get_method_name, patch, set_macs_ratio, set_options, unpatch
 from ..backends.build import Preprocessing, build_model
-from ..checkpoint import is_checkpoint, load, load_weights
+from ..checkpoint import is_checkpoint, load, load_official_state, load_state, official_method, read_state_dict
 from ..core.registry import DEFAULT_METHOD
 
 #: the keep ratio of a patch that names none (and comes from no tokenpatch checkpoint)
@@ -64,7 +64,9 @@ def load_model(spec: str, checkpoint: Optional[str] = None, img_size: Optional[i
     """Build ``spec`` (a timm name, ``hf-hub:ORG/NAME``, or ``hf:ORG/NAME``/``hf:PATH`` for
     transformers; see :func:`~tokenpatch.backends.build.build_model`) with its published weights
     (random ones when not ``pretrained``), or with ``checkpoint``'s: plain weights (a safetensors or
-    torch state dict) or a ``tokenpatch.save`` file (then also kept patched). ``drop_path``: the
+    torch state dict; the papers' training scripts' files too) or a ``tokenpatch.save`` file (then
+    also kept patched, as is an official checkpoint with a method's own modules, at that method's
+    default options: :func:`~tokenpatch.checkpoint.load_official`). ``drop_path``: the
     stochastic depth rate to train with (see :func:`~tokenpatch.backends.build.build_model`).
 
     Raises:
@@ -76,7 +78,12 @@ def load_model(spec: str, checkpoint: Optional[str] = None, img_size: Optional[i
     if checkpoint is None:
         return LoadedModel(model, preprocessing, "pretrained" if built.pretrained else "random weights")
     weights = f"checkpoint {checkpoint}"
-    if not is_checkpoint(checkpoint):
-        return LoadedModel(load_weights(model, checkpoint), preprocessing, weights)
-    saved = load(model, checkpoint)
+    if is_checkpoint(checkpoint):
+        saved = load(model, checkpoint)
+    else:  # plain weights, or a method's official checkpoint with its own modules (DynamicViT's predictors)
+        state = read_state_dict(checkpoint)
+        if official_method(state) is None:
+            load_state(model, state, checkpoint)
+            return LoadedModel(model, preprocessing, weights)
+        saved = load_official_state(model, state, checkpoint)
     return LoadedModel(unpatch(copy.deepcopy(saved)), preprocessing, weights, saved)

@@ -21,7 +21,8 @@ rank tokens at random, so this method needs :func:`tokenpatch.training.finetune`
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import re
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,10 @@ from ..core.registry import register_method
 from ..core.runner import last_training_outputs
 from ..core.state import PassState
 from ..errors import InvalidOptionError
+
+
+#: a predictor weight of the official DynamicViT model: score_predictor.<stage>.(in_conv|out_conv).<rest>
+OFFICIAL_PREDICTOR_KEY = re.compile(r"score_predictor\.(\d+)\.(in_conv|out_conv)\.(\d+\.(?:weight|bias))")
 
 
 @dataclasses.dataclass
@@ -110,6 +115,17 @@ class DynamicViT(Method[DynamicViTConfig, DynamicViTState]):
 
     def training_losses(self, config: DynamicViTConfig) -> list[tuple[float, LossTerm]]:
         return [(config.ratio_weight, lambda model, task_loss: RatioLoss()(model))] if config.ratio_weight > 0 else []
+
+    def official_module_keys(self, keys: Sequence[str]) -> dict[str, str]:
+        # the official model (models/dyvit.py of raoyongming/DynamicViT) names the predictors
+        # score_predictor.<stage>, their first part in_conv and the MLP after the pooling out_conv
+        renamed = {}
+        for key in keys:
+            found = OFFICIAL_PREDICTOR_KEY.fullmatch(key)
+            if found:
+                stage, part, rest = found.groups()
+                renamed[key] = f"{stage}.{'embed' if part == 'in_conv' else 'head'}.{rest}"
+        return renamed
 
     def schedule(self, config: DynamicViTConfig, depth: int) -> list[Optional[float]]:
         assert config.prune_blocks is not None  # filled in by validate

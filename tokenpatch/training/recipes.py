@@ -108,7 +108,8 @@ RECIPES: dict[str, Recipe] = {
             "min_lr": Setting(2e-6, "finetune.sh:16 --min-lr 2e-6"),
             "warmup_epochs": Setting(0, "finetune.sh:20 --warmup-epochs 0"),
             "weight_decay": Setting(1e-6, "finetune.sh:17 --weight-decay 1e-6"),
-            "drop_path": Setting(0.1, "main.py:63 --drop-path 0.1"),
+            "drop_path": Setting(0.0, "main.py:447 fine-tuning (--finetune) keeps the model in eval mode, so "
+                                      "--drop-path 0.1 (main.py:63) never acts"),
             "distill_weight": Setting(0.0, "main.py:154 --distillation-type none (main.py:202: no distillation "
                                            "when fine-tuning)"),
             **_deit_labels("main.py", "137", "139", "118"),
