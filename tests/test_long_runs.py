@@ -141,7 +141,7 @@ def test_each_epoch_and_image_draws_its_own_augmentation_whoever_reads_it():
     assert torch.equal(torch.get_rng_state(), before)  # the caller's generator is untouched
 
 
-def test_finetune_resumes_under_torchrun_and_only_rank_0_writes(folder, tmp_path):
+def test_finetune_resumes_under_torchrun_with_autocast_and_only_rank_0_writes(folder, tmp_path):
     data, weights = folder
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -150,7 +150,7 @@ def test_finetune_resumes_under_torchrun_and_only_rank_0_writes(folder, tmp_path
                    str(Path(__file__).with_name("record_writes.py")), str(tmp_path / "writes"),
                    "finetune", "deit_tiny_patch16_224", "--data", str(data), "--checkpoint", str(weights),
                    "--method", "evit", "--keep-ratio", "0.7", "--val-fraction", "0.25", "--batch-size", "2",
-                   "--steps", "4", "--out", str(out), *extra]
+                   "--steps", "4", "--amp", "bf16", "--out", str(out), *extra]
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
 
@@ -163,3 +163,11 @@ def test_finetune_resumes_under_torchrun_and_only_rank_0_writes(folder, tmp_path
     assert sorted(writes) == ["0:resumed.safetensors", "0:whole.safetensors", "0:whole.safetensors.state"]
     final, again = load_file(str(whole)), load_file(str(resumed))
     assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_a_resumed_time_budget_counts_the_time_spent_before():
+    from tokenpatch.training.loop import Budget
+
+    budget = Budget(steps=1, minutes=1.0, spent=30.0)
+    assert budget.progress(0, 0) == pytest.approx(0.5) and budget.elapsed() >= 30.0
+    assert not budget.done(1) and budget.spent_so_far() >= 30.0

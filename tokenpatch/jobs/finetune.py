@@ -66,7 +66,8 @@ class FinetuneJob:
         augment: training augmentation: False (none), True or ``"light"`` (random resized crops
             and flips), ``"deit"`` (the papers' RandAugment recipe); see
             :data:`~tokenpatch.data.TRAINING_AUGMENTATIONS`.
-        batch_size: images per step (per process under torchrun).
+        batch_size: images per batch (per process under torchrun); a step adds up
+            ``config.accum_steps`` batches.
         seed: seeds the split, the shuffling and the training.
         out: save the fine-tuned patched model here (``tokenpatch.save`` format).
         config: the optimisation options.
@@ -225,7 +226,8 @@ def run(model: nn.Module, train: Dataset, val: HeldOut, config: FinetuneConfig, 
     return {"unpatched": val.scores(val.reference), "before": before, "after": after, "after_dense": after_dense,
             "macs": macs, "macs_unpatched": macs_unpatched, "steps": history[-1]["step"], "loop": loop,
             "finetune_config": dataclasses.asdict(config),
-            "train_images": len(train), "val_images": len(val), "final_loss": history[-1]["loss"]}
+            "train_images": len(train), "val_images": len(val), "final_loss": history[-1]["loss"],
+            "losses": [record["loss"] for record in history]}
 
 
 def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
