@@ -79,6 +79,25 @@ def images(model: torch.nn.Module, batch: int = 3, seed: int = 1) -> torch.Tenso
     return torch.randn(batch, 3, size, size, generator=g)
 
 
+def random_folder_and_weights(root: Path, count: int) -> tuple[Path, Path]:
+    """A flat folder of ``count`` unlabelled random 40 px images and random DeiT-Tiny weights under
+    ``root``: (data dir, weights file)."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from tokenpatch.backends.build import build_timm_model
+
+    data = root / "images"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(count):
+        pixels = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(data / f"{i}.png")
+    weights = root / "weights.safetensors"
+    save_file(build_timm_model("deit_tiny_patch16_224").state_dict(), str(weights))
+    return data, weights
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared real data directory, or skip the test with the reason."""

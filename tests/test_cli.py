@@ -15,6 +15,8 @@ from tokenpatch.backends.build import build_timm_model
 from tokenpatch.core.registry import DEFAULT_METHOD
 from tokenpatch.measure.flops import count_macs
 
+from conftest import random_folder_and_weights
+
 AUDIT = ["audit", "deit_tiny_patch16_224", "--no-pretrained", "--img-size", "64", "--batch-size", "2", "--repeats", "2"]
 
 
@@ -53,19 +55,7 @@ def test_audit_solves_each_method_for_a_mac_budget(capsys):
 @pytest.fixture
 def tuning_inputs(tmp_path):
     """A flat folder of 10 unlabelled images and random DeiT-Tiny weights: (data dir, weights file)."""
-    from PIL import Image
-    import torch
-    from safetensors.torch import save_file
-
-    data = tmp_path / "images"
-    data.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(10):
-        pixels = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(data / f"{i}.png")
-    weights = tmp_path / "weights.safetensors"
-    save_file(build_timm_model("deit_tiny_patch16_224").state_dict(), str(weights))
-    return data, weights
+    return random_folder_and_weights(tmp_path, 10)
 
 
 def test_finetune_runs_end_to_end_and_saves_a_loadable_model(tuning_inputs, tmp_path, capsys):

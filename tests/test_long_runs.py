@@ -8,31 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import tokenpatch
-from tokenpatch.backends.build import build_timm_model
 from tokenpatch.cli import main
 from tokenpatch.errors import CheckpointError, InvalidOptionError
 from tokenpatch.training import FinetuneConfig, finetune
 from tokenpatch.training.sampling import EpochSampler, SeededItems
 
-from conftest import images, make_model
+from conftest import images, make_model, random_folder_and_weights
 
 
 @pytest.fixture
 def folder(tmp_path):
     """12 random 40 px images and random DeiT-Tiny weights: (data dir, weights file)."""
-    from PIL import Image
-
-    data = tmp_path / "images"
-    data.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(12):
-        Image.fromarray((torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()).save(data / f"{i}.png")
-    weights = tmp_path / "weights.safetensors"
-    save_file(build_timm_model("deit_tiny_patch16_224").state_dict(), str(weights))
-    return data, weights
+    return random_folder_and_weights(tmp_path, 12)
 
 
 def _tune(folder, out, *extra):
