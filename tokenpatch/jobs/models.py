@@ -82,8 +82,9 @@ def load_model(spec: str, checkpoint: Optional[str] = None, img_size: Optional[i
         saved = load(model, checkpoint)
     else:  # plain weights, or a method's official checkpoint with its own modules (DynamicViT's predictors)
         state = read_state_dict(checkpoint)
-        if official_method(state) is None:
+        method = official_method(state)
+        if method is None:
             load_state(model, state, checkpoint)
             return LoadedModel(model, preprocessing, weights)
-        saved = load_official_state(model, state, checkpoint)
+        saved = load_official_state(model, state, checkpoint, method)
     return LoadedModel(unpatch(copy.deepcopy(saved)), preprocessing, weights, saved)
