@@ -24,6 +24,7 @@ from ..core.distributed import in_process_group
 from ..core.options import parse_options
 from ..core.registry import get_method
 from ..errors import InvalidOptionError, TokenPatchError
+from ..measure.allocator import trimming
 from ..measure.budget import mean_macs_per_image
 from ..measure.evaluate import logits_of
 from ..measure.runtime import Runtime
@@ -182,7 +183,7 @@ def _prepare(model: nn.Module, spec: MethodSpec, label: str, keep_ratio: Optiona
 def _score(reference: _Contender, contenders: Sequence[_Contender], batches: Iterable[tuple[Tensor, Tensor]],
            runtime: Runtime, progress: bool) -> None:
     """Run every model on every batch, the unpatched one first, and count; then sum over processes."""
-    for images, labels in tqdm(batches, desc="eval", disable=not progress, leave=False):
+    for images, labels in tqdm(trimming(batches), desc="eval", disable=not progress, leave=False):
         images = runtime.inputs(images)
         with runtime.autocast():
             reference_top5 = top5_of(logits_of(reference.model, reference.model(images)))

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..backends import find_backend
+from .allocator import trimming
 from .runtime import Runtime
 
 
@@ -54,7 +55,7 @@ def streamed_top1(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
     model.eval()
     runtime = runtime or Runtime()
     predicted, labels = [], []
-    for images, batch_labels in batches:
+    for images, batch_labels in trimming(batches):
         with runtime.autocast():
             predicted.append(logits_of(model, model(runtime.inputs(images))).argmax(1).cpu())
         labels.append(torch.as_tensor(batch_labels))
