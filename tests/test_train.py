@@ -7,6 +7,7 @@ import torch
 import tokenpatch
 from tokenpatch.training.losses import FeatureDistillationLoss
 from tokenpatch.backends import find_backend
+from tokenpatch.core.registry import get_method
 from tokenpatch.data import preprocessing_of
 from tokenpatch.errors import TokenPatchError
 from tokenpatch.training.finetune import (DistillationLoss, FinetuneConfig, finetune, frozen_teacher, head_features,
@@ -254,3 +255,52 @@ def test_each_pass_over_a_sharding_loader_is_a_new_epoch():
         sampler.set_epoch(epoch)
         orders.append(list(sampler))
     assert passes == orders and len({tuple(p) for p in passes}) > 1
+
+
+def test_final_tokens_are_the_normed_patch_tokens_of_forward_features():
+    from tokenpatch.training.finetune import final_tokens
+
+    model = make_model("deit_tiny")
+    x = images(model)
+    with final_tokens(model) as seen:
+        model(x)
+    assert torch.equal(seen[0], model.forward_features(x)[:, 1:])
+
+
+def test_token_distillation_is_the_squared_error_over_kept_tokens_and_channels():
+    from tokenpatch.training.losses import TokenDistillationLoss
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 2, 5, 3, generator=g)
+    kept = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0]])
+    # DynamicViT's losses.py: tokens whose mask exceeds 0.5, squared error averaged over them and the channels
+    total = sum(((student[b, n] - teacher[b, n]) ** 2).sum() for b, n in [(0, 0), (0, 2), (1, 3)])
+    assert TokenDistillationLoss()(student, teacher, kept).item() == pytest.approx(total.item() / (3 * 3))
+    assert TokenDistillationLoss()(student, teacher, torch.zeros(2, 5)).item() == 0.0
+
+
+def test_dynamicvit_token_distillation_compares_the_final_tokens_it_kept_with_the_teachers():
+    from tokenpatch.training.finetune import student_loss, teacher_targets
+    from tokenpatch.training.losses import TokenDistillationLoss
+
+    model = tokenpatch.patch(make_model("deit_tiny"), "dynamicvit", keep_ratio=0.5, ratio_weight=0.0)
+    teacher, x = frozen_teacher(model), images(model, batch=4)
+    config = FinetuneConfig(distill_weight=0.0, token_distill_weight=1.0)
+    model.train()
+    torch.manual_seed(5)  # the same Gumbel draws in both passes
+    with torch.no_grad():
+        tokens = model.forward_features(x)[:, 1:]
+    kept = get_method("dynamicvit").kept_token_mask(model)
+    assert kept.shape == tokens.shape[:2] and 0 < kept.sum() < kept.numel()
+    expected = TokenDistillationLoss()(tokens, teacher.forward_features(x)[:, 1:], kept)
+    torch.manual_seed(5)
+    loss = student_loss(model, teacher_targets(teacher, x, config), x, None, config, DistillationLoss())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and loss.item() > 0
+
+
+def test_token_distillation_is_refused_where_tokens_do_not_line_up():
+    from tokenpatch.errors import InvalidOptionError
+
+    model = tokenpatch.patch(make_model("deit_tiny"), "evit", keep_ratio=0.5)
+    with pytest.raises(InvalidOptionError, match="evit removes tokens in training"):
+        finetune(model, [images(model)], FinetuneConfig(steps=1, token_distill_weight=0.5), progress=False)

@@ -183,6 +183,9 @@ class TimmBackend(Backend):
     def head(self, model: nn.Module) -> nn.Module:
         return model.head
 
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.norm  # an Identity where the model norms after pooling (fc_norm)
+
     def view(self, block: nn.Module, extra: dict[str, Any]) -> BlockView:
         return TimmBlockView(block)
 

@@ -183,7 +183,7 @@ RECIPE_FLAGS = {"method": "method", "keep_ratio": "keep_ratio", "macs_ratio": "m
                 "lr": "lr", "module_lr": "module_lr", "weight_decay": "weight_decay", "label_weight": "label_weight",
                 "distill_weight": "distill_weight", "feature_weight": "feature_weight", "temperature": "temperature",
                 "mixup": "mixup", "cutmix": "cutmix", "label_smoothing": "label_smoothing", "augment": "augment",
-                "drop_path": "drop_path"}
+                "drop_path": "drop_path", "token_distill_weight": "token_distill_weight"}
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -418,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--feature-weight", type=_non_negative,
                       help=f"weight of MSE between the student's and teacher's pooled features (default {defaults.feature_weight}; "
                       "0: off)")
+    tune.add_argument("--token-distill-weight", type=_non_negative,
+                      help=f"weight of MSE between the final patch tokens the student kept and the teacher's "
+                      f"(default {defaults.token_distill_weight}; 0: off): DynamicViT's token distillation, dynamicvit only")
     tune.add_argument("--freeze-backbone", action="store_true",
                       help="train only the method's own modules (predictors, interpreters), not the pretrained weights")
     tune.add_argument("--freeze-prefix", action="store_true",

@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 from torch import Tensor, nn
 
-from ..errors import InputShapeError
+from ..errors import InputShapeError, TokenPatchError
 
 
 def check_images(images: Any) -> None:
@@ -155,6 +155,12 @@ class Backend(ABC):
     @abstractmethod
     def head(self, model: nn.Module) -> nn.Module:
         """The classifier; its input is the pooled (B, C) feature the logits are computed from."""
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The norm the last block's (B, N, C) tokens pass through before pooling (token
+        distillation compares its outputs). Families that do not name one refuse it."""
+        raise TokenPatchError(f"token distillation: tokenpatch does not know the final norm of "
+                              f"{type(model).__name__} ({self.name} models)")
 
     @abstractmethod
     def view(self, block: nn.Module, extra: dict[str, Any]) -> BlockView:

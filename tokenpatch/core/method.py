@@ -149,6 +149,9 @@ class Method(ABC, Generic[ConfigT, StateT]):
     variants: ClassVar[dict[str, dict[str, Any]]] = {}
     #: True when the method's own modules must be trained before it is useful (a learned policy)
     needs_training: ClassVar[bool] = False
+    #: True when training-mode passes keep every token in place and record which ones count
+    #: (:meth:`kept_token_mask`), as token distillation needs
+    masks_tokens_in_training: ClassVar[bool] = False
 
     @abstractmethod
     def schedule(self, config: ConfigT, depth: int) -> list[Optional[float]]:
@@ -177,6 +180,12 @@ class Method(ABC, Generic[ConfigT, StateT]):
             width: the model's token width C.
         """
         return None
+
+    def kept_token_mask(self, model: nn.Module) -> Tensor:
+        """(B, N) mask over the patch tokens of this thread's last training-mode pass of
+        ``model``: 1 where a token was kept to the end, 0 where masked out. Only methods with
+        :attr:`masks_tokens_in_training` have one."""
+        raise NotImplementedError(f"{self.name} keeps no token mask in training")
 
     def official_module_keys(self, keys: Sequence[str]) -> dict[str, str]:
         """Which of ``keys`` (of a state dict saved by the method's official code) are the weights

@@ -108,6 +108,7 @@ class DynamicViT(Method[DynamicViTConfig, DynamicViTState]):
     summary = "DynamicViT: learned predictors drop tokens before a few blocks (needs fine-tuning)"
     config_class = DynamicViTConfig
     needs_training = True
+    masks_tokens_in_training = True
     structural_options = frozenset({"prune_blocks"})
 
     def start_pass(self, config: DynamicViTConfig) -> DynamicViTState:
@@ -115,6 +116,10 @@ class DynamicViT(Method[DynamicViTConfig, DynamicViTState]):
 
     def training_losses(self, config: DynamicViTConfig) -> list[tuple[float, LossTerm]]:
         return [(config.ratio_weight, lambda model, task_loss: RatioLoss()(model))] if config.ratio_weight > 0 else []
+
+    def kept_token_mask(self, model: nn.Module) -> Tensor:
+        # the official model hands its loss the final decision, detached (models/dyvit.py:466)
+        return last_training_outputs(model, "kept_tokens", "token distillation")[-1]
 
     def official_module_keys(self, keys: Sequence[str]) -> dict[str, str]:
         # the official model (models/dyvit.py of raoyongming/DynamicViT) names the predictors
@@ -174,6 +179,7 @@ class DynamicViT(Method[DynamicViTConfig, DynamicViTState]):
             keep = F.gumbel_softmax(log_probs, tau=temperature, hard=True)[..., 0]
             own.policy = keep * own.policy
             state.add_aux("keep_fraction", (own.policy.mean(dim=1), ratio))
+            state.add_aux("kept_tokens", own.policy.detach())  # the last stage's is the final mask
         state.record(block, x.shape[1], x.shape[1])
         prefix = own.policy.new_ones(x.shape[0], p)
         return masked_block(view, x, torch.cat([prefix, own.policy], dim=1), state.positions)

@@ -26,9 +26,9 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional
+from typing import Any, Callable, ContextManager, Iterable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +38,11 @@ from ..backends import find_backend
 from ..core.distributed import in_process_group, is_main_process
 from ..core.runner import collecting, context_of, overriding, remove_patch
 from ..errors import InvalidOptionError, TokenPatchError
+from ..measure.allocator import trimming
 from ..measure.evaluate import eval_mode, logits_of
 from ..measure.runtime import AMP_DTYPES
 from .loop import Budget, LoopTimes
-from .losses import DistillationLoss, FeatureDistillationLoss
+from .losses import DistillationLoss, FeatureDistillationLoss, TokenDistillationLoss
 from .state import Position, load_state, save_state, set_rng_state
 
 
@@ -114,6 +115,9 @@ class FinetuneConfig:
             as timm's optimizer factory and the papers' code do.
         freeze_tokens: keep the model's ``no_weight_decay()`` tensors (timm's position embedding
             and class token) as they are (IdleViT leaves them out of its optimizer).
+        token_distill_weight: weight of :class:`~tokenpatch.training.losses.TokenDistillationLoss`
+            on the final patch tokens the student kept (DynamicViT's token distillation; methods
+            that mask tokens in training, on timm models; 0: off).
     """
 
     steps: int = 200
@@ -141,6 +145,7 @@ class FinetuneConfig:
     label_smoothing: float = 0.0
     decay_every_weight: bool = True
     freeze_tokens: bool = False
+    token_distill_weight: float = 0.0
 
 
 def lr_factor(config: FinetuneConfig, step: int, progress: float) -> float:
@@ -175,7 +180,7 @@ def _repeat(batches: Iterable[Any], position: Optional[Position] = None) -> Iter
             skip = 0
         iterator = itertools.islice(iter(batches), skip, None)
         empty = True
-        for batch in iterator:
+        for batch in trimming(iterator):
             empty = False
             position.batches += 1
             yield batch
@@ -213,40 +218,72 @@ def head_features(model: nn.Module) -> Iterator[list[Tensor]]:
         handle.remove()
 
 
-def _logits_and_features(network: nn.Module, model: nn.Module, images: Tensor,
-                         features: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """Logits of ``network`` (``model`` or a wrapper of it) on ``images`` and, when asked, the
-    pooled features ``model``'s head read."""
-    if not features:
-        return logits_of(model, network(images)), None
-    with head_features(model) as seen:
+@contextmanager
+def final_tokens(model: nn.Module) -> Iterator[list[Tensor]]:
+    """Collect the (B, N, C) patch tokens out of ``model``'s final norm (the prefix tokens left
+    out): one tensor per forward pass in the context. All N are there only where the pass keeps
+    every token in place (a training-mode pass of a method that masks tokens, or the unpatched model).
+
+    Raises:
+        TokenPatchError: the model's family names no final norm (one line).
+    """
+    backend = find_backend(model)
+    prefix = backend.num_prefix_tokens(model)
+    captured: list[Tensor] = []
+    handle = backend.final_norm(model).register_forward_hook(lambda _, args, out: captured.append(out[:, prefix:]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+class Targets(NamedTuple):
+    """A forward pass's outputs the losses compare: (B, classes) logits, and the (B, C) pooled
+    features and (B, N, C) final patch tokens where a loss needs them (else None)."""
+
+    logits: Tensor
+    features: Optional[Tensor] = None
+    tokens: Optional[Tensor] = None
+
+    def float(self) -> "Targets":
+        """The same in float32 (from an autocast pass)."""
+        return Targets(*(t.float() if t is not None else None for t in self))
+
+
+def _outputs(network: nn.Module, model: nn.Module, images: Tensor, features: bool, tokens: bool) -> Targets:
+    """The :class:`Targets` of ``network`` (``model`` or a wrapper of it) on ``images``, with the
+    pooled features and the final tokens ``model`` computed when asked."""
+    with ExitStack() as stack:
+        pooled = stack.enter_context(head_features(model)) if features else None
+        normed = stack.enter_context(final_tokens(model)) if tokens else None
         logits = logits_of(model, network(images))
-    return logits, seen[0]
+    return Targets(logits, pooled[0] if pooled else None, normed[0] if normed else None)
 
 
-def teacher_targets(teacher: nn.Module, images: Tensor, config: FinetuneConfig) -> tuple[Tensor, Optional[Tensor]]:
-    """The teacher's (B, classes) logits on ``images`` and, when ``config`` has a feature loss, its (B, C) features."""
+def teacher_targets(teacher: nn.Module, images: Tensor, config: FinetuneConfig) -> Targets:
+    """The teacher's :class:`Targets` on ``images``: the features and tokens when ``config`` has their losses."""
     with torch.no_grad():
-        return _logits_and_features(teacher, teacher, images, config.feature_weight > 0)
+        return _outputs(teacher, teacher, images, config.feature_weight > 0, config.token_distill_weight > 0)
 
 
-def student_loss(model: nn.Module, targets: tuple[Tensor, Optional[Tensor]], images: Tensor,
-                 labels: Optional[Tensor], config: FinetuneConfig, distill: DistillationLoss,
-                 network: Optional[nn.Module] = None) -> Tensor:
+def student_loss(model: nn.Module, targets: Targets, images: Tensor, labels: Optional[Tensor],
+                 config: FinetuneConfig, distill: DistillationLoss, network: Optional[nn.Module] = None) -> Tensor:
     """The student's loss against the teacher's ``targets`` (from :func:`teacher_targets`): distillation,
-    plus weighted cross-entropy on labels, the feature loss and the method's own losses."""
-    target, target_features = targets
-    logits, student_features = _logits_and_features(network or model, model, images, target_features is not None)
-    task_loss = config.distill_weight * distill.per_sample(logits, target)
+    plus weighted cross-entropy on labels, the feature and token losses and the method's own losses."""
+    student = _outputs(network or model, model, images, targets.features is not None, targets.tokens is not None)
+    task_loss = config.distill_weight * distill.per_sample(student.logits, targets.logits)
     if labels is not None and config.label_weight > 0:  # (B,) classes, or (B, classes) soft targets when mixed
         smoothing = config.label_smoothing if labels.ndim == 1 else 0.0  # soft targets come smoothed
-        task_loss = task_loss + config.label_weight * F.cross_entropy(logits, labels, reduction="none",
+        task_loss = task_loss + config.label_weight * F.cross_entropy(student.logits, labels, reduction="none",
                                                                       label_smoothing=smoothing)
     loss = task_loss.mean()
-    if target_features is not None:
+    if targets.features is not None:
         features = FeatureDistillationLoss(normalize=config.feature_normalize)
-        loss = loss + config.feature_weight * features(student_features, target_features)
+        loss = loss + config.feature_weight * features(student.features, targets.features)
     ctx = context_of(model)
+    if targets.tokens is not None:
+        kept = ctx.method.kept_token_mask(model)
+        loss = loss + config.token_distill_weight * TokenDistillationLoss()(student.tokens, targets.tokens, kept)
     for weight, method_loss in ctx.method.training_losses(ctx.config):
         loss = loss + weight * method_loss(model, task_loss)
     return loss
@@ -379,6 +416,7 @@ def finetune(model: nn.Module, batches: Iterable[Any], config: FinetuneConfig = 
         ``data_img_s``, ``teacher_img_s``, ``student_img_s``, ``loop_img_s``) and ``seconds``.
     """
     check_loop_options(config)
+    check_token_distillation(model, config)
     teacher = teacher if teacher is not None else frozen_teacher(model)
     groups = _parameter_groups(model, config)
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
@@ -405,6 +443,18 @@ def check_loop_options(config: FinetuneConfig) -> None:
         raise InvalidOptionError("save_every needs state_path, the file to write the training state to")
     if config.amp is not None and config.amp not in AMP_DTYPES:
         raise InvalidOptionError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {config.amp!r}")
+
+
+def check_token_distillation(model: nn.Module, config: FinetuneConfig) -> None:
+    """Refuse ``token_distill_weight`` for a method that keeps no token mask in training or a
+    model whose final norm tokenpatch does not know, in one line, before anything is trained."""
+    if config.token_distill_weight <= 0:
+        return
+    method = context_of(model).method
+    if not method.masks_tokens_in_training:
+        raise InvalidOptionError(f"token_distill_weight: {method.name} removes tokens in training, so its final tokens "
+                                 "do not line up with the teacher's (methods that mask instead: dynamicvit)")
+    find_backend(model).final_norm(model)
 
 
 def _resumed(path: Optional[str], model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -463,13 +513,12 @@ class _Step:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.config.amp])
 
-    def targets(self, images: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        """The teacher's targets on ``images`` (see :func:`teacher_targets`)."""
+    def targets(self, images: Tensor) -> Targets:
+        """The teacher's targets on ``images`` (see :func:`teacher_targets`), in float32."""
         with self.autocast():
-            logits, features = teacher_targets(self.teacher, images, self.config)
-        return logits.float(), features.float() if features is not None else None
+            return teacher_targets(self.teacher, images, self.config).float()
 
-    def backward(self, step: int, targets: tuple[Tensor, Optional[Tensor]], images: Tensor,
+    def backward(self, step: int, targets: Targets, images: Tensor,
                  labels: Optional[Tensor], last: bool) -> float:
         """Add one micro-batch's gradients (its loss over ``accum_steps``); returns that share."""
         self.model.train()

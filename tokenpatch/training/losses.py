@@ -1,8 +1,9 @@
-"""The method-independent training losses: distillation of logits and of pooled features.
+"""The method-independent training losses: distillation of logits, of pooled features and of tokens.
 
 :class:`DistillationLoss` compares logits with the unpatched teacher's;
 :class:`FeatureDistillationLoss` compares the features the classifier reads (see
-:func:`tokenpatch.training.head_features`). A method's own losses live in its file and read
+:func:`tokenpatch.training.head_features`); :class:`TokenDistillationLoss` the final tokens a
+method kept (see :func:`tokenpatch.training.final_tokens`). A method's own losses live in its file and read
 what this thread's last training-mode pass left behind, so they are called with the model
 after its forward::
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-
 
 
 class DistillationLoss(nn.Module):
@@ -65,3 +65,21 @@ class FeatureDistillationLoss(nn.Module):
         if self.normalize:
             student_features, teacher_features = F.normalize(student_features), F.normalize(teacher_features)
         return F.mse_loss(student_features, teacher_features)
+
+
+class TokenDistillationLoss(nn.Module):
+    """Mean squared error between the student's and the teacher's final patch tokens, over the
+    tokens the student kept.
+
+    DynamicViT's token distillation (Rao et al., NeurIPS 2021; ``losses.py:162-175`` of
+    ``raoyongming/DynamicViT`` with ``mse_token=True``): the tokens are the final norm's outputs
+    without the class token, a token counts where the training-mode keep mask exceeds 0.5, and the
+    squared error is averaged over those tokens and the channels (0 when none is kept).
+    """
+
+    def forward(self, student_tokens: Tensor, teacher_tokens: Tensor, kept: Tensor) -> Tensor:
+        """(B, N, C) tokens of both and the (B, N) keep mask -> scalar loss."""
+        counted = kept > 0.5
+        if not counted.any():
+            return student_tokens.new_zeros(())
+        return (student_tokens[counted] - teacher_tokens[counted]).pow(2).mean()

@@ -137,12 +137,13 @@ RECIPES: dict[str, Recipe] = {
             "freeze_tokens": Setting(True, "optim_factory.py:80 leaves cls_token and pos_embed out"),
             "drop_path": Setting(0.0, "main.py:54 --drop_path 0 (README.md:133: 0.2 for DeiT-B)"),
             "distill_weight": Setting(0.5, "main.py:425 distill_weight=0.5; losses.py:152 KL, batchmean, T=1"),
+            "token_distill_weight": Setting(0.5, "main.py:425 mse_token=True, distill_weight=0.5; losses.py:162-175 "
+                                                 "MSE over the kept final patch tokens"),
             "options": Setting({"ratio_weight": 2.0}, "main.py:191 --ratio_weight 2.0 (README.md:133: 5.0 for "
                                                       "DeiT-B); losses.py:185 ratio loss / prune stages"),
             **_deit_labels("main.py", "118", "120", "99"),
         },
-        not_reproduced=("token distillation: 0.5 x MSE between the kept patch tokens' final features "
-                        "(losses.py:172-175, mse_token=True)", "model EMA (main.py:62)"),
+        not_reproduced=("model EMA (main.py:62)",),
     ),
 }
 
