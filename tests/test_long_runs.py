@@ -131,6 +131,35 @@ def test_each_epoch_and_image_draws_its_own_augmentation_whoever_reads_it():
     assert torch.equal(torch.get_rng_state(), before)  # the caller's generator is untouched
 
 
+def test_repeated_augmentation_reads_each_image_in_a_row_in_new_augmentations_over_the_processes():
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return torch.rand(2)
+
+    data = SeededItems(Draws(), seed=3)
+    alone = list(EpochSampler(data, seed=3, repeats=3))
+    assert len(alone) == 10 and all(epoch == 0 for epoch, _, _ in alone)  # an epoch as long as without repeats
+    # as DeiT's RASampler: the epoch's order, each index three times in a row
+    assert [(index, copy) for _, index, copy in alone[:9]] == [(alone[3 * k][1], c) for k in range(3) for c in range(3)]
+    assert len({data[key].sum().item() for key in alone[:3]}) == 3  # three augmentations of one image
+    shards = []
+    for rank in (0, 1):
+        sampler = EpochSampler(data, seed=3, repeats=3)
+        sampler.num_replicas, sampler.rank, sampler.num_samples = 2, rank, 5  # what two torchrun processes see
+        shards.append(list(sampler))
+    assert [len(shard) for shard in shards] == [5, 5]
+    dealt = [key for pair in zip(*shards) for key in pair]  # round-robin: copies go to different processes
+    assert [key[1:] for key in dealt] == [key[1:] for key in alone]
+    assert shards[0][0][1] == shards[1][0][1] and shards[0][0][2] != shards[1][0][2]
+    with pytest.raises(InvalidOptionError, match="aug_repeats must be a positive integer, got 0"):
+        from tokenpatch.jobs.finetune import _loader
+
+        _loader(data, 2, seed=0, aug_repeats=0)
+
+
 def test_finetune_resumes_under_torchrun_with_autocast_and_only_rank_0_writes(folder, tmp_path):
     data, weights = folder
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -26,6 +26,7 @@ def test_a_recipe_fills_the_job_and_flags_override_it():
     job = finetune_job("idlevit", model="deit_small_patch16_224", data="train")
     assert (job.method, job.keep_ratio, job.epochs, job.batch_size, job.augment) == ("idle", 0.7, 30, 1024, "deit")
     assert job.options == {"cut_weight": 20.0} and job.config.distill_weight == 10.0 and job.config.feature_normalize
+    assert job.aug_repeats == 3 and finetune_job("dynamicvit", model="m", data="d").config.token_distill_weight == 0.5
     config = resolved_config(job)  # one process: 2 batches of 1024 a step reach the official 2048
     assert config.accum_steps == 2 and config.lr == pytest.approx(1e-5 * 2048 / 512)
     assert config.min_lr_ratio == pytest.approx(1e-6 / 4e-5)

@@ -183,7 +183,8 @@ RECIPE_FLAGS = {"method": "method", "keep_ratio": "keep_ratio", "macs_ratio": "m
                 "lr": "lr", "module_lr": "module_lr", "weight_decay": "weight_decay", "label_weight": "label_weight",
                 "distill_weight": "distill_weight", "feature_weight": "feature_weight", "temperature": "temperature",
                 "mixup": "mixup", "cutmix": "cutmix", "label_smoothing": "label_smoothing", "augment": "augment",
-                "drop_path": "drop_path", "token_distill_weight": "token_distill_weight"}
+                "drop_path": "drop_path", "token_distill_weight": "token_distill_weight",
+                "aug_repeats": "aug_repeats"}
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -407,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--module-lr", type=_positive_float,
                       help=f"learning rate of a method's own new modules, predictors and interpreters (default {defaults.module_lr})")
     tune.add_argument("--weight-decay", type=_non_negative, help=f"AdamW weight decay (default {defaults.weight_decay})")
+    tune.add_argument("--aug-repeats", type=_positive, help="repeated augmentation: read each image this many times "
+                      "in a row, each copy augmented anew (DeiT's RASampler; default 1: off)")
     tune.add_argument("--drop-path", type=_fraction_or_zero, help="stochastic depth rate while training (timm's "
                       "drop_path_rate; default: the model's)")
     tune.add_argument("--distill-weight", type=_non_negative,

@@ -89,6 +89,9 @@ class FinetuneJob:
         warmup_epochs: warm-up in passes over the training images (instead of
             ``config.warmup_steps``).
         drop_path: stochastic depth rate to train with (timm's ``drop_path_rate``; None: the model's).
+        aug_repeats: DeiT's repeated augmentation: each image of an epoch's order read this many
+            times in a row, each copy augmented anew, an epoch the same length (timm's
+            ``--aug-repeats``; :class:`~tokenpatch.training.sampling.EpochSampler`; 1: off).
     """
 
     model: str
@@ -119,6 +122,7 @@ class FinetuneJob:
     min_lr: Optional[float] = None
     warmup_epochs: Optional[float] = None
     drop_path: Optional[float] = None
+    aug_repeats: int = 1
 
 
 @dataclass
@@ -188,28 +192,34 @@ def held_out(model: nn.Module, dataset: Dataset, runtime: Runtime = Runtime(), w
     return HeldOut(batches, labels if (labels >= 0).all() else None, reference, runtime)
 
 
-def _loader(train: Dataset, batch_size: int, seed: int, workers: int = 0, pin_memory: bool = False) -> DataLoader:
+def _loader(train: Dataset, batch_size: int, seed: int, workers: int = 0, pin_memory: bool = False,
+            aug_repeats: int = 1) -> DataLoader:
     """Shuffled batches decoded by ``workers`` processes (kept across epochs); under torchrun each
     process gets its own shard (``batch_size`` per process). Each epoch's order and each image's
     augmentation depend only on ``seed``, the epoch and the image
     (:class:`~tokenpatch.training.sampling.EpochSampler`), so a resumed run reads what the
-    interrupted one would have, whatever ``workers``. Incomplete last batches are dropped when
+    interrupted one would have, whatever ``workers``; ``aug_repeats`` copies of each image in a
+    row (repeated augmentation). Incomplete last batches are dropped when
     there is at least one full one."""
     drop_last = len(train) >= batch_size * world_size()
-    return DataLoader(SeededItems(train, seed), sampler=EpochSampler(train, seed), batch_size=batch_size,
+    if not (isinstance(aug_repeats, int) and aug_repeats >= 1):
+        raise InvalidOptionError(f"aug_repeats must be a positive integer, got {aug_repeats!r}")
+    sampler = EpochSampler(train, seed, repeats=aug_repeats)
+    return DataLoader(SeededItems(train, seed), sampler=sampler, batch_size=batch_size,
                       drop_last=drop_last, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
                       generator=torch.Generator().manual_seed(seed))  # worker seeds: not from the global generator
 
 
 def run(model: nn.Module, train: Dataset, val: HeldOut, config: FinetuneConfig, batch_size: int,
         seed: int, workers: int = 0, epochs: Optional[int] = None, resume: Optional[str] = None,
-        warmup_epochs: Optional[float] = None) -> dict[str, Any]:
-    """Fine-tune ``model`` on ``train`` (batches decoded by ``workers`` processes; ``epochs``
+        warmup_epochs: Optional[float] = None, aug_repeats: int = 1) -> dict[str, Any]:
+    """Fine-tune ``model`` on ``train`` (batches decoded by ``workers`` processes, ``aug_repeats``
+    copies of each image in a row; ``epochs``
     passes over it, if given, else as ``config`` says; warming up over ``warmup_epochs`` passes
     if given; from the training state ``resume`` when given) and report before/after scores on
     ``val``, the MACs and the options it ran with."""
     before = val.evaluate(model.eval())
-    loader = _loader(train, batch_size, seed, workers, val.runtime.pin_memory)
+    loader = _loader(train, batch_size, seed, workers, val.runtime.pin_memory, aug_repeats)
     steps_per_epoch = max(1, len(loader) // config.accum_steps)
     if epochs is not None:
         config = dataclasses.replace(config, steps=epochs * steps_per_epoch, minutes=None)
@@ -247,7 +257,7 @@ def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
     if not job.augment and job.workers == 0 and len(train) <= REMEMBERED_IMAGES:
         train = RememberedItems(train)
     result = run(model, train, held_out(model, val, job.runtime, job.workers), config, job.batch_size,
-                 job.seed, job.workers, job.epochs, job.resume, job.warmup_epochs)
+                 job.seed, job.workers, job.epochs, job.resume, job.warmup_epochs, job.aug_repeats)
     if job.out and is_main_process():
         save(model, job.out)
     return {"model": job.model, "weights": loaded.weights, "recipe": job.recipe, "method": get_method_name(model),

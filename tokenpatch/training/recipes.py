@@ -82,6 +82,8 @@ RECIPES: dict[str, Recipe] = {
             "weight_decay": Setting(0.05, "main.py:64 --weight-decay 0.05"),
             "freeze_tokens": Setting(True, "main.py:183-201 get_param_groups leaves cls_token and pos_embed out"),
             "drop_path": Setting(0.1, "main.py:41 --drop-path 0.1"),
+            "aug_repeats": Setting(3, "main.py:104-106 --repeated-aug on by default: main.py:243 RASampler, 3 copies "
+                                      "(samplers.py)"),
             "distill_weight": Setting(10.0, "README.md:18 --distillw 10.0; losses.py:153 KL, batchmean, T=1"),
             "feature_weight": Setting(1000.0, "losses.py:88 distill_weight * 100"),
             "feature_normalize": Setting(True, "losses.py:157 MSE of L2-normalised class-token features"),
@@ -89,7 +91,7 @@ RECIPES: dict[str, Recipe] = {
                                                      "(README.md:18 --cutloss_type both)"),
             **_deit_labels("main.py", "119", "121", "100"),
         },
-        not_reproduced=("repeated augmentation (main.py:106 RASampler)", "model EMA (main.py:47)",
+        not_reproduced=("model EMA (main.py:47)",
                         "per-epoch rather than per-step cosine steps (timm create_scheduler)"),
     ),
     "evit": Recipe(
@@ -110,11 +112,13 @@ RECIPES: dict[str, Recipe] = {
             "weight_decay": Setting(1e-6, "finetune.sh:17 --weight-decay 1e-6"),
             "drop_path": Setting(0.0, "main.py:447 fine-tuning (--finetune) keeps the model in eval mode, so "
                                       "--drop-path 0.1 (main.py:63) never acts"),
+            "aug_repeats": Setting(3, "main.py:122-124 --repeated-aug on by default: main.py:222 RASampler, 3 copies "
+                                      "(samplers.py)"),
             "distill_weight": Setting(0.0, "main.py:154 --distillation-type none (main.py:202: no distillation "
                                            "when fine-tuning)"),
             **_deit_labels("main.py", "137", "139", "118"),
         },
-        not_reproduced=("repeated augmentation (main.py:124 RASampler)", "model EMA (main.py:68)",
+        not_reproduced=("model EMA (main.py:68)",
                         "per-epoch rather than per-step cosine steps (timm create_scheduler)"),
     ),
     "dynamicvit": Recipe(
@@ -136,6 +140,7 @@ RECIPES: dict[str, Recipe] = {
             "weight_decay": Setting(0.05, "main.py:78 --weight_decay 0.05"),
             "freeze_tokens": Setting(True, "optim_factory.py:80 leaves cls_token and pos_embed out"),
             "drop_path": Setting(0.0, "main.py:54 --drop_path 0 (README.md:133: 0.2 for DeiT-B)"),
+            "aug_repeats": Setting(1, "main.py:218 DistributedSampler: no repeated augmentation"),
             "distill_weight": Setting(0.5, "main.py:425 distill_weight=0.5; losses.py:152 KL, batchmean, T=1"),
             "token_distill_weight": Setting(0.5, "main.py:425 mse_token=True, distill_weight=0.5; losses.py:162-175 "
                                                  "MSE over the kept final patch tokens"),
