@@ -109,15 +109,21 @@ def test_mixed_precision_training_runs_in_half_precision_and_stays_finite(amp):
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
 
 
+class Draws(torch.utils.data.Dataset):
+    """``size`` items, each a fresh draw from torch's generator."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        return torch.rand(2)
+
+
 def test_each_epoch_and_image_draws_its_own_augmentation_whoever_reads_it():
-    class Draws(torch.utils.data.Dataset):
-        def __len__(self):
-            return 6
-
-        def __getitem__(self, i):
-            return torch.rand(2)
-
-    data = SeededItems(Draws(), seed=3)
+    data = SeededItems(Draws(6), seed=3)
     sampler = EpochSampler(data, seed=3)
     first = [key for key in sampler]
     assert sorted(index for _, index in first) == list(range(6)) and {epoch for epoch, _ in first} == {0}
@@ -132,14 +138,7 @@ def test_each_epoch_and_image_draws_its_own_augmentation_whoever_reads_it():
 
 
 def test_repeated_augmentation_reads_each_image_in_a_row_in_new_augmentations_over_the_processes():
-    class Draws(torch.utils.data.Dataset):
-        def __len__(self):
-            return 10
-
-        def __getitem__(self, i):
-            return torch.rand(2)
-
-    data = SeededItems(Draws(), seed=3)
+    data = SeededItems(Draws(10), seed=3)
     alone = list(EpochSampler(data, seed=3, repeats=3))
     assert len(alone) == 10 and all(epoch == 0 for epoch, _, _ in alone)  # an epoch as long as without repeats
     # as DeiT's RASampler: the epoch's order, each index three times in a row
