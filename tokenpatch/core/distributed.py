@@ -18,9 +18,14 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if in_process_group() else 1
 
 
+def rank() -> int:
+    """This process's rank in the group (0 outside ``torch.distributed``)."""
+    return torch.distributed.get_rank() if in_process_group() else 0
+
+
 def is_main_process() -> bool:
     """True for rank 0, or outside ``torch.distributed``: the process that prints and writes."""
-    return not in_process_group() or torch.distributed.get_rank() == 0
+    return rank() == 0
 
 
 def join_process_group(device: torch.device) -> None:

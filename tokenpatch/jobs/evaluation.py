@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..api import get_config, patch, set_macs_ratio
 from ..backends import find_backend
-from ..core.distributed import in_process_group
+from ..core.distributed import in_process_group, rank, world_size
 from ..core.options import parse_options
 from ..core.registry import get_method
 from ..errors import InvalidOptionError, TokenPatchError
@@ -64,8 +64,7 @@ def shard(dataset: Dataset) -> Dataset:
     ``DistributedSampler`` pads); the whole dataset in a single process."""
     if not in_process_group():
         return dataset
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return Subset(dataset, range(rank, len(dataset), world))
+    return Subset(dataset, range(rank(), len(dataset), world_size()))
 
 
 def in_batches(images: Tensor, labels: Tensor, batch_size: int = 50) -> Iterator[tuple[Tensor, Tensor]]:

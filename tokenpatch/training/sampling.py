@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from ..core.distributed import in_process_group
+from ..core.distributed import rank, world_size
 
 
 class EpochSampler(DistributedSampler):
@@ -35,9 +35,7 @@ class EpochSampler(DistributedSampler):
     """
 
     def __init__(self, dataset: Dataset, seed: int, drop_last: bool = False, repeats: int = 1) -> None:
-        world, rank = ((torch.distributed.get_world_size(), torch.distributed.get_rank())
-                       if in_process_group() else (1, 0))
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
+        super().__init__(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed, drop_last=drop_last)
         self.skipped = 0
         self.repeats = repeats
 

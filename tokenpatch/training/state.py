@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import write_atomically
-from ..core.distributed import in_process_group, world_size
+from ..core.distributed import in_process_group, is_main_process, rank, world_size
 from ..core.runner import context_of
 from ..errors import CheckpointError
 
@@ -90,7 +90,7 @@ def save_state(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, po
                scaler: Optional[torch.amp.GradScaler] = None) -> None:
     """Write the training state of every process to ``path`` (rank 0 writes; all must call)."""
     rng = _every_process(rng_state())
-    if in_process_group() and torch.distributed.get_rank() != 0:
+    if not is_main_process():
         return
     payload = {"format": FORMAT, "version": VERSION, **_identity(model), "model": model.state_dict(),
                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
@@ -119,5 +119,4 @@ def load_state(path: str, model: nn.Module) -> Resumed:
         if payload.get(key) != value:
             raise CheckpointError(f"--resume {path}: written with {key} {payload.get(key)!r}, this run has {value!r}")
     model.load_state_dict(payload["model"])
-    rank = torch.distributed.get_rank() if in_process_group() else 0
-    return Resumed(Position(**payload["position"]), payload["optimizer"], payload["scaler"], payload["rng"][rank])
+    return Resumed(Position(**payload["position"]), payload["optimizer"], payload["scaler"], payload["rng"][rank()])
