@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-from tokenpatch.data import IMAGENET_SAMPLE, LabelledImages, data_dir, eval_transform, load_deit_tiny, load_images
+from tokenpatch.data import IMAGENET_SAMPLE, LabelledImages, eval_transform, load_deit_tiny, load_images
 from tokenpatch.measure.report import format_table
+
+from shared_data import add_data_option, shared_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from hf_convert import compare_patched, hf_twin  # noqa: E402
@@ -32,12 +34,10 @@ def compare(timm_model: torch.nn.Module, hf_model: torch.nn.Module, x: torch.Ten
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="shared data folder (default: $TOKENPATCH_DATA)")
+    add_data_option(parser)
     parser.add_argument("--images", type=int, default=100)
     args = parser.parse_args(argv)
-    root = data_dir(args.data)
-    if root is None:
-        parser.error("give --data or set TOKENPATCH_DATA")
+    root = shared_data(parser, args)
     timm_model = load_deit_tiny(root)
     hf_model = hf_twin(timm_model)
     x, _ = load_images(LabelledImages(root / IMAGENET_SAMPLE, transform=eval_transform(timm_model)), args.images)

@@ -21,8 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from tokenpatch.data import DEIT_TINY_WEIGHTS, IMAGENET_SAMPLE, data_dir
+from tokenpatch.data import DEIT_TINY_WEIGHTS, IMAGENET_SAMPLE
 from tokenpatch.measure.report import format_table, write_json
+
+from shared_data import add_data_option, shared_data
 
 
 def linked_folder(shared: Path, target: Path, size: int) -> Path:
@@ -81,16 +83,14 @@ def run_eval(command: list[str]) -> tuple[dict, int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="shared data folder (default: $TOKENPATCH_DATA)")
+    add_data_option(parser)
     parser.add_argument("--sizes", type=int, nargs="+", default=[500, 5000])
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--methods", nargs="+", default=["tome"])
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
-    shared = data_dir(args.data)
-    if shared is None:
-        parser.error("give --data or set TOKENPATCH_DATA to the folder with weights/ and imagenet-sample/")
+    shared = shared_data(parser, args)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for size in args.sizes:

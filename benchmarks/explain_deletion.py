@@ -40,7 +40,7 @@ import torch
 import tokenpatch
 from tokenpatch.backends.build import build_timm_model
 from tokenpatch.checkpoint import load_weights
-from tokenpatch.data import DEIT_TINY_WEIGHTS, IMAGENET_SAMPLE, data_dir, load_images, preprocessing_of
+from tokenpatch.data import DEIT_TINY_WEIGHTS, IMAGENET_SAMPLE, load_images, preprocessing_of
 from tokenpatch.interpret import (attention_rollout, cls_attention_map, curve_auc, deletion_curve, insertion_curve,
                                   score_map)
 from tokenpatch.jobs.finetune import split_dataset
@@ -48,6 +48,8 @@ from tokenpatch.measure.evaluate import accuracy, predict
 from tokenpatch.measure.flops import count_macs
 from tokenpatch.measure.report import format_table, write_json
 from tokenpatch.training.finetune import FinetuneConfig, finetune
+
+from shared_data import add_data_option, shared_data
 
 MODEL = "deit_tiny_patch16_224"
 SPLIT_SEED = 0  # the seeded order of the images; the training seeds do not change the halves
@@ -204,7 +206,7 @@ def held_out_half(root: Path, model: torch.nn.Module, fold: int, args: argparse.
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="shared data folder (default: $TOKENPATCH_DATA)")
+    add_data_option(parser)
     parser.add_argument("--keep-ratio", type=float, default=0.8, help="iared2's per-group cap")
     parser.add_argument("--threshold", type=threshold_option, default=0.5,
                         help="iared2's inference threshold: keep the patches at least this probable, at most the "
@@ -238,9 +240,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="with --save-dir: load the models already saved there, train only the missing ones")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    root = data_dir(args.data)
-    if root is None:
-        parser.error("give --data or set TOKENPATCH_DATA")
+    root = shared_data(parser, args)
     if args.reuse and not args.save_dir:
         parser.error("--reuse needs --save-dir (the folder of the models to reuse)")
     if args.load_dir and not all(model_file(args.load_dir, f, s).exists() for f in args.folds for s in args.seeds):

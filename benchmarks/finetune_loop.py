@@ -22,10 +22,12 @@ import torch
 from torch.utils.data import DataLoader
 
 import tokenpatch
-from tokenpatch.data import DEIT_TINY_WEIGHTS, IMAGENET_SAMPLE, RememberedItems, data_dir, load_deit_tiny, preprocessing_of
+from tokenpatch.data import DEIT_TINY_WEIGHTS, IMAGENET_SAMPLE, RememberedItems, load_deit_tiny, preprocessing_of
 from tokenpatch.jobs.finetune import split_dataset
 from tokenpatch.measure.report import format_table, write_json
 from tokenpatch.training import FinetuneConfig, finetune
+
+from shared_data import add_data_option, shared_data
 
 MODEL = "deit_tiny_patch16_224"
 PHASES = ("data", "teacher", "student", "loop")
@@ -33,17 +35,17 @@ SETUPS = {"before": {"remember": False, "freeze_prefix": False}, "after": {"reme
           "after, frozen prefix": {"remember": True, "freeze_prefix": True}}
 
 
-def _data_root(parser: argparse.ArgumentParser, explicit: str | None) -> Path:
+def _data_root(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
     """The shared data folder (``--data`` or ``$TOKENPATCH_DATA``), or exit naming what is missing."""
-    root = data_dir(explicit)
-    if root is None or not (root / DEIT_TINY_WEIGHTS).is_file():
+    root = shared_data(parser, args)
+    if not (root / DEIT_TINY_WEIGHTS).is_file():
         parser.error(f"give --data or set TOKENPATCH_DATA to a folder holding {DEIT_TINY_WEIGHTS}")
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="shared data folder (default: $TOKENPATCH_DATA)")
+    add_data_option(parser)
     parser.add_argument("--method", default="idle")
     parser.add_argument("--macs-ratio", type=float, default=0.6)
     parser.add_argument("--steps", type=int, default=8, help="steps per round (the first round also warms up)")
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", help="also write the table to this JSON file")
     args = parser.parse_args(argv)
-    root = _data_root(parser, args.data)
+    root = _data_root(parser, args)
     model = tokenpatch.patch(load_deit_tiny(root), args.method, macs_ratio=args.macs_ratio)
     train, _ = split_dataset(preprocessing_of(model), str(root / IMAGENET_SAMPLE), None, 0.5, seed=0)
     remembered = RememberedItems(train)

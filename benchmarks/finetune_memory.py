@@ -19,13 +19,15 @@ from pathlib import Path
 
 from eval_memory import linked_folder, run_eval
 
-from tokenpatch.data import DEIT_TINY_WEIGHTS, data_dir
+from tokenpatch.data import DEIT_TINY_WEIGHTS
 from tokenpatch.measure.report import format_table, write_json
+
+from shared_data import add_data_option, shared_data
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="shared data folder (default: $TOKENPATCH_DATA)")
+    add_data_option(parser)
     parser.add_argument("--sizes", type=int, nargs="+", default=[500, 5000])
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--method", default="idle")
@@ -33,9 +35,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
-    shared = data_dir(args.data)
-    if shared is None:
-        parser.error("give --data or set TOKENPATCH_DATA to the folder with weights/ and imagenet-sample/")
+    shared = shared_data(parser, args)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for size in args.sizes:

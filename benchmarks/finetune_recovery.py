@@ -25,10 +25,12 @@ from typing import Any
 
 from tokenpatch.core.options import parse_options
 from tokenpatch.core.registry import get_method
-from tokenpatch.data import DEIT_TINY_WEIGHTS, IMAGENET_SAMPLE, data_dir
+from tokenpatch.data import DEIT_TINY_WEIGHTS, IMAGENET_SAMPLE
 from tokenpatch.jobs.finetune import FinetuneJob, run_finetune_job
 from tokenpatch.measure.report import format_table, write_json
 from tokenpatch.training import FinetuneConfig
+
+from shared_data import add_data_option, shared_data
 
 TRAINABLE = ("idle", "evit", "tome", "dynamicvit", "sait", "iared2")
 
@@ -61,7 +63,7 @@ def pooled_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="shared data folder (default: $TOKENPATCH_DATA)")
+    add_data_option(parser)
     parser.add_argument("--methods", nargs="+", default=["idle"], choices=TRAINABLE)
     parser.add_argument("--macs-ratio", type=float, default=0.6, help="share of the unpatched MACs (default 0.6)")
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1], choices=[0, 1])
@@ -71,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a method option")
     parser.add_argument("--json", help="also write the rows and the jobs' results to this JSON file")
     args = parser.parse_args(argv)
-    root = data_dir(args.data)
-    if root is None:
-        parser.error("give --data or set TOKENPATCH_DATA")
+    root = shared_data(parser, args)
     config = FinetuneConfig(**parse_options(FinetuneConfig, _pairs(args.set)))
     rows, results = [], []
     for method in args.methods:

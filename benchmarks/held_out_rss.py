@@ -17,9 +17,11 @@ from pathlib import Path
 
 from eval_memory import linked_folder
 
-from tokenpatch.data import DEIT_TINY_WEIGHTS, data_dir, image_dataset, input_transform
+from tokenpatch.data import DEIT_TINY_WEIGHTS, image_dataset, input_transform
 from tokenpatch.jobs.finetune import held_out
 from tokenpatch.jobs.models import PatchRequest, load_model
+
+from shared_data import add_data_option, shared_data
 
 
 def resident_mb() -> int:
@@ -32,11 +34,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", type=int)
     parser.add_argument("method")
-    parser.add_argument("--data", help="shared data folder (default: $TOKENPATCH_DATA)")
+    add_data_option(parser)
     args = parser.parse_args()
-    shared = data_dir(args.data)
-    if shared is None:
-        parser.error("give --data or set TOKENPATCH_DATA to the folder with weights/ and imagenet-sample/")
+    shared = shared_data(parser, args)
     folder = linked_folder(shared, Path(tempfile.mkdtemp()) / "val", args.images)
     loaded = load_model("deit_tiny_patch16_224", str(shared / DEIT_TINY_WEIGHTS))
     model = loaded.patched(PatchRequest(args.method))

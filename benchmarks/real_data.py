@@ -9,13 +9,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tokenpatch.data import IMAGENET_SAMPLE, LabelledImages, data_dir, eval_transform, load_deit_tiny, load_images
+from tokenpatch.data import IMAGENET_SAMPLE, LabelledImages, eval_transform, load_deit_tiny, load_images
 from tokenpatch.measure.report import format_table, write_json
+
+from shared_data import add_data_option, shared_data
 
 
 def add_real_data_flags(parser: argparse.ArgumentParser, json_help: str = "also write the rows to this JSON file") -> None:
     """``--data``, ``--limit``, ``--threads`` and ``--json``."""
-    parser.add_argument("--data", help="shared data folder (default: $TOKENPATCH_DATA)")
+    add_data_option(parser)
     parser.add_argument("--limit", type=int, help="use only the first N images")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help=json_help)
@@ -24,9 +26,7 @@ def add_real_data_flags(parser: argparse.ArgumentParser, json_help: str = "also 
 def load_real_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[nn.Module, Tensor, Tensor]:
     """The real DeiT-Tiny and the (B, 3, 224, 224) sample images with their (B,) labels; a usage
     error when the shared data is missing."""
-    root = data_dir(args.data)
-    if root is None:
-        parser.error("give --data or set TOKENPATCH_DATA to the folder with weights/ and imagenet-sample/")
+    root = shared_data(parser, args)
     torch.set_num_threads(args.threads)
     model = load_deit_tiny(root)
     images, labels = load_images(LabelledImages(root / IMAGENET_SAMPLE, transform=eval_transform(model)), args.limit)

@@ -17,9 +17,11 @@ import json
 import subprocess
 import sys
 
-from tokenpatch.data import DEIT_TINY_WEIGHTS, IMAGENET_SAMPLE, data_dir
+from tokenpatch.data import DEIT_TINY_WEIGHTS, IMAGENET_SAMPLE
 from tokenpatch.measure.report import format_table, write_json
 from tokenpatch.training.recipes import RECIPES
+
+from shared_data import add_data_option, shared_data
 
 
 def official_lr(name: str) -> float:
@@ -30,15 +32,13 @@ def official_lr(name: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="shared data folder (default: $TOKENPATCH_DATA)")
+    add_data_option(parser)
     parser.add_argument("--recipes", nargs="+", default=sorted(RECIPES))
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
-    shared = data_dir(args.data)
-    if shared is None:
-        parser.error("give --data or set TOKENPATCH_DATA to the folder with weights/ and imagenet-sample/")
+    shared = shared_data(parser, args)
     rows, curves = [], {}
     for name in args.recipes:
         command = [sys.executable, "-m", "tokenpatch.cli", "finetune", "deit_tiny_patch16_224", "--checkpoint",
