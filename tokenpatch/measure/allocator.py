@@ -2,7 +2,7 @@
 
 glibc raises its mmap threshold to the size of the largest block freed, so later batches of images
 and attention maps come from the heap, and the heap keeps the pages they freed: without a trim, a
-process's resident memory grows with the images it has read (1.5 GB more after 3,000 images,
+process's resident memory grows with the images it has read (1.8 GB more after 3,000 images,
 ``benchmarks/held_out_rss.py``) instead of staying at one batch's worth. ``malloc_trim`` returns
 those pages; where the C library has none (macOS, musl, Windows) nothing is done.
 """
