@@ -35,18 +35,25 @@ def _tune(folder, out, *extra):
 
 def test_a_resumed_run_reaches_the_uninterrupted_runs_weights_bit_for_bit(folder, tmp_path, capsys):
     # 9 training images, 3 batches an epoch: the state at step 4 sits inside the second epoch; mixup, augmentation,
-    # DynamicViT's Gumbel noise and its predictors all draw random numbers
+    # DynamicViT's Gumbel noise and its predictors all draw random numbers; the moving average and the learning
+    # rate held per epoch ride along
     whole, resumed = tmp_path / "whole.safetensors", tmp_path / "resumed.safetensors"
-    _tune(folder, whole, "--steps", "7", "--save-every", "4", "-j", "0")
+    long_run = ("--steps", "7", "--ema-decay", "0.5", "--lr-per-epoch")
+    _tune(folder, whole, *long_run, "--save-every", "4", "-j", "0")
     state = Path(f"{whole}.state")
     saved = torch.load(state, weights_only=True)
     assert saved["position"] == {"step": 4, "epoch": 1, "batches": 1, "seconds": pytest.approx(saved["position"]["seconds"])}
     capsys.readouterr()
-    _tune(folder, resumed, "--steps", "7", "--resume", str(state), "-j", "2")  # other workers: the same images
-    assert json.loads(capsys.readouterr().out)["steps"] == 7
-    final, again = load_file(str(whole)), load_file(str(resumed))
-    assert final.keys() == again.keys() and any(k.startswith("tokenpatch.") for k in final)
-    assert all(torch.equal(final[k], again[k]) for k in final)
+    _tune(folder, resumed, *long_run, "--resume", str(state), "-j", "2")  # other workers: the same images
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"] == 7 and result["ema_out"] == str(tmp_path / "resumed.ema.safetensors")
+    assert set(result["after_ema"]) == set(result["after"])
+    for first, second in ((whole, resumed), (tmp_path / "whole.ema.safetensors", result["ema_out"])):
+        final, again = load_file(str(first)), load_file(str(second))
+        assert final.keys() == again.keys() and any(k.startswith("tokenpatch.") for k in final)
+        assert all(torch.equal(final[k], again[k]) for k in final)
+    final, average = load_file(str(whole)), load_file(str(tmp_path / "whole.ema.safetensors"))
+    assert not all(torch.equal(final[k], average[k]) for k in final)  # the average lags the weights
     at_step_4 = saved["model"]
     assert not all(torch.equal(at_step_4[k], final[k]) for k in final)  # the resumed run did train
 
@@ -58,6 +65,7 @@ def test_a_state_is_refused_by_another_method_and_when_it_is_done(folder, tmp_pa
     data, weights = folder
     for extra, message in ((["--method", "evit"], "written with method 'dynamicvit', this run has 'evit'"),
                            (["--steps", "2"], "already did 2 of its 2 steps"),
+                           (["--ema-decay", "0.9"], "written without a moving average of the weights"),
                            ([], "no such file")):
         argv = ["finetune", "deit_tiny_patch16_224", "--data", str(data), "--checkpoint", str(weights),
                 "--method", "dynamicvit", "--keep-ratio", "0.7", "--resume", state if extra else state + ".gone", *extra]
@@ -79,6 +87,51 @@ def test_the_state_file_is_replaced_atomically_and_read_without_running_pickled_
     torch.save({"format": "tokenpatch-training-state", "hook": subprocess.Popen}, evil)
     with pytest.raises(CheckpointError, match="not a readable training state"):
         load_state(str(evil), model)
+
+
+def test_the_moving_average_follows_every_step_and_is_scored_beside_the_model():
+    from timm.utils import ModelEmaV3
+
+    model = tokenpatch.patch(make_model("deit_tiny", depth=2), "dynamicvit", keep_ratio=0.7)
+    ema, decay = ModelEmaV3(model, decay=0.75), 0.75
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+
+    def evaluate(scored):
+        if scored is model:  # after each step: fold the new weights into the expected average
+            for key, value in scored.state_dict().items():
+                expected[key] = decay * expected[key] + (1 - decay) * value
+        seen.append(scored)
+        return {"norm": float(sum(p.detach().norm() for p in scored.parameters()))}
+
+    history = finetune(model, [images(model, batch=4)], FinetuneConfig(steps=4, lr=1e-3, eval_every=1), progress=False,
+                       evaluate=evaluate, ema=ema)
+    assert seen == [model, ema.module] * 4
+    for key, value in ema.module.state_dict().items():
+        assert torch.allclose(value, expected[key], rtol=1e-5, atol=1e-7), key
+    assert all(record["ema_norm"] != record["norm"] for record in history)
+    assert history[-1]["ema_norm"] == pytest.approx(float(sum(p.norm() for p in ema.module.parameters())))
+
+
+def test_the_learning_rate_held_per_epoch_is_deits_loop_stepping_timms_cosine():
+    from timm.scheduler import CosineLRScheduler
+
+    model = tokenpatch.patch(make_model("deit_tiny", depth=2), "tome", keep_ratio=0.7)
+    epochs, steps_per_epoch, lr, min_lr = 4, 3, 1e-3, 1e-4
+    config = FinetuneConfig(steps=epochs * steps_per_epoch, lr=lr, min_lr_ratio=min_lr / lr, warmup_steps=0,
+                            lr_epoch_steps=steps_per_epoch, mixup=0.0)
+    held = [record["lr"] for record in finetune(model, [images(model, batch=2)], config, progress=False)]
+    # DeiT's main.py: train an epoch, then lr_scheduler.step(epoch) with the finished epoch's index
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    scheduler = CosineLRScheduler(optimizer, t_initial=epochs, lr_min=min_lr, warmup_t=0)
+    official = []
+    for epoch in range(epochs):
+        official += [optimizer.param_groups[0]["lr"]] * steps_per_epoch
+        scheduler.step(epoch)
+    assert held == pytest.approx(official, rel=1e-12)
+    assert len(set(held)) == epochs - 1  # epochs 0 and 1 share the first value
+    with pytest.raises(InvalidOptionError, match="held per epoch needs a number of steps, not minutes"):
+        finetune(model, [images(model, batch=2)], FinetuneConfig(minutes=1.0, lr_epoch_steps=3), progress=False)
 
 
 @pytest.mark.parametrize("method, options", [("tome", {}), ("idle", {"cut_weight": 1.0})])

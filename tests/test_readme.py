@@ -39,7 +39,7 @@ def test_the_readme_states_the_fine_tuning_defaults_the_code_has():
     table = _finetune_defaults_table()
     config = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
     stated = {**config, "batch_size": FinetuneJob.batch_size, "val_fraction": FinetuneJob.val_fraction,
-              "augment": FinetuneJob.augment}
+              "augment": FinetuneJob.augment, "ema_decay": FinetuneJob.ema_decay}
     assert set(table) == set(stated), "every FinetuneConfig field and the job's data settings are in the table"
     tune = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith("finetune"))
     for name, (written, flag) in table.items():

@@ -37,6 +37,9 @@ def test_a_recipe_fills_the_job_and_flags_override_it():
     config = resolved_config(mine)
     assert (config.lr, config.accum_steps, config.steps, mine.epochs) == (1e-4, 1, 10, None)
     assert mine.options == {"cut_weight": 5.0, "score": "fixed"}
+    assert (job.ema_decay, job.lr_per_epoch, mine.lr_per_epoch) == (0.99996, True, True)  # DeiT's loop, per epoch
+    timed = finetune_job("idlevit", model="m", data="d", minutes=5.0)  # a time budget has no epochs to hold it through
+    assert (timed.epochs, timed.lr_per_epoch, timed.config.minutes) == (None, False, 5.0)
     with pytest.raises(InvalidOptionError, match="--recipe idlevit trains idle"):
         finetune_job("idlevit", model="m", data="d", method="evit")
     with pytest.raises(InvalidOptionError, match="unknown recipe 'sait'"):
@@ -134,6 +137,7 @@ def test_a_recipe_runs_from_the_command_line_and_reports_what_it_ran(tmp_path, c
     assert (result["recipe"], result["method"], result["steps"], result["augment"]) == ("dynamicvit", "dynamicvit", 2, "deit")
     assert (config["module_lr"], config["distill_weight"], config["cutmix"], config["accum_steps"]) == (1e-3, 0.5, 1.0, 1)
     assert result["options"]["ratio_weight"] == 2.0
+    assert set(result["after_ema"]) == set(result["after"])  # DynamicViT scores its moving average too
     assert main(argv[:-1] + ["--method", "evit"]) == 2
     assert "--recipe dynamicvit trains dynamicvit" in capsys.readouterr().err
 

@@ -184,7 +184,7 @@ RECIPE_FLAGS = {"method": "method", "keep_ratio": "keep_ratio", "macs_ratio": "m
                 "distill_weight": "distill_weight", "feature_weight": "feature_weight", "temperature": "temperature",
                 "mixup": "mixup", "cutmix": "cutmix", "label_smoothing": "label_smoothing", "augment": "augment",
                 "drop_path": "drop_path", "token_distill_weight": "token_distill_weight",
-                "aug_repeats": "aug_repeats"}
+                "aug_repeats": "aug_repeats", "ema_decay": "ema_decay", "lr_per_epoch": "lr_per_epoch"}
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -408,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--module-lr", type=_positive_float,
                       help=f"learning rate of a method's own new modules, predictors and interpreters (default {defaults.module_lr})")
     tune.add_argument("--weight-decay", type=_non_negative, help=f"AdamW weight decay (default {defaults.weight_decay})")
+    tune.add_argument("--lr-per-epoch", action=argparse.BooleanOptionalAction,
+                      help="hold the learning rate through each epoch, as DeiT's loop steps timm's scheduler "
+                      "(default: off, a new value every step; not with --minutes)")
+    tune.add_argument("--ema-decay", type=_fraction_or_zero,
+                      help=f"keep a moving average of the weights at this decay per step (timm's ModelEmaV3), score it "
+                      f"at every evaluation and save it beside --out as NAME.ema.EXT (default {FinetuneJob.ema_decay}; 0: none)")
     tune.add_argument("--aug-repeats", type=_positive, help="repeated augmentation: read each image this many times "
                       "in a row, each copy augmented anew (DeiT's RASampler; default 1: off)")
     tune.add_argument("--drop-path", type=_fraction_or_zero, help="stochastic depth rate while training (timm's "

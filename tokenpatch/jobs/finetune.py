@@ -92,6 +92,11 @@ class FinetuneJob:
         aug_repeats: DeiT's repeated augmentation: each image of an epoch's order read this many
             times in a row, each copy augmented anew, an epoch the same length (timm's
             ``--aug-repeats``; :class:`~tokenpatch.training.sampling.EpochSampler`; 1: off).
+        ema_decay: keep a moving average of the weights at this decay per step (timm's
+            ``ModelEmaV3``), score it at every evaluation (``after_ema``) and save it beside
+            ``out`` as ``NAME.ema.EXT`` (0: none).
+        lr_per_epoch: hold the learning rate through each epoch as DeiT's loop does
+            (``config.lr_epoch_steps`` set to the steps of an epoch).
     """
 
     model: str
@@ -123,6 +128,8 @@ class FinetuneJob:
     warmup_epochs: Optional[float] = None
     drop_path: Optional[float] = None
     aug_repeats: int = 1
+    ema_decay: float = 0.0
+    lr_per_epoch: bool = False
 
 
 @dataclass
@@ -210,30 +217,32 @@ def _loader(train: Dataset, batch_size: int, seed: int, workers: int = 0, pin_me
                       generator=torch.Generator().manual_seed(seed))  # worker seeds: not from the global generator
 
 
-def run(model: nn.Module, train: Dataset, val: HeldOut, config: FinetuneConfig, batch_size: int,
-        seed: int, workers: int = 0, epochs: Optional[int] = None, resume: Optional[str] = None,
-        warmup_epochs: Optional[float] = None, aug_repeats: int = 1) -> dict[str, Any]:
-    """Fine-tune ``model`` on ``train`` (batches decoded by ``workers`` processes, ``aug_repeats``
-    copies of each image in a row; ``epochs``
-    passes over it, if given, else as ``config`` says; warming up over ``warmup_epochs`` passes
-    if given; from the training state ``resume`` when given) and report before/after scores on
-    ``val``, the MACs and the options it ran with."""
+def run(model: nn.Module, train: Dataset, val: HeldOut, config: FinetuneConfig, job: FinetuneJob,
+        ema: Optional[nn.Module] = None) -> dict[str, Any]:
+    """Fine-tune ``model`` on ``train`` as ``job`` says (its batch size, seed, workers, epochs,
+    warm-up epochs, repeated augmentation, learning rate held per epoch and training state to
+    resume from; ``config`` otherwise), keeping the moving average ``ema`` when given, and report
+    before/after scores on ``val``, the MACs and the options it ran with."""
     before = val.evaluate(model.eval())
-    loader = _loader(train, batch_size, seed, workers, val.runtime.pin_memory, aug_repeats)
+    loader = _loader(train, job.batch_size, job.seed, job.workers, val.runtime.pin_memory, job.aug_repeats)
     steps_per_epoch = max(1, len(loader) // config.accum_steps)
-    if epochs is not None:
-        config = dataclasses.replace(config, steps=epochs * steps_per_epoch, minutes=None)
-    if warmup_epochs is not None:
-        config = dataclasses.replace(config, warmup_steps=round(warmup_epochs * steps_per_epoch))
-    history = finetune(model, loader, config, evaluate=val.evaluate, resume=resume)
+    if job.epochs is not None:
+        config = dataclasses.replace(config, steps=job.epochs * steps_per_epoch, minutes=None)
+    if job.warmup_epochs is not None:
+        config = dataclasses.replace(config, warmup_steps=round(job.warmup_epochs * steps_per_epoch))
+    if job.lr_per_epoch:
+        config = dataclasses.replace(config, lr_epoch_steps=steps_per_epoch)
+    history = finetune(model, loader, config, evaluate=val.evaluate, resume=job.resume, ema=ema)
     macs = count_macs(model).total
     with unpatched_behaviour(model):
         macs_unpatched = count_macs(model).total
     after = {k: v for k, v in history[-1].items() if k in before}  # empty off rank 0, which alone evaluates
+    after_ema = {k[len("ema_"):]: v for k, v in history[-1].items() if k.startswith("ema_")}
     with unpatched_behaviour(model):
         after_dense = val.evaluate(model) if is_main_process() else {}
     loop = {k: v for k, v in history[-1].items() if k.endswith("_img_s") or k == "seconds"}
     return {"unpatched": val.scores(val.reference), "before": before, "after": after, "after_dense": after_dense,
+            **({"after_ema": after_ema} if ema is not None else {}),
             "macs": macs, "macs_unpatched": macs_unpatched, "steps": history[-1]["step"], "loop": loop,
             "finetune_config": dataclasses.asdict(config),
             "train_images": len(train), "val_images": len(val), "final_loss": history[-1]["loss"],
@@ -256,14 +265,17 @@ def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
                                  f"{', the ' + job.recipe + ' recipe' if job.recipe else ''}) and {job.data} has no labels")
     if not job.augment and job.workers == 0 and len(train) <= REMEMBERED_IMAGES:
         train = RememberedItems(train)
-    result = run(model, train, held_out(model, val, job.runtime, job.workers), config, job.batch_size,
-                 job.seed, job.workers, job.epochs, job.resume, job.warmup_epochs, job.aug_repeats)
+    ema = moving_average(model, job.ema_decay)
+    result = run(model, train, held_out(model, val, job.runtime, job.workers), config, job, ema)
     if job.out and is_main_process():
         save(model, job.out)
+        if ema is not None:
+            save(ema.module, ema_path(job.out))
     return {"model": job.model, "weights": loaded.weights, "recipe": job.recipe, "method": get_method_name(model),
             "keep_ratio": get_config(model).keep_ratio, "options": get_config(model).to_dict(),
             "world_size": world_size(), "batch_size": job.batch_size, "augment": job.augment, "epochs": job.epochs,
-            "drop_path": job.drop_path, **result, "out": job.out}
+            "drop_path": job.drop_path, **result, "out": job.out,
+            **({"ema_out": ema_path(job.out)} if ema is not None and job.out else {})}
 
 
 def resolved_config(job: FinetuneJob) -> FinetuneConfig:
@@ -287,8 +299,8 @@ def finetune_job(recipe: Optional[str] = None, **given: Any) -> FinetuneJob:
     """A :class:`FinetuneJob` from the values of ``recipe`` (see :mod:`tokenpatch.training.recipes`)
     with ``given`` over them: :class:`FinetuneJob` and :class:`FinetuneConfig` fields by name, and
     ``options`` merged key by key into the recipe's. A given ``lr`` replaces the recipe's scaled
-    one, ``accum_steps`` its total batch, ``steps`` or ``minutes`` its epochs, ``macs_ratio`` its keep
-    ratio.
+    one, ``accum_steps`` its total batch, ``steps`` or ``minutes`` its epochs (``minutes`` its
+    learning rate held per epoch too), ``macs_ratio`` its keep ratio.
 
     Raises:
         InvalidOptionError: an unknown recipe or field, or another method than the recipe's.
@@ -298,7 +310,7 @@ def finetune_job(recipe: Optional[str] = None, **given: Any) -> FinetuneJob:
         raise InvalidOptionError(f"--recipe {recipe} trains {values['method']}; for --method {given['method']} "
                                  "give its options yourself")
     for key, replaced in (("lr", "lr_batch"), ("accum_steps", "total_batch"), ("steps", "epochs"),
-                          ("minutes", "epochs"), ("macs_ratio", "keep_ratio")):
+                          ("minutes", "epochs"), ("minutes", "lr_per_epoch"), ("macs_ratio", "keep_ratio")):
         if key in given:
             values.pop(replaced, None)
     options = {**values.pop("options", {}), **given.pop("options", {})}
@@ -323,6 +335,24 @@ def _datasets(job: FinetuneJob, preprocessing: Preprocessing, num_classes: int) 
     train = image_dataset(job.data, job.labels, input_transform(preprocessing, augmentation is not None,
                                                                 augmentation or "light"), num_classes, job.class_map)
     return train, image_dataset(job.val_data, None, input_transform(preprocessing), num_classes, job.class_map)
+
+
+def moving_average(model: nn.Module, decay: float) -> Optional[nn.Module]:
+    """timm's ``ModelEmaV3`` of ``model`` at a constant ``decay`` (what DeiT's ``ModelEma`` does),
+    or None when ``decay`` is 0."""
+    if not (isinstance(decay, (int, float)) and 0 <= decay < 1):
+        raise InvalidOptionError(f"ema_decay must be in [0, 1) (0: no moving average), got {decay!r}")
+    if decay == 0:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay)
+
+
+def ema_path(out: str) -> str:
+    """Where a job saving to ``out`` writes the moving average: ``NAME.ema.EXT`` beside it."""
+    target = Path(out)
+    return str(target.with_name(f"{target.stem}.ema{target.suffix}"))
 
 
 def state_path(out: Optional[str]) -> Optional[str]:

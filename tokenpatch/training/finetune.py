@@ -11,7 +11,9 @@ IA-RED²'s REINFORCE loss priced by ``kept_penalty``); set them with the method'
 The defaults (:class:`FinetuneConfig`) are a measured recipe, the same for every method: mixup of
 the training images (teacher and student see the same blend, so a small folder gives new inputs
 every step) and AdamW with warm-up and cosine decay over ``steps`` or over a time budget
-(``minutes``). Also available: a feature loss on the head's input (``feature_weight``), the
+(``minutes``), changed every step or held through each epoch (``lr_epoch_steps``, as DeiT's loop
+steps timm's scheduler). A moving average of the weights (timm's ``ModelEmaV3``) can be kept
+beside the model (``ema``). Also available: a feature loss on the head's input (``feature_weight``), the
 embedding and the blocks before the first reducing block frozen (``freeze_prefix``, faster steps)
 and a frozen backbone (``train_backbone=False``). Options a method asks to change per step (SaiT's dense steps) are
 applied for that step only. The loop times its phases (data, teacher, student); the last history
@@ -118,6 +120,11 @@ class FinetuneConfig:
         token_distill_weight: weight of :class:`~tokenpatch.training.losses.TokenDistillationLoss`
             on the final patch tokens the student kept (DynamicViT's token distillation; methods
             that mask tokens in training, on timm models; 0: off).
+        lr_epoch_steps: hold the learning rate through epochs of this many steps, as the loop of
+            DeiT's ``main.py`` (which IdleViT and EViT train with) does: it calls timm's
+            scheduler with the index of the epoch just finished, so epoch ``e`` trains at the
+            cosine's value at the start of epoch ``max(e - 1, 0)``, warm-up included (None: a new
+            value every step). Needs a number of steps, not ``minutes``.
     """
 
     steps: int = 200
@@ -146,6 +153,15 @@ class FinetuneConfig:
     decay_every_weight: bool = True
     freeze_tokens: bool = False
     token_distill_weight: float = 0.0
+    lr_epoch_steps: Optional[int] = None
+
+
+def scheduled_step(config: FinetuneConfig, step: int) -> int:
+    """The 0-based step whose learning rate 0-based ``step`` trains at: itself, or with
+    ``lr_epoch_steps`` the first step of the epoch before its own (see :class:`FinetuneConfig`)."""
+    if config.lr_epoch_steps is None:
+        return step
+    return max(step // config.lr_epoch_steps - 1, 0) * config.lr_epoch_steps
 
 
 def lr_factor(config: FinetuneConfig, step: int, progress: float) -> float:
@@ -391,7 +407,7 @@ def _distributed(model: nn.Module) -> nn.Module:
 def finetune(model: nn.Module, batches: Iterable[Any], config: FinetuneConfig = FinetuneConfig(),
              evaluate: Optional[Callable[[nn.Module], dict[str, float]]] = None,
              progress: bool = True, teacher: Optional[nn.Module] = None,
-             resume: Optional[str] = None) -> list[dict[str, float]]:
+             resume: Optional[str] = None, ema: Optional[nn.Module] = None) -> list[dict[str, float]]:
     """Fine-tune a patched ``model`` in place by self-distillation.
 
     Args:
@@ -401,7 +417,8 @@ def finetune(model: nn.Module, batches: Iterable[Any], config: FinetuneConfig = 
             ``config.accum_steps`` batches per step.
         config: optimisation options.
         evaluate: called with the model (in eval mode) every ``config.eval_every`` steps and at
-            the end; its dict is added to the history.
+            the end; its dict is added to the history (and its dict on ``ema.module``, with keys
+            prefixed ``ema_``).
         progress: show a progress bar with loss and images/s.
         teacher: the model to distil from; None takes :func:`frozen_teacher` of ``model`` (before
             ``resume`` loads anything: pass the model as the first run started from).
@@ -409,6 +426,9 @@ def finetune(model: nn.Module, batches: Iterable[Any], config: FinetuneConfig = 
             optimizer, step, data position and random generators). Bit-identical to the
             uninterrupted run on the CPU when ``batches`` comes back the same way in every run
             (the job's :class:`~tokenpatch.training.sampling.EpochSampler` loader does).
+        ema: a moving average of ``model``, updated after every optimisation step and saved in
+            the training state: timm's ``ModelEmaV3(model, decay=...)`` made before the call (any
+            module with ``update(model)`` and the averaged model as ``module``).
 
     Returns:
         History: one dict per step of this run (``step``, ``loss``, ``lr`` and the evaluation's
@@ -422,12 +442,12 @@ def finetune(model: nn.Module, batches: Iterable[Any], config: FinetuneConfig = 
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
-    position = _resumed(resume, model, optimizer, scaler, config)
+    position = _resumed(resume, model, optimizer, scaler, config, ema)
     ctx = context_of(model)
     signals = ctx.method.training_signals(ctx.config)
     with collecting(model, signals), training_only(model, [p for g in groups for p in g["params"]]):
         network = _distributed(model)  # after freezing: DDP syncs the parameters that require grad
-        step = _Step(model, network, teacher, config, optimizer, scaler)
+        step = _Step(model, network, teacher, config, optimizer, scaler, ema)
         history = _steps(step, batches, position, evaluate, progress)
     model.eval()
     return history
@@ -443,6 +463,11 @@ def check_loop_options(config: FinetuneConfig) -> None:
         raise InvalidOptionError("save_every needs state_path, the file to write the training state to")
     if config.amp is not None and config.amp not in AMP_DTYPES:
         raise InvalidOptionError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {config.amp!r}")
+    if config.lr_epoch_steps is not None:
+        if not (isinstance(config.lr_epoch_steps, int) and config.lr_epoch_steps >= 1):
+            raise InvalidOptionError(f"lr_epoch_steps must be a positive integer, got {config.lr_epoch_steps!r}")
+        if config.minutes is not None:
+            raise InvalidOptionError(f"a learning rate held per epoch needs a number of steps, not minutes={config.minutes}")
 
 
 def check_token_distillation(model: nn.Module, config: FinetuneConfig) -> None:
@@ -458,12 +483,12 @@ def check_token_distillation(model: nn.Module, config: FinetuneConfig) -> None:
 
 
 def _resumed(path: Optional[str], model: nn.Module, optimizer: torch.optim.Optimizer,
-             scaler: Optional[torch.amp.GradScaler], config: FinetuneConfig) -> Position:
-    """Load the state at ``path`` into the model, optimizer, scaler and generators; its position
-    (the start when there is no ``path``)."""
+             scaler: Optional[torch.amp.GradScaler], config: FinetuneConfig, ema: Optional[nn.Module]) -> Position:
+    """Load the state at ``path`` into the model, its moving average, optimizer, scaler and
+    generators; its position (the start when there is no ``path``)."""
     if path is None:
         return Position()
-    resumed = load_state(path, model)
+    resumed = load_state(path, model, ema)
     if config.minutes is None and resumed.position.step >= config.steps:
         raise InvalidOptionError(f"--resume {path}: the run already did {resumed.position.step} of its "
                                  f"{config.steps} steps")
@@ -476,13 +501,14 @@ def _resumed(path: Optional[str], model: nn.Module, optimizer: torch.optim.Optim
 
 class _Step:
     """One optimisation step: ``accum_steps`` micro-batches whose gradients add up (DDP syncs the
-    last one only), under autocast when ``config.amp``, with fp16's grad scaler, then clipping and
-    the optimizer."""
+    last one only), under autocast when ``config.amp``, with fp16's grad scaler, then clipping,
+    the optimizer and the moving average."""
 
     def __init__(self, model: nn.Module, network: nn.Module, teacher: nn.Module, config: FinetuneConfig,
-                 optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> None:
+                 optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
+                 ema: Optional[nn.Module] = None) -> None:
         self.model, self.network, self.teacher, self.config = model, network, teacher, config
-        self.optimizer, self.scaler = optimizer, scaler
+        self.optimizer, self.scaler, self.ema = optimizer, scaler, ema
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.distill = DistillationLoss(config.temperature)
         self.device = next(model.parameters()).device
@@ -531,7 +557,8 @@ class _Step:
         return loss.item()
 
     def apply(self) -> None:
-        """Clip the summed gradients, step the optimizer and clear the gradients."""
+        """Clip the summed gradients, step the optimizer, clear the gradients and update the
+        moving average."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.config.clip_norm is not None:
@@ -542,6 +569,16 @@ class _Step:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def evaluate(self, evaluate: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
+        """``evaluate`` on the model in eval mode, and on the moving average (keys ``ema_...``)."""
+        self.model.eval()
+        scores = evaluate(self.model)
+        if self.ema is not None:
+            scores.update({f"ema_{key}": value for key, value in evaluate(self.ema.module).items()})
+        return scores
 
 
 def _steps(step: _Step, batches: Iterable[Any], position: Position,
@@ -556,7 +593,8 @@ def _steps(step: _Step, batches: Iterable[Any], position: Position,
     with budget.progress_bar(enabled=progress and is_main_process(), done=position.step) as bar:
         source = _repeat(batches, position)
         for number in itertools.count(position.step + 1):
-            factor = lr_factor(config, number - 1, budget.progress(number - 1, config.warmup_steps))
+            at = scheduled_step(config, number - 1)
+            factor = lr_factor(config, at, budget.progress(at, config.warmup_steps))
             for group, peak in zip(optimizer.param_groups, peaks):
                 group["lr"] = peak * factor
             loss = sum(_micro_step(step, number, source, times, last=k == config.accum_steps - 1)
@@ -566,12 +604,11 @@ def _steps(step: _Step, batches: Iterable[Any], position: Position,
             done = budget.done(number)
             record = {"step": number, "loss": loss, "lr": peaks[0] * factor}
             if evaluate is not None and (done or (config.eval_every and number % config.eval_every == 0)) and is_main_process():
-                step.model.eval()
-                record.update(evaluate(step.model))
+                record.update(step.evaluate(evaluate))
             history.append(record)
             if config.save_every and number % config.save_every == 0:
                 position.step, position.seconds = number, budget.spent_so_far()
-                save_state(config.state_path, step.model, optimizer, position, step.scaler)
+                save_state(config.state_path, step.model, optimizer, position, step.scaler, step.ema)
             budget.advance(bar, number, loss=f"{loss:.4f}", img_s=f"{times.rates().get('loop_img_s', 0.0):.1f}")
             if done:
                 break

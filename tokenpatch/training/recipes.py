@@ -64,6 +64,21 @@ def _deit_labels(main: str, mixup: str, cutmix: str, smoothing: str) -> dict[str
     }
 
 
+def _deit_loop(main: str, ema: str, update: str, evaluated: str, scheduler: str) -> dict[str, Setting]:
+    """What DeiT's loop does around the step: a moving average of the weights (timm's ``ModelEma``,
+    updated after every step, saved, not evaluated) and the learning rate stepped per epoch."""
+    return {
+        "ema_decay": Setting(0.99996, f"{main}:{ema} --model-ema on, --model-ema-decay 0.99996; engine.py:{update} "
+                                      f"update after each step; {main}:{evaluated} evaluates the model, not the EMA"),
+        "lr_per_epoch": Setting(True, f"{main}:{scheduler} lr_scheduler.step(epoch) after each epoch (timm's "
+                                      "cosine, t_in_epochs)"),
+    }
+
+
+#: DeiT's RASampler (samplers.py) reads a multiple of 256 images per epoch; EpochSampler reads them all
+_EPOCH_ROUNDING = "an epoch of repeated augmentation rounded down to a multiple of 256 images (samplers.py:30)"
+
+
 RECIPES: dict[str, Recipe] = {
     "idlevit": Recipe(
         name="idlevit",
@@ -90,9 +105,9 @@ RECIPES: dict[str, Recipe] = {
             "options": Setting({"cut_weight": 20.0}, "main.py:172 --cutw 20; losses.py:164 cut loss / idle layers "
                                                      "(README.md:18 --cutloss_type both)"),
             **_deit_labels("main.py", "119", "121", "100"),
+            **_deit_loop("main.py", "45-48", "56-57", "547", "533"),
         },
-        not_reproduced=("model EMA (main.py:47)",
-                        "per-epoch rather than per-step cosine steps (timm create_scheduler)"),
+        not_reproduced=(_EPOCH_ROUNDING,),
     ),
     "evit": Recipe(
         name="evit",
@@ -117,9 +132,9 @@ RECIPES: dict[str, Recipe] = {
             "distill_weight": Setting(0.0, "main.py:154 --distillation-type none (main.py:202: no distillation "
                                            "when fine-tuning)"),
             **_deit_labels("main.py", "137", "139", "118"),
+            **_deit_loop("main.py", "66-69", "73-74", "467", "451"),
         },
-        not_reproduced=("model EMA (main.py:68)",
-                        "per-epoch rather than per-step cosine steps (timm create_scheduler)"),
+        not_reproduced=(_EPOCH_ROUNDING,),
     ),
     "dynamicvit": Recipe(
         name="dynamicvit",
@@ -147,8 +162,10 @@ RECIPES: dict[str, Recipe] = {
             "options": Setting({"ratio_weight": 2.0}, "main.py:191 --ratio_weight 2.0 (README.md:133: 5.0 for "
                                                       "DeiT-B); losses.py:185 ratio loss / prune stages"),
             **_deit_labels("main.py", "118", "120", "99"),
+            "ema_decay": Setting(0.9999, "main.py:62-63 --model_ema True, --model_ema_decay 0.9999; engine.py:77-86 "
+                                         "update after each step; main.py:65,583-584 evaluates the EMA too"),
+            "lr_per_epoch": Setting(False, "engine.py:39-44 a learning rate per iteration (utils.py:432 cosine_scheduler)"),
         },
-        not_reproduced=("model EMA (main.py:62)",),
     ),
 }
 

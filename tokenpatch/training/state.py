@@ -1,7 +1,7 @@
 """The resumable training state of :func:`tokenpatch.training.finetune`: one file, written atomically.
 
 It holds what the next step depends on: the patched model's weights (its method modules
-included), the optimizer's moments, the fp16 grad scaler, the step, the position in the data
+included), those of its moving average when the run keeps one, the optimizer's moments, the fp16 grad scaler, the step, the position in the data
 (epoch and batches read in it), the time spent under a time budget and every process's random
 generators (torch, CUDA, Python, NumPy). With the same data, seed and options, a resumed run
 reaches the same weights as an uninterrupted one (bit for bit on the CPU). It is read with
@@ -87,24 +87,26 @@ def _identity(model: nn.Module) -> dict[str, Any]:
 
 
 def save_state(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, position: Position,
-               scaler: Optional[torch.amp.GradScaler] = None) -> None:
-    """Write the training state of every process to ``path`` (rank 0 writes; all must call)."""
+               scaler: Optional[torch.amp.GradScaler] = None, ema: Optional[nn.Module] = None) -> None:
+    """Write the training state of every process to ``path`` (rank 0 writes; all must call);
+    ``ema``: the model's moving average, when the run keeps one."""
     rng = _every_process(rng_state())
     if not is_main_process():
         return
     payload = {"format": FORMAT, "version": VERSION, **_identity(model), "model": model.state_dict(),
+               "ema": ema.state_dict() if ema is not None else None,
                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
                "position": vars(position).copy(), "rng": rng}
     write_atomically(path, lambda name: torch.save(payload, name))
 
 
-def load_state(path: str, model: nn.Module) -> Resumed:
+def load_state(path: str, model: nn.Module, ema: Optional[nn.Module] = None) -> Resumed:
     """Read a state written by :func:`save_state` into ``model`` (weights and method modules) and
-    return the rest for the loop.
+    ``ema`` (the moving average, when the run keeps one) and return the rest for the loop.
 
     Raises:
         CheckpointError: the file is missing, not a training state, or written by another
-            method, other options or another number of processes.
+            method, other options, another number of processes or with(out) a moving average.
     """
     if not Path(path).is_file():
         raise CheckpointError(f"--resume {path}: no such file")
@@ -118,5 +120,11 @@ def load_state(path: str, model: nn.Module) -> Resumed:
     for key, value in expected.items():
         if payload.get(key) != value:
             raise CheckpointError(f"--resume {path}: written with {key} {payload.get(key)!r}, this run has {value!r}")
+    if (payload.get("ema") is None) != (ema is None):
+        written = "without" if ema is not None else "with"
+        raise CheckpointError(f"--resume {path}: written {written} a moving average of the weights (--ema-decay), "
+                              "this run differs")
     model.load_state_dict(payload["model"])
+    if ema is not None:
+        ema.load_state_dict(payload["ema"])
     return Resumed(Position(**payload["position"]), payload["optimizer"], payload["scaler"], payload["rng"][rank()])
