@@ -31,8 +31,13 @@ def trim_heap() -> None:
         trim(0)
 
 
+#: batches between two trims in the library's loops (0: never); ``benchmarks/heap_trim.py`` measures the choice
+TRIM_EVERY = 1
+
+
 def trimming(batches: Iterable[Item]) -> Iterator[Item]:
-    """``batches``, trimming the heap (:func:`trim_heap`) after each one has been used."""
-    for batch in batches:
+    """``batches``, trimming the heap (:func:`trim_heap`) after every ``TRIM_EVERY``-th one has been used."""
+    for number, batch in enumerate(batches, 1):
         yield batch
-        trim_heap()
+        if TRIM_EVERY and number % TRIM_EVERY == 0:
+            trim_heap()
