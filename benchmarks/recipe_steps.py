@@ -4,7 +4,8 @@ Runs ``tokenpatch finetune`` on the real DeiT-Tiny and the 500 shared images (80
 scored before and after) with each recipe, changing only what a CPU run needs: ``--steps``,
 ``--batch-size`` and ``--accum-steps 1``, and the learning rate the recipe reaches at its official
 total batch (``--lr``; without it the recipe would scale it down to the small batch). Prints the
-mean loss of the first and last steps, top-1 before and after, and the loop's images/s;
+mean loss of the first and last steps, top-1 before and after (and of the moving average of the
+weights the recipes keep), and the loop's images/s;
 ``--json FILE`` also writes them with every step's loss.
 
     python benchmarks/recipe_steps.py --steps 40 --json docs/results/recipe_steps.json
@@ -54,6 +55,7 @@ def main() -> None:
         rows.append({"recipe": name, "method": result["method"], "steps": result["steps"], "lr": official_lr(name),
                      "first_loss": sum(losses[:window]) / window, "last_loss": sum(losses[-window:]) / window,
                      "top1_before": result["before"]["top1"], "top1_after": result["after"]["top1"],
+                     "ema_top1_after": result.get("after_ema", {}).get("top1"),
                      "loop_img_s": result["loop"]["loop_img_s"]})
         curves[name] = losses
         print(format_table(rows[-1:], digits=3).splitlines()[-1], file=sys.stderr, flush=True)

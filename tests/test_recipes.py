@@ -159,3 +159,20 @@ def test_an_unlabelled_batch_in_labelled_training_is_distilled_only():
     history = finetune(model, [(x, torch.full((4,), -1))], FinetuneConfig(steps=1, label_weight=1.0, cutmix=1.0),
                        progress=False)
     assert history[0]["loss"] > 0
+
+
+def test_the_deit_augmentation_posterizes_to_zero_bits_without_failing():
+    # RandAugment's top magnitude asks PosterizeIncreasing for 0 bits; Pillow 13 refuses them
+    from PIL import Image
+    from timm.data.auto_augment import RandAugment
+
+    from tokenpatch.data import input_transform, preprocessing_of
+
+    transform = input_transform(preprocessing_of(make_model("deit_tiny")), training=True, augmentation="deit")
+    augment = next(step for step in transform.transforms if isinstance(step, RandAugment))
+    posterize = [op for op in augment.ops if op.name == "PosterizeIncreasing"]
+    assert posterize
+    image = Image.fromarray((torch.rand(40, 40, 3) * 255).to(torch.uint8).numpy())
+    for op in posterize:
+        op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+        assert op(image).getextrema() == ((0, 0),) * 3

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -300,19 +300,43 @@ def input_transform(preprocessing: Preprocessing, training: bool = False, augmen
     config = preprocessing.data_config
     if training:
         options = {"interpolation": config["interpolation"], **TRAINING_AUGMENTATIONS[augmentation_named(augmentation)]}
-        return create_transform(input_size=config["input_size"], is_training=True, mean=config["mean"],
-                                std=config["std"], **options)
+        return _with_zero_bit_posterize(create_transform(input_size=config["input_size"], is_training=True,
+                                                         mean=config["mean"], std=config["std"], **options))
     if preprocessing.processor is not None:
         return ProcessorTransform(preprocessing.processor)
     return create_transform(**config)
 
 
-def load_deit_tiny(root: PathLike) -> nn.Module:
-    """The real DeiT-Tiny from the shared data directory, in eval mode (no download)."""
+def _posterize(image: Image.Image, bits: int, **_: Any) -> Image.Image:
+    """Keep the ``bits`` most significant bits of each channel. RandAugment's ``PosterizeIncreasing``
+    asks for 0 bits at its top magnitude, which ``rand-m9-mstd0.5`` reaches: a black image, as the
+    TensorFlow reference and older Pillow give it (Pillow 13 raises ValueError instead)."""
+    if bits >= 8:
+        return image
+    if bits <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits)
+
+
+def _with_zero_bit_posterize(transform: Callable) -> Callable:
+    """``transform`` with the posterize operations of its timm RandAugment replaced by
+    :func:`_posterize`, so that no image fails the whole batch with Pillow's ValueError."""
+    from timm.data.auto_augment import RandAugment
+
+    for step in getattr(transform, "transforms", []):
+        for op in step.ops if isinstance(step, RandAugment) else []:
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
+    return transform
+
+
+def load_deit_tiny(root: PathLike, dynamic_img_size: bool = False) -> nn.Module:
+    """The real DeiT-Tiny from the shared data directory, in eval mode (no download);
+    ``dynamic_img_size``: taking any input size (timm resamples the position embeddings)."""
     import timm
     from safetensors.torch import load_file
 
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, dynamic_img_size=dynamic_img_size)
     model.load_state_dict(load_file(str(Path(root) / DEIT_TINY_WEIGHTS)), strict=True)
     return model.eval()
 
