@@ -1,14 +1,19 @@
 """Where a patched forward spends its time, next to the unpatched one: ``torch.profiler`` by op kind.
 
     python benchmarks/profile_breakdown.py --model deit_small_patch16_224 --methods idle tome evit \\
-        --macs-ratio 0.65 --batch-size 1 --json benchmarks/results/profile_b1.json
+        --macs-ratio 0.65 --batch-size 1 --json docs/results/profile_b1.json
+    python benchmarks/profile_breakdown.py --device cuda --dtype float16 --batch-size 256 ...
 
 Each model (the unpatched one first, then each method fitted to ``--macs-ratio`` of its MACs)
 is profiled one forward at a time, alternating between the models for ``--rounds`` rounds
-after a warm-up, so machine noise falls on all of them alike. Every op's self time is put in a
-kind (matrix products, attention, convolution, elementwise and normalisation, token movement:
-gather/scatter/index/sort/top-k/cat/copy, everything else: views, allocation and dispatch) and
-reported in milliseconds per forward; ``--top`` also lists the slowest single ops per model.
+after a warm-up, so machine noise falls on all of them alike. Every op's self time (on the CPU;
+on a GPU the time its kernels ran on the device) is put in a kind (matrix products, attention,
+convolution, elementwise and normalisation, token movement: gather/scatter/index/sort/top-k/
+cat/copy, everything else: views, allocation and dispatch) and reported in milliseconds per
+forward. ``wall_ms`` is the forward's wall time (the device waited for) and ``gaps_ms`` what the
+ops' times leave of it: on a GPU, the launch gaps in which no kernel runs. ``sdpa`` names the
+attention kernels SDPA chose (flash, memory-efficient, cuDNN or math). ``--top`` also lists the
+slowest single ops per model.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import time
 from collections import defaultdict
 
 import timm
@@ -24,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import tokenpatch
 from tokenpatch.jobs.evaluation import MethodSpec
-from tokenpatch.measure.report import format_table, write_json
+from tokenpatch.measure.report import device_name, format_table, write_json
 
 KINDS = {
     "matmul": ("addmm", "mm", "bmm", "baddbmm", "matmul", "linear", "_int_mm"),
@@ -50,31 +56,60 @@ def kind_of(name: str) -> str:
     return KIND_OF.get(op, "other")
 
 
+#: SDPA's kernels as the profiler names their ops, and what the table calls them
+SDPA_KERNELS = {"_scaled_dot_product_flash_attention": "flash", "_scaled_dot_product_efficient_attention": "efficient",
+                "_scaled_dot_product_cudnn_attention": "cudnn", "_scaled_dot_product_attention_math": "math"}
+
+
+def sdpa_kernel(op: str) -> str | None:
+    """The SDPA kernel an op name stands for (the CPU's flash kernel is ``flash``), or None."""
+    name = op.split("::")[-1]
+    return next((label for prefix, label in SDPA_KERNELS.items() if name.startswith(prefix)), None)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def profile_models(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int, warmup: int
-                   ) -> dict[str, dict[str, float]]:
-    """Mean self CPU milliseconds per forward of every op, per model."""
+                   ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Mean self milliseconds per forward of every op (device time on a GPU), per model, and each
+    model's mean wall milliseconds per forward."""
     totals: dict[str, dict[str, float]] = {name: defaultdict(float) for name in models}
+    walls: dict[str, float] = defaultdict(float)
+    on_gpu = x.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
     with torch.inference_mode():
         for _ in range(warmup):
             for model in models.values():
                 model(x)
         for _ in range(rounds):
             for name, model in models.items():
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                with profile(activities=activities) as prof:
+                    _synchronize(x.device)
+                    started = time.perf_counter()
                     model(x)
+                    _synchronize(x.device)
+                    walls[name] += (time.perf_counter() - started) * 1000.0 / rounds
                 for event in prof.key_averages():
-                    totals[name][event.key] += event.self_cpu_time_total / 1000.0 / rounds
-    return totals
+                    spent = event.self_device_time_total if on_gpu else event.self_cpu_time_total
+                    if event.key.startswith("aten::") or not on_gpu:  # on a GPU: the ops, not their kernels
+                        totals[name][event.key] += spent / 1000.0 / rounds
+    return totals, walls
 
 
-def breakdown_rows(totals: dict[str, dict[str, float]]) -> list[dict]:
-    """One row per model: milliseconds per forward by kind, and the total."""
+def breakdown_rows(totals: dict[str, dict[str, float]], walls: dict[str, float]) -> list[dict]:
+    """One row per model: milliseconds per forward by kind, the total, the wall time, the gaps
+    and the SDPA kernels that ran."""
     rows = []
     for name, ops in totals.items():
         row: dict = {"model": name, **{kind: 0.0 for kind in [*KINDS, "other"]}}
         for op, ms in ops.items():
             row[kind_of(op)] += ms
         row["total_ms"] = sum(ops.values())
+        row["wall_ms"], row["gaps_ms"] = walls[name], max(0.0, walls[name] - row["total_ms"])
+        row["sdpa"] = "+".join(sorted({kernel for op in ops if (kernel := sdpa_kernel(op))})) or "-"
         rows.append(row)
     return rows
 
@@ -90,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--top", type=int, default=0, help="also list this many slowest ops per model")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,18 +140,23 @@ def main(argv: list[str] | None = None) -> int:
     for spec in map(MethodSpec.parse, args.methods):
         models[spec.label] = tokenpatch.patch(copy.deepcopy(base), spec.name, macs_ratio=args.macs_ratio,
                                               **spec.options)
-    x = torch.randn(args.batch_size, 3, *base.patch_embed.img_size)
-    totals = profile_models(models, x, args.rounds, args.warmup)
-    rows = breakdown_rows(totals)
-    print(f"{args.model}, batch {args.batch_size}, {args.macs_ratio:.0%} of the MACs, threads={torch.get_num_threads()}, "
-          f"{args.rounds} rounds: self CPU ms per forward by op kind")
+    dtype = getattr(torch, args.dtype)
+    for model in models.values():
+        model.to(device=args.device, dtype=dtype)
+    x = torch.randn(args.batch_size, 3, *base.patch_embed.img_size, device=args.device, dtype=dtype)
+    totals, walls = profile_models(models, x, args.rounds, args.warmup)
+    rows = breakdown_rows(totals, walls)
+    where = device_name(args.device)
+    print(f"{args.model}, {where} {args.dtype}, batch {args.batch_size}, {args.macs_ratio:.0%} of the MACs, "
+          f"threads={torch.get_num_threads()}, {args.rounds} rounds: ms per forward by op kind")
     print(format_table(rows, digits=2))
     for name, ops in totals.items() if args.top else ():
         slowest = sorted(ops.items(), key=lambda item: -item[1])[: args.top]
         print(f"\n{name}\n" + format_table([{"op": op, "kind": kind_of(op), "ms": ms} for op, ms in slowest], digits=3))
     if args.json:
-        write_json({"rows": rows, "ops": totals, "batch_size": args.batch_size, "macs_ratio": args.macs_ratio,
-                    "threads": torch.get_num_threads()}, args.json)
+        write_json({"command": " ".join(sys.argv), "rows": rows, "ops": totals, "model": args.model, "device": where,
+                    "dtype": args.dtype, "batch_size": args.batch_size, "macs_ratio": args.macs_ratio,
+                    "threads": torch.get_num_threads(), "torch": torch.__version__}, args.json)
     return 0
 
 

@@ -9,7 +9,8 @@ get their nearest budget, shown in ``macs_ratio``). For each batch size and mode
 model and the patched copies are timed alternately in this process (warm-up, then
 ``--repeats`` rounds): ``ideal`` is unpatched MACs / patched MACs (per image, counted on the
 timed images), ``speedup`` the median over rounds of the paired throughput ratio,
-``efficiency`` = speedup / ideal. ``compiled`` wraps every model, the unpatched one included,
+``efficiency`` = speedup / ideal; ``unpatched_ms`` and ``patched_ms`` are the median milliseconds
+per forward (at batch 1, the latency). ``compiled`` wraps every model, the unpatched one included,
 in ``torch.compile`` (default inductor backend) and compares compiled with compiled;
 ``cudagraphs`` (``--device cuda`` only) compiles with ``mode="reduce-overhead"``, which replays
 each static-shape graph as one CUDA graph (no per-kernel launch cost: what batch 1 needs).
@@ -26,6 +27,9 @@ the ceiling of that schedule on this hardware; the gap to the method's is the me
 overhead.
 
 ``--device cuda --dtype float16`` measures on a GPU (CUDA events); the timing code is the same.
+``--key-bias mask`` hands proportional attention's log-size bias (``tome``, ``ppt``) to SDPA as a
+mask instead of folding it into the heads (``fold``: the default on CUDA, where the flash kernel
+takes no mask), so the two exact forms can be timed against each other.
 """
 
 from __future__ import annotations
@@ -41,15 +45,16 @@ import torch
 from torch import nn
 
 import tokenpatch
+from tokenpatch.core import pieces
 from tokenpatch.errors import InvalidOptionError
 from tokenpatch.jobs.evaluation import MethodSpec
 from tokenpatch.measure.budget import mean_macs_per_image
 from tokenpatch.measure.flops import mac_analysis
-from tokenpatch.measure.report import format_table, write_json
+from tokenpatch.measure.report import device_name, format_table, write_json
 from tokenpatch.measure.speed import compare_throughput, paired_speedup
 
-COLUMNS = ["method", "mode", "batch", "macs_ratio", "unpatched_img_s", "patched_img_s", "ideal", "speedup",
-           "efficiency", "note"]
+COLUMNS = ["method", "mode", "batch", "macs_ratio", "unpatched_img_s", "patched_img_s", "unpatched_ms", "patched_ms",
+           "ideal", "speedup", "efficiency", "note"]
 REFERENCE = "fewer tokens"
 #: how each ``--modes`` entry wraps a model before timing
 COMPILERS = {"eager": lambda m: m, "compiled": torch.compile,
@@ -94,7 +99,9 @@ def timed_rows(models: dict[str, nn.Module], macs: dict[str, float], inputs: dic
             continue
         speedup, ideal = paired_speedup(timings[name], timings["unpatched"]), macs["unpatched"] / macs[name]
         rows.append(dict(method=name, mode=mode, batch=batch, macs_ratio=macs[name] / macs["unpatched"],
-                         unpatched_img_s=timings["unpatched"].median, patched_img_s=timings[name].median, ideal=ideal,
+                         unpatched_img_s=timings["unpatched"].median, patched_img_s=timings[name].median,
+                         unpatched_ms=1000.0 * batch / timings["unpatched"].median,
+                         patched_ms=1000.0 * batch / timings[name].median, ideal=ideal,
                          speedup=speedup, efficiency=speedup / ideal, note=""))
     return rows
 
@@ -154,10 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--key-bias", choices=["fold", "mask"],
+                        help="how attention gets a key bias (default: tokenpatch's choice for the device)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch sees no CUDA device here")
+    if args.key_bias is not None:
+        pieces.FOLD_KEY_BIAS_ON = frozenset({torch.device(args.device).type}) if args.key_bias == "fold" else frozenset()
     if "cudagraphs" in args.modes and not args.device.startswith("cuda"):
         parser.error("--modes cudagraphs needs --device cuda (CUDA graphs exist only on a GPU)")
 
@@ -189,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}, {args.device} {args.dtype}, threads={torch.get_num_threads()}, repeats={args.repeats}")
     print(format_table(rows, COLUMNS, digits=3))
     if args.json:
-        write_json({"rows": rows, "model": args.model, "device": args.device, "dtype": args.dtype,
+        write_json({"command": " ".join(sys.argv), "rows": rows, "model": args.model, "device": args.device,
+                    "device_name": device_name(args.device), "dtype": args.dtype,
+                    "key_bias_folded_on": sorted(pieces.FOLD_KEY_BIAS_ON),
                     "threads": torch.get_num_threads(), "repeats": args.repeats, "torch": torch.__version__}, args.json)
     return 0
 

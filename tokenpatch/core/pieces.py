@@ -24,6 +24,34 @@ from .registry import fixed_count_methods
 from .state import PassState
 
 
+#: devices whose SDPA gets a key bias folded into the heads (:func:`fold_key_bias`) instead of as a mask:
+#: CUDA's flash kernel refuses any mask; the CPU's takes one
+FOLD_KEY_BIAS_ON = frozenset({"cuda"})
+#: extra head channels that carry the bias (flash attention wants head sizes in multiples of 8)
+_BIAS_CHANNELS = 8
+
+
+def fold_key_bias(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k and v with a per-key logit bias carried by extra head channels, so that attention
+    needs no mask: ``scale * q'.k'_j = scale * q.k_j + key_bias_j`` exactly (the queries get a 1,
+    the keys ``key_bias / scale``, the values zeros; drop the output's last channels after).
+
+    Args:
+        q: (B, H, Nq, D); k, v: (B, H, Nk, D); key_bias: (B, Nk).
+
+    Returns:
+        (B, H, Nq, D + 8), (B, H, Nk, D + 8), (B, H, Nk, D + 8).
+    """
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
+    q_extra = q.new_zeros(b, h, nq, _BIAS_CHANNELS)
+    q_extra[..., 0] = 1
+    k_extra = k.new_zeros(b, h, nk, _BIAS_CHANNELS)
+    k_extra[..., 0] = (key_bias / scale).to(k.dtype)[:, None, :]
+    return (torch.cat([q, q_extra], dim=-1), torch.cat([k, k_extra], dim=-1),
+            torch.cat([v, v.new_zeros(b, h, nk, _BIAS_CHANNELS)], dim=-1))
+
+
 def attend(view: BlockView, q: Tensor, k: Tensor, v: Tensor, xn: Tensor, key_mask: Optional[Tensor] = None,
            key_bias: Optional[Tensor] = None, query_positions: Optional[Tensor] = None,
            key_positions: Optional[Tensor] = None) -> Tensor:
@@ -34,7 +62,9 @@ def attend(view: BlockView, q: Tensor, k: Tensor, v: Tensor, xn: Tensor, key_mas
         xn: (B, Nq, C) normed query tokens (some blocks gate the output on them).
         key_mask: (B, Nk) bool, False for padding keys no query may attend to; None: all keys.
         key_bias: (B, Nk) float added to every query's logit for each key (ToMe's log-size
-            bias); None: no bias. Passed to SDPA as an additive mask, so SDPA still runs.
+            bias); None: no bias. Folded into the heads on the devices of
+            :data:`FOLD_KEY_BIAS_ON` (:func:`fold_key_bias`), so the flash kernel still runs, and
+            passed to SDPA as an additive mask elsewhere.
         query_positions, key_positions: (B, Nq) and (B, Nk) original positions, for families
             whose attention has a position bias (:meth:`BlockView.attention_bias`).
 
@@ -42,14 +72,17 @@ def attend(view: BlockView, q: Tensor, k: Tensor, v: Tensor, xn: Tensor, key_mas
         (B, Nq, C) attention-branch output, before the residual.
     """
     mask = view.attention_bias(query_positions, key_positions)
-    if key_bias is not None:
+    head_size = q.shape[-1]
+    if key_bias is not None and mask is None and key_mask is None and q.device.type in FOLD_KEY_BIAS_ON:
+        q, k, v = fold_key_bias(q, k, v, key_bias, view.scale)
+    elif key_bias is not None:
         bias = key_bias[:, None, None, :].to(q.dtype)
         mask = bias if mask is None else mask + bias
     if key_mask is not None:
         keep = key_mask[:, None, None, :]
         mask = keep if mask is None else mask.masked_fill(~keep, float("-inf"))
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=view.attn_dropout, scale=view.scale)
-    return view.attention_output(o, xn)
+    return view.attention_output(o[..., :head_size], xn)
 
 
 def attention_with_projections(view: BlockView, x: Tensor, positions: Optional[Tensor] = None,
@@ -184,6 +217,21 @@ def drop_after_attention(view: BlockView, x: Tensor, xn: Tensor, queries: Tensor
         state.select(index, x, counts)
         return gather_tokens(x, index)
     state.select(index, x, counts)
+    return kept_attention_residual(view, x, xn, queries, k, v, index, positions, key_mask)
+
+
+def kept_attention_residual(view: BlockView, x: Tensor, xn: Tensor, queries: Tensor, k: Tensor, v: Tensor,
+                            index: Tensor, positions: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
+    """``x + attn(norm1(x))`` for the tokens at (B, K) ``index`` only, attending to every token.
+
+    Args:
+        x, xn: (B, N, C) tokens and their ``norm1``, at (B, N) ``positions``; ``queries``, ``k``,
+            ``v`` as :func:`scoring_projections` gives them.
+        key_mask: (B, N) bool, False for padding keys.
+
+    Returns:
+        (B, K, C) the tokens at ``index`` after the attention residual.
+    """
     xn_kept, kept_positions = gather_tokens(xn, index), positions.gather(1, index)
     q = kept_queries(view, queries, xn_kept, kept_positions, index)
     attended = attend(view, q, k, v, xn_kept, key_mask, query_positions=kept_positions, key_positions=positions)

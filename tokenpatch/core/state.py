@@ -144,12 +144,14 @@ class PassState(Generic[OwnT]):
 
         Args:
             counts: (B,) real tokens per sample among the kept ones when the batch is padded
-                (becomes :attr:`counts`); None: unpadded.
+                (becomes :attr:`counts`); None: unpadded. A batch of one image is padded to
+                its own count, that is not at all, so it keeps None: its attention needs no
+                key mask and keeps the fused kernels that refuse one (flash attention on CUDA).
         """
         if self.keeps_grid or remember:
             self.last_states = write_grid(self._known_grid(tokens), tokens, self.grid_positions(tokens.shape[1]))
         self.positions = torch.gather(self.positions, 1, index)
-        self.counts = counts
+        self.counts = counts if index.shape[0] > 1 else None
 
     def grid_positions(self, n: int) -> Tensor:
         """(B, n) original positions of the current n tokens, -1 for padding and fused tokens."""

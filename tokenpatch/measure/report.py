@@ -9,6 +9,8 @@ import platform
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+import torch
+
 #: version of the layout of ``results.json``; raised when a key changes meaning or goes away
 RESULTS_SCHEMA_VERSION = 1
 _VERSIONED = ("tokenpatch", "torch", "torchvision", "timm", "transformers", "huggingface_hub", "fvcore")
@@ -48,6 +50,17 @@ def versions() -> dict[str, Optional[str]]:
         except importlib.metadata.PackageNotFoundError:
             found[package] = None
     return found
+
+
+def device_name(device: Union[str, torch.device]) -> str:
+    """``device`` in words for a results file: the GPU's name, or the CPU's model (Linux) or architecture."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+              if line.startswith("model name")] if cpuinfo.is_file() else []
+    return f"cpu: {models[0] if models else platform.machine()}"
 
 
 def write_results(folder: Union[str, Path], header: dict[str, Any], rows: Sequence[dict[str, Any]],
