@@ -35,9 +35,8 @@ from torch import Tensor, nn
 from ..core.blocks import BlockView
 from ..core.method import LossTerm, Method, ScoringConfig, check_block, check_positive
 from ..core.ops import gather_heads, gather_tokens, scatter_tokens, top_k_positions
-from ..core.pieces import (SCORE_NAMES, attend, attention_residual, attention_with_projections, keep_tokens,
-                           kept_attention_residual, kept_index, kept_queries, mean_attention_logits, mlp_residual,
-                           patch_scores, scorer_rule, scoring_projections, scoring_queries_and_keys)
+from ..core.pieces import (SCORE_NAMES, attend, attention_residual, keep_tokens, kept_index, kept_queries,
+                           mean_attention_logits, mlp_residual, patch_scores, scorer_rule, scoring_queries_and_keys)
 from ..core.registry import register_method
 from ..core.runner import last_training_outputs
 from ..core.state import PassState
@@ -59,11 +58,6 @@ class IdleConfig(ScoringConfig):
             ``"fixed"`` reuses the first reducing block's.
         ranking: ``"logits"`` (official) ranks by the head mean of the raw class-token logits;
             ``"softmax"`` by the head mean of the attention probabilities.
-        context: the keys and values the selected tokens attend to: ``"selected"`` (official)
-            theirs only; ``"all"`` every token's, the idle ones as they stand.
-        idle_update: ``"none"`` (official): the idle tokens pass the block unchanged;
-            ``"attention"``: every token runs the block's attention (so the idle ones stay
-            current), only the selected ones its MLP.
         cut_weight: fine-tuning weight of the token-cut loss (:class:`TokenCutLoss`; 0: off).
         scorer: whose attention ranks the patches, see :class:`~tokenpatch.core.method.ScoringConfig`.
     """
@@ -73,8 +67,6 @@ class IdleConfig(ScoringConfig):
     schedule: Literal["constant", "geometric"] = "geometric"
     score: Score = "fresh"
     ranking: Literal["logits", "softmax"] = "logits"
-    context: Literal["selected", "all"] = "selected"
-    idle_update: Literal["none", "attention"] = "none"
     cut_weight: float = 0.0
 
     def validate(self, depth: int) -> None:
@@ -112,8 +104,7 @@ class Idle(Method[IdleConfig, IdleState]):
     summary = "IdleViT: top-k tokens compute, the rest idle and can return"
     config_class = IdleConfig
     variants = {"constant": {"schedule": "constant"}, "fixed": {"score": "fixed"}, "softmax": {"ranking": "softmax"},
-                "fixed_softmax_constant": {"score": "fixed", "ranking": "softmax", "schedule": "constant"},
-                "context_all": {"context": "all"}, "idle_attention": {"idle_update": "attention", "score": "fixed"}}
+                "fixed_softmax_constant": {"score": "fixed", "ranking": "softmax", "schedule": "constant"}}
 
     def schedule(self, config: IdleConfig, depth: int) -> list[Optional[float]]:
         return keep_ratios(config, depth)
@@ -129,12 +120,9 @@ class Idle(Method[IdleConfig, IdleState]):
 
     def reduce_block(self, view: BlockView, x: Tensor, state: PassState[IdleState], block: int, ratio: float,
                      config: IdleConfig) -> Tensor:
-        official_attention = config.context == "selected" and config.idle_update == "none"
-        if config.score == "fixed" and official_attention and "attention" not in state.collect:
+        if config.score == "fixed" and "attention" not in state.collect:
             return _working_set_block(view, x, state, block, ratio, config)
         keep = max(1, int(ratio * (x.shape[1] - state.num_prefix)))
-        if not official_attention:
-            return _block_with_idle_context(view, x, state, block, keep, config)
         xn = queries = keys = None
         if config.score == "fresh" or state.own.scores is None:
             xn = view.norm1(x)
@@ -152,40 +140,6 @@ class Idle(Method[IdleConfig, IdleState]):
         selected = mlp_residual(view, _attention_among(view, selected, state.positions.gather(1, index), scored))
         state.record(block, index.shape[1], x.shape[1], computed=index)
         return scatter_tokens(x, index, selected)
-
-
-def _block_scores(view: BlockView, queries: Tensor, keys: Tensor, state: PassState[IdleState], block: int,
-                  config: IdleConfig) -> Tensor:
-    """(B, M) scores the block ranks the current patches by: its own from (B, H, ., D) ``queries``
-    and ``keys``, or under ``score="fixed"`` the first reducing block's (recorded either way)."""
-    scores = state.own.scores
-    if config.score == "fresh" or scores is None:
-        scores = patch_scores(view, queries, keys, state, config.scorer, probabilities=config.ranking == "softmax")
-        if config.score == "fixed":
-            state.own.scores = scores.detach()
-    state.record_scores(block, SCORE_NAMES[scorer_rule(config.scorer, state)], scores)
-    return scores
-
-
-def _block_with_idle_context(view: BlockView, x: Tensor, state: PassState[IdleState], block: int, keep: int,
-                             config: IdleConfig) -> Tensor:
-    """A reducing block whose selected tokens attend to every token (``context="all"``), or in
-    which every token runs the attention and only the selected ones the MLP
-    (``idle_update="attention"``); the idle tokens are written back in place."""
-    positions, inputs = state.positions, x
-    if config.idle_update == "attention":
-        x, queries, keys, _ = attention_with_projections(view, x, positions)
-        index = kept_index(state, top_k_positions(_block_scores(view, queries, keys, state, block, config), keep))
-        selected, attention_tokens = gather_tokens(x, index), x.shape[1]
-    else:
-        xn, queries, keys, values = scoring_projections(view, x, state, config.scorer)
-        index = kept_index(state, top_k_positions(_block_scores(view, queries, keys, state, block, config), keep))
-        selected = kept_attention_residual(view, x, xn, queries, keys, values, index, positions)
-        attention_tokens = index.shape[1]
-    if "attention" in state.collect:
-        _leave_token_cut_inputs(view, inputs, state, index)
-    state.record(block, attention_tokens, x.shape[1], computed=index)
-    return scatter_tokens(x, index, mlp_residual(view, selected))
 
 
 def _attention_among(view: BlockView, selected: Tensor, positions: Tensor,
