@@ -4,8 +4,9 @@ Each run is a fresh process that builds the validation set of ``tokenpatch finet
 from N of the shared images (linked in turn, as ``eval_memory.py``) for the real DeiT-Tiny patched
 with ``idle`` (the unpatched reference pass), then scores it once, with the heap trimmed after
 every K-th batch (``tokenpatch.measure.allocator.TRIM_EVERY``; 0: never) in both passes. It
-reports the scoring pass's images/s, the resident memory after it and the process's peak. The runs alternate between the values of
-K, round after round, and the table has the medians over the rounds:
+reports the scoring pass's images/s, the resident memory after it and the process's peak. The
+runs alternate between the values of K, round after round, and the table has the medians over
+the rounds:
 
     python benchmarks/heap_trim.py --images 1000 --every 0 1 8 --rounds 2 --json docs/results/heap_trim.json
 """

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from collections import defaultdict
 
 import timm
@@ -31,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 import tokenpatch
 from tokenpatch.jobs.evaluation import MethodSpec
 from tokenpatch.measure.report import device_name, format_table, write_json
+from tokenpatch.measure.speed import time_forward
 
 KINDS = {
     "matmul": ("addmm", "mm", "bmm", "baddbmm", "matmul", "linear", "_int_mm"),
@@ -67,11 +67,6 @@ def sdpa_kernel(op: str) -> str | None:
     return next((label for prefix, label in SDPA_KERNELS.items() if name.startswith(prefix)), None)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def profile_models(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int, warmup: int
                    ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Mean self milliseconds per forward of every op (device time on a GPU), per model, and each
@@ -87,11 +82,7 @@ def profile_models(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: 
         for _ in range(rounds):
             for name, model in models.items():
                 with profile(activities=activities) as prof:
-                    _synchronize(x.device)
-                    started = time.perf_counter()
-                    model(x)
-                    _synchronize(x.device)
-                    walls[name] += (time.perf_counter() - started) * 1000.0 / rounds
+                    walls[name] += time_forward(model, x) * 1000.0 / rounds
                 for event in prof.key_averages():
                     spent = event.self_device_time_total if on_gpu else event.self_cpu_time_total
                     if event.key.startswith("aten::") or not on_gpu:  # on a GPU: the ops, not their kernels

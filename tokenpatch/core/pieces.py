@@ -217,21 +217,6 @@ def drop_after_attention(view: BlockView, x: Tensor, xn: Tensor, queries: Tensor
         state.select(index, x, counts)
         return gather_tokens(x, index)
     state.select(index, x, counts)
-    return kept_attention_residual(view, x, xn, queries, k, v, index, positions, key_mask)
-
-
-def kept_attention_residual(view: BlockView, x: Tensor, xn: Tensor, queries: Tensor, k: Tensor, v: Tensor,
-                            index: Tensor, positions: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
-    """``x + attn(norm1(x))`` for the tokens at (B, K) ``index`` only, attending to every token.
-
-    Args:
-        x, xn: (B, N, C) tokens and their ``norm1``, at (B, N) ``positions``; ``queries``, ``k``,
-            ``v`` as :func:`scoring_projections` gives them.
-        key_mask: (B, N) bool, False for padding keys.
-
-    Returns:
-        (B, K, C) the tokens at ``index`` after the attention residual.
-    """
     xn_kept, kept_positions = gather_tokens(xn, index), positions.gather(1, index)
     q = kept_queries(view, queries, xn_kept, kept_positions, index)
     attended = attend(view, q, k, v, xn_kept, key_mask, query_positions=kept_positions, key_positions=positions)

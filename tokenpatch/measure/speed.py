@@ -42,7 +42,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_forward(model: nn.Module, x: torch.Tensor, amp: Optional[torch.dtype]) -> float:
+def time_forward(model: nn.Module, x: torch.Tensor, amp: Optional[torch.dtype] = None) -> float:
     """Seconds for one forward of ``x``, under autocast to ``amp`` if given (CUDA events on GPU, a
     monotonic clock on CPU)."""
     with torch.autocast(x.device.type, dtype=amp) if amp else nullcontext():
@@ -103,12 +103,12 @@ def compare_throughput(
         model.eval().to(device=device, dtype=dtype, memory_format=memory_format)
     for _ in range(warmup):
         for model in models.values():
-            _time_forward(model, x, amp)
+            time_forward(model, x, amp)
     _sync(device)
     seconds: dict[str, list[float]] = {name: [] for name in models}
     for _ in tqdm(range(repeats), desc=f"timing batch {batch_size}", disable=not progress, leave=False):
         for name, model in models.items():
-            seconds[name].append(_time_forward(model, x, amp))
+            seconds[name].append(time_forward(model, x, amp))
     return {name: _summarise(batch_size, s) for name, s in seconds.items()}
 
 

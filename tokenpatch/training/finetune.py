@@ -12,12 +12,12 @@ The defaults (:class:`FinetuneConfig`) are a measured recipe, the same for every
 the training images (teacher and student see the same blend, so a small folder gives new inputs
 every step) and AdamW with warm-up and cosine decay over ``steps`` or over a time budget
 (``minutes``), changed every step or held through each epoch (``lr_epoch_steps``, as DeiT's loop
-steps timm's scheduler). A moving average of the weights (timm's ``ModelEmaV3``) can be kept
-beside the model (``ema``). Also available: a feature loss on the head's input (``feature_weight``), the
+steps timm's scheduler). A moving average of the weights (timm's ``ModelEmaV3``) can be kept beside
+the model (``ema``). Also available: a feature loss on the head's input (``feature_weight``), the
 embedding and the blocks before the first reducing block frozen (``freeze_prefix``, faster steps)
-and a frozen backbone (``train_backbone=False``). Options a method asks to change per step (SaiT's dense steps) are
-applied for that step only. The loop times its phases (data, teacher, student); the last history
-record has their images/s.
+and a frozen backbone (``train_backbone=False``). Options a method asks to change per step (SaiT's
+dense steps) are applied for that step only. The loop times its phases (data, teacher, student);
+the last history record has their images/s.
 
 Under ``torchrun`` (``torch.distributed`` initialised), the model is wrapped in
 ``DistributedDataParallel`` for the steps; give each process its own shard of the data.

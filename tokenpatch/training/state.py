@@ -1,11 +1,11 @@
 """The resumable training state of :func:`tokenpatch.training.finetune`: one file, written atomically.
 
-It holds what the next step depends on: the patched model's weights (its method modules
-included), those of its moving average when the run keeps one, the optimizer's moments, the fp16 grad scaler, the step, the position in the data
-(epoch and batches read in it), the time spent under a time budget and every process's random
-generators (torch, CUDA, Python, NumPy). With the same data, seed and options, a resumed run
-reaches the same weights as an uninterrupted one (bit for bit on the CPU). It is read with
-``torch.load(weights_only=True)``: no pickled code runs.
+It holds what the next step depends on: the patched model's weights (its method modules included),
+those of its moving average when the run keeps one, the optimizer's moments, the fp16 grad scaler,
+the step, the position in the data (epoch and batches read in it), the time spent under a time
+budget and every process's random generators (torch, CUDA, Python, NumPy). With the same data, seed
+and options, a resumed run reaches the same weights as an uninterrupted one (bit for bit on the
+CPU). It is read with ``torch.load(weights_only=True)``: no pickled code runs.
 """
 
 from __future__ import annotations
