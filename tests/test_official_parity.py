@@ -116,20 +116,22 @@ def sharp_model():
 
 
 @pytest.mark.parametrize("keep_ratio", [0.7, 0.5])
-def test_idle_default_is_the_official_inference(keep_ratio):
+def test_idle_official_inference_is_one_option_away(keep_ratio):
     model = sharp_model()
     x = images(model, batch=3)
-    logits = patched_logits(model, "idle", x, keep_ratio=keep_ratio)
+    logits = patched_logits(model, "idle", x, keep_ratio=keep_ratio, idle_update="unchanged")
     ratios = [keep_ratio ** (third + 1) for third in range(3) for _ in range(2)]  # idle blocks 2..7 of 8
     with torch.no_grad():
         expected = reference_idlevit_logits(model, x, list(range(2, 8)), ratios)
     assert torch.allclose(logits, expected, atol=1e-4)
+    tokenpatch.unpatch(model)
+    assert not torch.allclose(patched_logits(model, "idle", x, keep_ratio=keep_ratio), expected, atol=1e-3)
 
 
 def test_idle_softmax_ranking_is_not_the_official_one():
     model = sharp_model()
     x = images(model, batch=3)
-    softmax = patched_logits(model, "idle", x, keep_ratio=0.5, ranking="softmax")
+    softmax = patched_logits(model, "idle", x, keep_ratio=0.5, ranking="softmax", idle_update="unchanged")
     with torch.no_grad():
         official = reference_idlevit_logits(model, x, list(range(2, 8)), [0.5 ** (t + 1) for t in range(3) for _ in range(2)])
     assert not torch.allclose(softmax, official, atol=1e-3)

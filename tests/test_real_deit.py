@@ -93,6 +93,21 @@ def test_ats_counts_follow_real_images_and_tome_merges_cheaply(deit_and_images):
     assert merged.top1 >= unpatched.top1 - 2.0 and merged.agreement > 90.0  # ToMe is strong without training
 
 
+def test_idle_holds_at_65_percent_of_the_macs_where_the_official_rule_collapses(deit_and_images):
+    model, x, y, reference = deit_and_images
+    unpatched = accuracy(reference, y)
+    results = {}
+    for rule in ("merged", "none"):
+        tokenpatch.patch(model, "idle", idle_update=rule)
+        try:
+            tokenpatch.set_macs_ratio(model, 0.65, x[:8])
+            results[rule] = accuracy(predict(model, x), y, reference)
+        finally:
+            tokenpatch.unpatch(model)
+    assert results["merged"].top1 >= unpatched.top1 - 2.0  # the default holds on pretrained weights
+    assert results["none"].top1 < results["merged"].top1 - 10.0  # the official rule wants fine-tuned ones
+
+
 @pytest.mark.parametrize("metric", ["deletion", "insertion"])
 def test_attention_explains_real_images_better_than_a_random_order(deit_and_images, metric):
     from tokenpatch.interpret.explanation import (attention_rollout, cls_attention_map, curve_auc, deletion_curve,

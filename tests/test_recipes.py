@@ -25,7 +25,7 @@ from conftest import images, make_model
 def test_a_recipe_fills_the_job_and_flags_override_it():
     job = finetune_job("idlevit", model="deit_small_patch16_224", data="train")
     assert (job.method, job.keep_ratio, job.epochs, job.batch_size, job.augment) == ("idle", 0.7, 30, 1024, "deit")
-    assert job.options == {"cut_weight": 20.0} and job.config.distill_weight == 10.0 and job.config.feature_normalize
+    assert job.options == {"cut_weight": 20.0, "idle_update": "unchanged"} and job.config.distill_weight == 10.0 and job.config.feature_normalize
     assert job.aug_repeats == 3 and finetune_job("dynamicvit", model="m", data="d").config.token_distill_weight == 0.5
     config = resolved_config(job)  # one process: 2 batches of 1024 a step reach the official 2048
     assert config.accum_steps == 2 and config.lr == pytest.approx(1e-5 * 2048 / 512)
@@ -36,7 +36,7 @@ def test_a_recipe_fills_the_job_and_flags_override_it():
                         options={"cut_weight": 5.0, "score": "fixed"})
     config = resolved_config(mine)
     assert (config.lr, config.accum_steps, config.steps, mine.epochs) == (1e-4, 1, 10, None)
-    assert mine.options == {"cut_weight": 5.0, "score": "fixed"}
+    assert mine.options == {"cut_weight": 5.0, "score": "fixed", "idle_update": "unchanged"}
     assert (job.ema_decay, job.lr_per_epoch, mine.lr_per_epoch) == (0.99996, True, True)  # DeiT's loop, per epoch
     timed = finetune_job("idlevit", model="m", data="d", minutes=5.0)  # a time budget has no epochs to hold it through
     assert (timed.epochs, timed.lr_per_epoch, timed.config.minutes) == (None, False, 5.0)

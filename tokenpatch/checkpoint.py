@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import uuid
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union
@@ -61,9 +62,19 @@ def load_config(path: PathLike) -> dict[str, Any]:
 
 
 def patch_from_config(model: ModelT, config: dict[str, Any]) -> ModelT:
-    """Patch an unpatched ``model`` with a ``{"method", "options"}`` dict (lists become tuples)."""
+    """Patch an unpatched ``model`` with a ``{"method", "options"}`` dict (lists become tuples).
+
+    An option of the method's official rule that the dict lacks (it was written before the option
+    existed) takes the official value, the rule the file was saved with, and says so in one warning.
+    """
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in config["options"].items()}
-    return patch(model, config["method"], **options)
+    method = METHODS.get(config["method"])
+    older = {k: v for k, v in (method.official_options if method else {}).items() if k not in options}
+    if older:
+        settings = ", ".join(f"{k}={v!r}" for k, v in older.items())
+        warnings.warn(f"{config['method']} file saved before {', '.join(older)} existed: it loads with the rule it was "
+                      f"saved with, {settings}, not today's default", UserWarning, stacklevel=3)
+    return patch(model, config["method"], **options, **older)
 
 
 def tensor_digest(state: Mapping[str, Tensor]) -> str:
@@ -177,8 +188,9 @@ def read_state_dict(path: PathLike) -> dict[str, Tensor]:
 
 def load_official(model: ModelT, path: PathLike, method: Optional[str] = None, **options: Any) -> ModelT:
     """Load a checkpoint saved by a method's official training code into the unpatched ``model``
-    and return it patched with ``method`` and ``options`` (``options`` are the user's: the
-    official files do not record them; the IdleViT and DynamicViT releases name the keep ratio in
+    and return it patched with ``method`` and ``options`` on the method's official rule
+    (:attr:`~tokenpatch.core.method.Method.official_options`, e.g. ``idle_update="unchanged"``, unless
+    ``options`` say otherwise; ``options`` are the user's: the official files do not record them; the IdleViT and DynamicViT releases name the keep ratio in
     the file name, e.g. ``idlevit_deit_small_ratio0.7.pth``).
 
     The released IdleViT, EViT and DynamicViT checkpoints are torch files with the weights under
@@ -210,8 +222,9 @@ def load_official_state(model: ModelT, state: Mapping[str, Tensor], path: PathLi
     method = method or official_method(state)
     if method is None:
         raise CheckpointError(f"{path}: no method's own module weights in it; name the method it was trained with")
-    renamed = get_method(method).official_module_keys(list(state))
-    patch(model, method, **options)
+    official = get_method(method)
+    renamed = official.official_module_keys(list(state))
+    patch(model, method, **{**official.official_options, **options})
     try:
         load_state(model, {f"{MODULES_NAME}.{renamed[k]}" if k in renamed else k: v for k, v in state.items()}, path)
     except BaseException:

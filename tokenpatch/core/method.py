@@ -145,6 +145,10 @@ class Method(ABC, Generic[ConfigT, StateT]):
     config_class: ClassVar[type[MethodConfig]]
     #: options fixed at patch time because the method's modules are built from them
     structural_options: ClassVar[frozenset[str]] = frozenset()
+    #: the options that select the paper's own rule where a default differs from it: the authors'
+    #: checkpoints load with them (:func:`~tokenpatch.checkpoint.load_official`), and so does a
+    #: :func:`~tokenpatch.save` file written before such an option existed
+    official_options: ClassVar[dict[str, Any]] = {}
     #: option sets the generic test suites run besides the defaults, by a short name
     variants: ClassVar[dict[str, dict[str, Any]]] = {}
     #: True when the method's own modules must be trained before it is useful (a learned policy)

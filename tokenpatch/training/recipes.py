@@ -102,8 +102,9 @@ RECIPES: dict[str, Recipe] = {
             "distill_weight": Setting(10.0, "README.md:18 --distillw 10.0; losses.py:153 KL, batchmean, T=1"),
             "feature_weight": Setting(1000.0, "losses.py:88 distill_weight * 100"),
             "feature_normalize": Setting(True, "losses.py:157 MSE of L2-normalised class-token features"),
-            "options": Setting({"cut_weight": 20.0}, "main.py:172 --cutw 20; losses.py:164 cut loss / idle layers "
-                                                     "(README.md:18 --cutloss_type both)"),
+            "options": Setting({"cut_weight": 20.0, "idle_update": "unchanged"},
+                               "main.py:172 --cutw 20; losses.py:164 cut loss / idle layers (README.md:18 --cutloss_type "
+                               "both); vit.py: idle tokens pass through unchanged"),
             **_deit_labels("main.py", "119", "121", "100"),
             **_deit_loop("main.py", "45-48", "56-57", "547", "533"),
         },
