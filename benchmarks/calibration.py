@@ -1,11 +1,12 @@
-"""A calibrated tome schedule against tome's default schedule, on images the calibration never saw.
+"""A calibrated method and schedule against tome's default schedule, on images the calibration never saw.
 
     python benchmarks/calibration.py --data ../shared/data --json benchmarks/results/calibration.json
+    python benchmarks/calibration.py --data ../shared/data --methods ats evit idle pitome ppt sait tome
 
 The 500 shared images are split in two halves (even and odd rows of labels.csv). For each half in
 turn, ``tokenpatch.calibrate`` searches the schedule on ``--calibration`` images of that half
-(no labels used) at each budget; both the calibrated and the default tome (fitted to the same
-budget) are then scored on the other half: top-1, agreement with the unpatched model, MACs.
+(no labels used) at each budget, choosing among ``--methods``; both the calibrated model and the
+default tome (fitted to the same budget) are then scored on the other half: top-1, agreement with the unpatched model, MACs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     add_real_data_flags(parser)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.65, 0.55])
     parser.add_argument("--calibration", type=int, default=32, help="unlabelled images the search sees")
+    parser.add_argument("--methods", nargs="+", default=["tome"],
+                        help="methods calibrate chooses among (default: tome, its schedule only)")
     args = parser.parse_args(argv)
 
     model, images, labels = load_real_data(parser, args)
@@ -41,14 +44,15 @@ def main(argv: list[str] | None = None) -> int:
         for budget in args.budgets:
             default = tokenpatch.patch(copy.deepcopy(model), "tome", macs_ratio=budget, macs_input=held_out[:1])
             calibrated = copy.deepcopy(model)
-            fit = tokenpatch.calibrate(calibrated, search[: args.calibration], budget)
-            for name, patched in (("default", default), ("calibrated", calibrated)):
+            fit = tokenpatch.calibrate(calibrated, search[: args.calibration], budget, methods=args.methods)
+            for name, patched in (("default", default), (f"calibrated {fit.method}", calibrated)):
                 scores = accuracy(predict(patched, held_out), held_labels, reference)
                 macs = count_macs(patched, held_out[:1]).total / base_macs
                 rows.append(dict(calibrated_on=half, budget=budget, schedule=name, macs_ratio=macs, **vars(scores)))
                 show_row(rows)
-            rows[-1]["remaining"] = [round(share, 3) for share in fit.remaining]
-    report(f"DeiT-Tiny, tome at matched MACs, scored on the held-out half ({len(labels) // 2} images); "
+            if fit.remaining is not None:
+                rows[-1]["remaining"] = [round(share, 3) for share in fit.remaining]
+    report(f"DeiT-Tiny, calibrated vs default tome at matched MACs, scored on the held-out half ({len(labels) // 2} images); "
            f"{time.time() - started:.0f} s", [{k: v for k, v in r.items() if k != "remaining"} for r in rows], args,
            calibration_images=args.calibration, schedules=[r for r in rows if "remaining" in r])
     return 0

@@ -42,7 +42,7 @@ def pareto_plot(rows: list[dict], base_top1: float, path: str, images: int) -> N
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_real_data_flags(parser)
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.65, 0.55])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.65, 0.5])
     parser.add_argument("--methods", nargs="+", default=sorted(tokenpatch.available_methods()),
                         help="METHOD or METHOD:KEY=VALUE,... (default: every registered method)")
     parser.add_argument("--calibration", type=int, default=8, help="images the keep ratio is fitted on")

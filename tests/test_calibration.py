@@ -1,4 +1,4 @@
-"""tokenpatch.calibrate: a tome merge schedule searched for a MAC budget, saved and loaded with the model."""
+"""tokenpatch.calibrate: the method (and tome's merge schedule) chosen for a MAC budget, saved and loaded with the model."""
 
 import pytest
 import torch
@@ -22,8 +22,8 @@ def test_calibrate_patches_meets_the_budget_and_round_trips_through_save(tmp_pat
     model = make_model("deit_tiny", depth=4, img_size=96)
     x = images(model, batch=8)
     reference = model(x)
-    result = tokenpatch.calibrate(model, x, macs_ratio=0.6, progress=False)
-    assert tokenpatch.get_method_name(model) == "tome"
+    result = tokenpatch.calibrate(model, x, macs_ratio=0.6, methods=["tome"], progress=False)
+    assert tokenpatch.get_method_name(model) == result.method == "tome"
     assert tokenpatch.get_config(model).remaining == result.remaining and len(result.remaining) == 4
     assert result.macs_ratio == pytest.approx(0.6, rel=0.01)
     unpatched = tokenpatch.count_macs(make_model("deit_tiny", depth=4, img_size=96), x[:1]).total
@@ -37,10 +37,40 @@ def test_calibrate_patches_meets_the_budget_and_round_trips_through_save(tmp_pat
     assert torch.allclose(loaded(x), outputs, atol=1e-6)
 
 
-def test_calibrate_refuses_another_method_and_a_bad_budget():
-    model = tokenpatch.patch(make_model("deit_tiny", depth=2), "evit")
-    with pytest.raises(InvalidOptionError, match="calibrate searches tome's merge schedule.*'evit'"):
-        tokenpatch.calibrate(model, images(model), 0.6, progress=False)
+def test_calibrate_chooses_the_method_closest_to_the_unpatched_model_at_the_budget():
+    model = make_model("deit_tiny", depth=4, img_size=96)
+    x = images(model, batch=8)
+    result = tokenpatch.calibrate(model, x, macs_ratio=0.65, methods=["evit", "idle", "tome", "ats"], progress=False)
+    scored = [c for c in result.compared if c.options]
+    assert [c.method for c in result.compared][: len(scored)] == sorted((c.method for c in scored),
+                                                                        key=lambda m: next(c.kl for c in scored if c.method == m))
+    assert result.method == result.compared[0].method == tokenpatch.get_method_name(model)
+    assert result.kl == min(c.kl for c in scored)
+    assert all(c.macs_ratio == pytest.approx(0.65, rel=0.011) for c in scored)
+    assert all(c.note and not c.options for c in result.compared if c not in scored)  # unreachable: said why
+    assert {c.method for c in result.compared} == {"evit", "idle", "tome", "ats"}
+    unpatched = make_model("deit_tiny", depth=4, img_size=96)
+    reference = unpatched(x).log_softmax(-1)
+    again = torch.nn.functional.kl_div(model(x).log_softmax(-1), reference, log_target=True, reduction="batchmean")
+    assert again.item() == pytest.approx(result.kl, rel=1e-4, abs=1e-7)  # the model runs what was scored
+
+
+def test_calibrate_searches_a_patched_models_own_method_keeping_its_options():
+    model = tokenpatch.patch(make_model("deit_tiny", depth=4, img_size=96), "evit", fuse=True)
+    result = tokenpatch.calibrate(model, images(model, batch=4), 0.7, progress=False)
+    assert [c.method for c in result.compared] == ["evit"] and result.remaining is None and result.candidates == 0
+    assert tokenpatch.get_config(model).fuse and tokenpatch.get_config(model).keep_ratio < 1.0
+
+
+def test_calibrate_refuses_bad_requests_and_leaves_the_model_as_it_came():
+    model = tokenpatch.patch(make_model("deit_tiny", depth=2), "evit", keep_ratio=0.6)
+    with pytest.raises(InvalidOptionError, match="patched with 'evit', which is not among \\['tome'\\]"):
+        tokenpatch.calibrate(model, images(model), 0.6, methods=["tome"], progress=False)
+    with pytest.raises(InvalidOptionError, match="'dynamicvit' learns its policy"):
+        tokenpatch.calibrate(model, images(model), 0.6, methods=["dynamicvit", "evit"], progress=False)
+    with pytest.raises(InvalidOptionError, match="no method reaches macs_ratio=0.05"):
+        tokenpatch.calibrate(model, images(model), 0.05, progress=False)
+    assert tokenpatch.get_method_name(model) == "evit" and tokenpatch.get_config(model).keep_ratio == 0.6
     unpatched = make_model("deit_tiny", depth=2)
     with pytest.raises(InvalidOptionError, match="macs_ratio must be a number in"):
         tokenpatch.calibrate(unpatched, images(model), 1.5, progress=False)

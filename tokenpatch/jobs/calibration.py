@@ -1,33 +1,43 @@
-"""Calibrated schedules: search the per-block merge schedule that best keeps the unpatched outputs.
+"""Calibration: the method and the per-block schedule that best keep the unpatched outputs at a budget.
 
 The per-block reduction rates matter as much as the rule that picks tokens (DiffRate, Chen et al.,
-ICCV 2023, ``OpenGVLab/DiffRate``, learns them by gradient descent with the weights frozen). Here
-a search does it on a CPU in minutes, with no weight update and no labels: for ``tome``, the
-schedule is the share of the patches left after each block, drawn from a family
+ICCV 2023, ``OpenGVLab/DiffRate``, learns them by gradient descent with the weights frozen), and
+which rule holds best depends on the model. Here a search does both on a CPU in minutes, with no
+weight update and no labels, scoring every candidate by the mean KL divergence of its
+predictions from the unpatched model's on the user's images:
+
+- every training-free method (or those named) is fitted to the budget with its default options
+  (:func:`~tokenpatch.measure.budget.set_macs_ratio`);
+- for ``tome``, the schedule is also searched: the share of the patches left after each block,
+  drawn from a family
 
     share(l) = 1                                        for l < start
     share(l) = 1 - (1 - final) * ((l - start + 1) / (depth - start)) ** shape     otherwise
 
-For every ``start`` in the first half of the blocks and every ``shape`` (front-loaded below 1,
-back-loaded above), ``final`` is solved so that the MACs meet the budget (from a per-block cost
-model fitted to fvcore counts), and the candidate is scored by the mean KL divergence of its
-predictions from the unpatched model's on the user's images. The best schedule is checked with
-fvcore, nudged onto the budget, and set on the model as its ``remaining`` option, which
-``tokenpatch.save`` stores, so it loads back without recalibrating.
+  For every ``start`` in the first half of the blocks and every ``shape`` (front-loaded below 1,
+  back-loaded above), ``final`` is solved so that the MACs meet the budget (from a per-block
+  cost model fitted to fvcore counts); the best schedule is checked with fvcore and nudged onto
+  the budget, and set as ``tome``'s ``remaining`` option.
+
+The model is left patched with the best candidate, whose options ``tokenpatch.save`` stores, so it
+loads back without recalibrating.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..api import get_method_name, is_patched, patch, unpatch
+from ..api import get_config, get_method_name, is_patched, patch, unpatch
+from ..core.blocks import check_images
+from ..core.registry import get_method, training_free_methods
 from ..core.runner import context_of, overriding, reconfigure
 from ..errors import InvalidOptionError
 from ..measure.budget import TOLERANCE, check_macs_ratio, set_macs_ratio
@@ -39,73 +49,170 @@ SHAPES = (0.5, 0.75, 1.0, 1.5, 2.0)
 
 
 @dataclass(frozen=True)
+class Candidate:
+    """One method as :func:`calibrate` measured it at the budget on the calibration images.
+
+    Attributes:
+        method: its name.
+        options: the options it ran with (the fitted keep ratio or schedule included); empty
+            when it could not reach the budget.
+        macs_ratio: its MACs over the unpatched MACs (fvcore; NaN when unreachable).
+        agreement: top-1 agreement with the unpatched model, percent (NaN when unreachable).
+        kl: mean KL divergence from the unpatched predictions (inf when unreachable).
+        note: why it has no score, or ``""``.
+    """
+
+    method: str
+    options: dict[str, Any]
+    macs_ratio: float
+    agreement: float
+    kl: float
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class Calibration:
     """What :func:`calibrate` chose and how it measured on the calibration images.
 
     Attributes:
-        remaining: per block, the share of the patches left after it (set on the model).
+        method: the method chosen (set on the model).
+        remaining: ``tome``'s per-block share of the patches left, when ``tome`` was chosen; else None.
         macs_ratio: its MACs over the unpatched MACs (fvcore).
         agreement: top-1 agreement with the unpatched model, percent.
         kl: mean KL divergence from the unpatched predictions.
-        default_agreement, default_kl: the same for tome's default schedule at the same budget.
-        candidates: schedules scored.
+        default_agreement, default_kl: the same for the chosen method with its default options
+            at the same budget (for ``tome``, its default schedule).
+        candidates: ``tome`` schedules scored (0 when ``tome`` was not searched).
+        compared: every method tried, best first.
     """
 
-    remaining: tuple[float, ...]
+    method: str
+    remaining: Optional[tuple[float, ...]]
     macs_ratio: float
     agreement: float
     kl: float
     default_agreement: float
     default_kl: float
     candidates: int
+    compared: tuple[Candidate, ...] = ()
 
 
-def calibrate(model: nn.Module, images: Tensor, macs_ratio: float = 0.65, progress: bool = True) -> Calibration:
-    """Patch ``model`` with ``tome`` (unless it is already) on the schedule that keeps it closest to
-    the unpatched model at ``macs_ratio`` of the MACs, found on (B, 3, H, W) ``images``.
+def calibrate(model: nn.Module, images: Tensor, macs_ratio: float = 0.65, methods: Optional[Sequence[str]] = None,
+              progress: bool = True) -> Calibration:
+    """Patch ``model`` with the method (and, for ``tome``, the merge schedule) that keeps it closest
+    to the unpatched model at ``macs_ratio`` of the MACs, found on (B, 3, H, W) ``images``.
 
-    A few dozen unlabelled images of the user's domain are enough (32 take about a minute for a
-    DeiT-Tiny on two CPU cores). The model keeps its other ``tome`` options.
+    A few dozen unlabelled images of the user's domain are enough (32 take a few minutes for a
+    DeiT-Tiny on two CPU cores with every method, about one with ``tome`` alone).
+
+    Args:
+        methods: the methods to choose among; None: every training-free method, or only the
+            model's own method (keeping its other options) when it is patched already.
 
     Returns:
-        The :class:`Calibration`; the model is left patched with the chosen ``remaining``.
+        The :class:`Calibration`; the model is left patched with the chosen method and options.
 
     Raises:
-        InvalidOptionError: the model is patched with another method, or the budget is out of range.
+        InvalidOptionError: the budget is out of range, a named method needs training, the
+            model is patched with a method not named, or no method reaches the budget;
+            :class:`~tokenpatch.errors.InputShapeError` for ``images`` that are not (B, C, H, W).
+            The model is then left as it came.
     """
     target = check_macs_ratio(macs_ratio)
-    if is_patched(model):
-        if get_method_name(model) != "tome":
-            raise InvalidOptionError(f"calibrate searches tome's merge schedule; this model is patched with "
-                                     f"{get_method_name(model)!r} (unpatch it first)")
-        return _search(model, images, target, progress)
-    patch(model, "tome")
+    check_images(images)
+    names = _methods_to_try(model, methods)
+    original = (get_method_name(model), _options(model)) if is_patched(model) else None
+    kept = {k: v for k, v in original[1].items() if k not in ("keep_ratio", "remaining")} if original else {}
     try:
-        return _search(model, images, target, progress)
-    except BaseException:
-        unpatch(model)  # a failed calibration leaves the model as it came
+        if original:
+            unpatch(model)
+        reference = predict(model, images).log_softmax(dim=-1)
+        unpatched = count_macs(model, images[:1]).total
+        return _choose(model, images, target, names, kept, reference, unpatched, progress)
+    except BaseException:  # a failed calibration leaves the model as it came
+        if is_patched(model):
+            unpatch(model)
+        if original:
+            patch(model, original[0], **original[1])
         raise
 
 
-def _search(model: nn.Module, images: Tensor, target: float, progress: bool) -> Calibration:
-    """:func:`calibrate` on a ``tome``-patched model."""
+def _options(model: nn.Module) -> dict[str, Any]:
+    """The options of a patched model, as ``patch`` takes them."""
+    return dataclasses.asdict(get_config(model))
+
+
+def _methods_to_try(model: nn.Module, methods: Optional[Sequence[str]]) -> list[str]:
+    """The method names :func:`calibrate` compares, checked."""
+    if methods is None:
+        return [get_method_name(model)] if is_patched(model) else training_free_methods()
+    names = list(dict.fromkeys(methods))
+    if not names:
+        raise InvalidOptionError("calibrate needs at least one method to try")
+    for name in names:
+        if get_method(name).needs_training:
+            raise InvalidOptionError(f"calibrate compares training-free methods; {name!r} learns its policy: "
+                                     "fine-tune it first (tokenpatch finetune) and fit it with set_macs_ratio")
+    if is_patched(model) and get_method_name(model) not in names:
+        raise InvalidOptionError(f"this model is patched with {get_method_name(model)!r}, which is not among "
+                                 f"{names}; unpatch it first")
+    return names
+
+
+def _choose(model: nn.Module, images: Tensor, target: float, names: list[str], kept: dict[str, Any],
+            reference: Tensor, unpatched: float, progress: bool) -> Calibration:
+    """Score every method in ``names`` at the budget, then patch ``model`` with the best one."""
+    compared, tome_search = [], None
+    for name in tqdm(names, desc="calibrating", disable=not progress, leave=False):
+        patch(model, name, **kept)
+        try:
+            if name == "tome":
+                tome_search = _search_tome(model, images, target, reference, progress)
+            compared.append(_fitted(model, images, target, reference, unpatched))
+        except InvalidOptionError as exc:  # this method cannot reach the budget on this model
+            compared.append(Candidate(name, {}, math.nan, math.nan, math.inf, str(exc)))
+        finally:
+            unpatch(model)
+    compared.sort(key=lambda c: c.kl)
+    best = compared[0]
+    if not best.options:
+        raise InvalidOptionError(f"no method reaches macs_ratio={target}: " + "; ".join(c.note for c in compared))
+    patch(model, best.method, **best.options)
+    default_kl, default_agreement = (tome_search[1] if best.method == "tome" and tome_search
+                                     else (best.kl, best.agreement))
+    return Calibration(best.method, best.options.get("remaining") if best.method == "tome" else None,
+                       best.macs_ratio, best.agreement, best.kl, default_agreement, default_kl,
+                       tome_search[0] if tome_search else 0, tuple(compared))
+
+
+def _fitted(model: nn.Module, images: Tensor, target: float, reference: Tensor, unpatched: float) -> Candidate:
+    """The patched ``model`` on the budget (a ``tome`` schedule is already on it), scored."""
+    if get_method_name(model) != "tome" or get_config(model).remaining is None:
+        set_macs_ratio(model, target, images[:8])
+    kl, agreement = _score(model, images, reference, None)
+    return Candidate(get_method_name(model), _options(model), count_macs(model, images[:1]).total / unpatched,
+                     agreement, kl)
+
+
+def _search_tome(model: nn.Module, images: Tensor, target: float, reference: Tensor,
+                 progress: bool) -> tuple[int, tuple[float, float]]:
+    """Set the best ``tome`` schedule of the family on the ``tome``-patched ``model``.
+
+    Returns:
+        The number of schedules scored and (KL, agreement) of tome's default schedule at the budget.
+    """
     reconfigure(model, remaining=None)
     depth = context_of(model).facts.depth
     costs = _BlockCosts.fit(model, images[:1])
-    with overriding(model, keep_ratio=1.0):
-        reference = predict(model, images).log_softmax(dim=-1)
     set_macs_ratio(model, target, images[:1])  # tome's default schedule at the budget, for comparison
-    default_kl, default_agreement = _score(model, images, reference, None)
+    default = _score(model, images, reference, None)
     family = [_solve(costs, target, start, shape, depth) for start in range(depth // 2 + 1) for shape in SHAPES]
     # a late start cannot always reach the budget (a block merges at most half of its patches)
     candidates = [schedule for schedule in family if costs.ratio(schedule) <= target * (1 + TOLERANCE)]
     scored = [(_score(model, images, reference, schedule)[0], schedule)
-              for schedule in tqdm(candidates, desc="calibrating", disable=not progress, leave=False)]
-    best = _on_budget(model, min(scored)[1], target, images[:1], costs)
-    reconfigure(model, remaining=best)
-    kl, agreement = _score(model, images, reference, None)
-    ratio = count_macs(model, images[:1]).total / costs.unpatched
-    return Calibration(best, ratio, agreement, kl, default_agreement, default_kl, len(candidates))
+              for schedule in tqdm(candidates, desc="tome schedules", disable=not progress, leave=False)]
+    reconfigure(model, remaining=_on_budget(model, min(scored)[1], target, images[:1], costs))
+    return len(candidates), default
 
 
 def schedule_family(start: int, shape: float, final: float, depth: int) -> tuple[float, ...]:
