@@ -8,6 +8,8 @@ from PIL import Image
 import tokenpatch
 from tokenpatch.cli import main
 from tokenpatch.errors import NotPatchedError, TokenPatchError
+from tokenpatch.core.method import Method
+from tokenpatch.core.registry import get_method
 from tokenpatch.interpret.explanation import (attention_maps, attention_rollout, cls_attention_map, curve_auc, deletion_curve,
                                                explain, insertion_curve, score_map)
 from tokenpatch.interpret.render import colour, contact_sheet, merged, panel, to_pixels
@@ -26,7 +28,8 @@ def test_maps_have_the_grid_shape_and_their_counts_match_the_trace(method, optio
         real = record.counts - 1 if record.counts is not None else torch.full((3,), (record.positions[0] >= 1).sum())
         assert explanation.computed[:, block].flatten(1).sum(dim=1).tolist() == real.tolist()
     assert explanation.importance().shape == (3, 6, 6)
-    merging = method in ("tome", "pitome", "ppt")  # their trace says which token carries each patch
+    # a method that restores merged tokens to their patches traces which token carries each patch
+    merging = type(get_method(method)).restore_grid is not Method.restore_grid
     assert explanation.scores and explanation.score_name is not None or merging or method == "dynamicvit"
     assert (explanation.groups is not None) == merging
 

@@ -27,8 +27,8 @@ from .errors import (
 from .interpret import Explanation, explain
 from .measure import BudgetFit, count_macs, set_macs_ratio
 from .jobs.calibration import Calibration, calibrate
-from .methods import (ATSConfig, DynamicViTConfig, EViTConfig, IARed2Config, IdleConfig, PiToMeConfig, PPTConfig,
-                      SaiTConfig, ToMeConfig)
+from .methods import (ATSConfig, DiffRateConfig, DynamicViTConfig, EViTConfig, IARed2Config, IdleConfig, PiToMeConfig,
+                      PPTConfig, SaiTConfig, ToMeConfig)
 
 __version__ = "0.1.0"
 
@@ -70,6 +70,7 @@ __all__ = [
     "ATSConfig",
     "PiToMeConfig",
     "PPTConfig",
+    "DiffRateConfig",
     "TokenPatchError",
     "UnknownMethodError",
     "InvalidOptionError",

@@ -11,6 +11,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 # The option classes of the first methods, importable from here and from ``tokenpatch``.
 from .ats import ATSConfig  # noqa: E402
+from .diffrate import DiffRateConfig  # noqa: E402
 from .dynamicvit import DynamicViTConfig  # noqa: E402
 from .evit import EViTConfig  # noqa: E402
 from .iared2 import IARed2Config  # noqa: E402
@@ -20,5 +21,5 @@ from .ppt import PPTConfig  # noqa: E402
 from .sait import SaiTConfig  # noqa: E402
 from .tome import ToMeConfig  # noqa: E402
 
-__all__ = ["ATSConfig", "DynamicViTConfig", "EViTConfig", "IARed2Config", "IdleConfig", "PiToMeConfig", "PPTConfig",
-           "SaiTConfig", "ToMeConfig"]
+__all__ = ["ATSConfig", "DiffRateConfig", "DynamicViTConfig", "EViTConfig", "IARed2Config", "IdleConfig", "PiToMeConfig",
+           "PPTConfig", "SaiTConfig", "ToMeConfig"]
