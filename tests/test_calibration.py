@@ -88,3 +88,21 @@ def test_a_remaining_schedule_sets_the_tokens_per_block_and_refuses_a_budget():
         tokenpatch.set_options(model, remaining=(1.0, 0.5))
     with pytest.raises(InvalidOptionError, match="patch with r=None and remaining=None"):
         tokenpatch.set_macs_ratio(model, 0.7)
+
+
+def test_calibrate_tries_every_option_set_a_method_offers_and_keeps_the_best():
+    from tokenpatch.methods.diffrate import TEMPLATES
+
+    model = make_model("deit_tiny", depth=4, img_size=96)
+    x = images(model, batch=4)
+    result = tokenpatch.calibrate(model, x, 0.6, methods=["diffrate"], progress=False)
+    (chosen,) = result.compared
+    assert chosen.options["template"] in TEMPLATES and tokenpatch.get_config(model).template == chosen.options["template"]
+    scores = {}
+    for template in TEMPLATES:  # each template fitted alone: the chosen one is the closest to the unpatched model
+        single = tokenpatch.patch(make_model("deit_tiny", depth=4, img_size=96), "diffrate", template=template)
+        tokenpatch.set_macs_ratio(single, 0.6, x[:8])
+        reference = make_model("deit_tiny", depth=4, img_size=96)(x).log_softmax(-1)
+        scores[template] = torch.nn.functional.kl_div(single(x).log_softmax(-1), reference, log_target=True,
+                                                      reduction="batchmean").item()
+    assert chosen.kl == pytest.approx(min(scores.values()), rel=1e-4, abs=1e-7)

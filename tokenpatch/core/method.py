@@ -224,6 +224,11 @@ class Method(ABC, Generic[ConfigT, StateT]):
         """
         return {"keep_ratio": keep_ratio}
 
+    def calibration_options(self, config: ConfigT) -> list[dict[str, Any]]:
+        """Option sets :func:`~tokenpatch.calibrate` fits to the budget and compares, each over
+        ``config`` (the default: ``config`` alone)."""
+        return [{}]
+
     def explanation_options(self, config: ConfigT) -> Optional[dict[str, Any]]:
         """Options under which a pass records the method's scores for every patch, or None when the
         method records no scores worth a map (see :func:`tokenpatch.interpret.score_map`)."""

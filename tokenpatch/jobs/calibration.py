@@ -7,7 +7,8 @@ weight update and no labels, scoring every candidate by the mean KL divergence o
 predictions from the unpatched model's on the user's images:
 
 - every training-free method (or those named) is fitted to the budget with its default options
-  (:func:`~tokenpatch.measure.budget.set_macs_ratio`);
+  (:func:`~tokenpatch.measure.budget.set_macs_ratio`), or with each of the option sets it offers
+  (``Method.calibration_options``: ``diffrate`` scales each of DiffRate's published schedules);
 - for ``tome``, the schedule is also searched: the share of the patches left after each block,
   drawn from a family
 
@@ -164,15 +165,18 @@ def _choose(model: nn.Module, images: Tensor, target: float, names: list[str], k
     """Score every method in ``names`` at the budget, then patch ``model`` with the best one."""
     compared, tome_search = [], None
     for name in tqdm(names, desc="calibrating", disable=not progress, leave=False):
-        patch(model, name, **kept)
-        try:
-            if name == "tome":
-                tome_search = _search_tome(model, images, target, reference, progress)
-            compared.append(_fitted(model, images, target, reference, unpatched))
-        except InvalidOptionError as exc:  # this method cannot reach the budget on this model
-            compared.append(Candidate(name, {}, math.nan, math.nan, math.inf, str(exc)))
-        finally:
-            unpatch(model)
+        tried = []
+        for options in get_method(name).calibration_options(get_method(name).config_class(**kept)):
+            patch(model, name, **{**kept, **options})
+            try:
+                if name == "tome":
+                    tome_search = _search_tome(model, images, target, reference, progress)
+                tried.append(_fitted(model, images, target, reference, unpatched))
+            except InvalidOptionError as exc:  # these options cannot reach the budget on this model
+                tried.append(Candidate(name, {}, math.nan, math.nan, math.inf, str(exc)))
+            finally:
+                unpatch(model)
+        compared.append(min(tried, key=lambda c: c.kl))
     compared.sort(key=lambda c: c.kl)
     best = compared[0]
     if not best.options:
