@@ -285,6 +285,7 @@ def files(tmp_path):
     _flip_tensor_bytes(corrupt)
     (tmp_path / "note.txt").write_text("hello")
     (tmp_path / "nothing").mkdir()
+    os.mkfifo(tmp_path / "fifo.safetensors")  # opening it to read would wait for a writer forever
     return tmp_path
 
 
@@ -320,6 +321,13 @@ BAD_COMMANDS = {
                            "does not fit this VisionTransformer"),
     "audit: corrupt tokenpatch file": (AUDIT + ["--checkpoint", "{d}/corrupt.safetensors"], "is corrupted"),
     "audit: option of another method": (AUDIT + ["--method", "evit", "--option", "r=3"], "unknown option"),
+    "audit: a FIFO as checkpoint": (AUDIT + ["--checkpoint", "{d}/fifo.safetensors"], "fifo.safetensors is not a file"),
+    "audit: keep ratio twice": (AUDIT + ["--keep-ratio", "0.5", "--option", "keep_ratio=0.6"],
+                                "keep_ratio given twice (0.5 and keep_ratio=0.6)"),
+    "audit: keep ratio option and macs ratio": (AUDIT + ["--macs-ratio", "0.7", "--option", "keep_ratio=0.6"],
+                                                "keep_ratio=0.6 and a macs ratio (0.7) both set the budget"),
+    "eval: keep ratio twice": (["eval", MODEL, "--no-pretrained", "--img-size", "32", "--data", "{d}/images",
+                                "--keep-ratio", "0.5", "--methods", "evit:keep_ratio=0.6"], "keep_ratio given twice"),
     "eval: missing folder": (["eval", MODEL, "--no-pretrained", "--data", "{d}/nowhere"], "no image folder at"),
     "eval: folder without images": (["eval", MODEL, "--no-pretrained", "--data", "{d}/nothing"], "no images"),
     "eval: corrupt image": (["eval", MODEL, "--no-pretrained", "--img-size", "32", "--data", "{d}/broken", "--methods", "evit"],
@@ -412,6 +420,27 @@ def test_finetune_continues_a_tokenpatch_file_with_its_method_and_options(tmp_pa
     assert (result["method"], result["keep_ratio"]) == ("idle", 0.5)
 
 
+@pytest.mark.parametrize("argv", [AUDIT + ["--method", "evit", "--option", "keep_ratio=0.6"],
+                                  ["eval", MODEL, "--no-pretrained", "--img-size", "32", "--data", "{d}/images",
+                                   "--methods", "evit:keep_ratio=0.6", "--json"]])
+def test_a_keep_ratio_given_as_an_option_is_the_keep_ratio(files, capsys, argv):
+    assert _exit_code([a.format(d=files) for a in argv]) == 0
+    assert "0.6" in capsys.readouterr().out
+
+
 def test_token_patch_errors_are_value_errors():
     for error in (CheckpointError, CorruptCheckpointError, CheckpointMismatchError, DataError):
         assert issubclass(error, TokenPatchError) and issubclass(error, ValueError)
+
+
+@pytest.mark.parametrize("case", METHOD_CASES, ids=case_id)
+def test_a_nan_pixel_spoils_only_its_own_image(case):
+    name, options = case
+    model = tokenpatch.patch(make_model("deit_tiny", img_size=64), name, keep_ratio=0.5, **options)
+    x = images(model, batch=3)
+    x[1, 0, 5, 5] = float("nan")
+    with torch.no_grad():
+        together = model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in (0, 2)])
+    assert together[1].isnan().all()  # as the unpatched model gives
+    assert torch.allclose(together[[0, 2]], alone, atol=1e-4)

@@ -115,7 +115,10 @@ def saved_config(path: PathLike) -> Optional[dict[str, Any]]:
 
 
 def _saved_metadata(path: PathLike) -> Optional[str]:
-    """The tokenpatch metadata of a safetensors file, or None (no such metadata, or not safetensors)."""
+    """The tokenpatch metadata of a safetensors file, or None (no such metadata, not safetensors,
+    or not a regular file: opening a FIFO or a device would block or read forever)."""
+    if not Path(path).is_file():
+        return None
     try:
         with safe_open(str(path), framework="pt") as f:
             return (f.metadata() or {}).get(METADATA_KEY)

@@ -32,7 +32,7 @@ from ..jobs.audit import AUDIT_COLUMNS, COMPILED_COLUMNS, audit_rows
 from ..jobs.evaluation import EVAL_COLUMNS, MAC_IMAGES, MethodSpec, classes_of, eval_loader, evaluation_rows
 from ..jobs.explain import write_explanations
 from ..jobs.finetune import FinetuneJob, finetune_job, run_finetune_job
-from ..jobs.models import DEFAULT_KEEP_RATIO, LoadedModel, PatchRequest, load_model
+from ..jobs.models import DEFAULT_KEEP_RATIO, LoadedModel, PatchRequest, lift_keep_ratio, load_model
 from ..measure.budget import check_macs_ratio
 from ..measure.report import format_table, write_results
 from ..measure.runtime import AMP_DTYPES, Runtime
@@ -98,6 +98,8 @@ def _eval(args: argparse.Namespace) -> int:
                               model=loaded.patched(PatchRequest(keep_ratio=args.keep_ratio)))]
     methods = methods or [MethodSpec(name) for name in training_free_methods()]
     keep_ratio = None if args.macs_ratio is not None else args.keep_ratio
+    for spec in methods:  # a request that contradicts itself is the user's error, before any work
+        lift_keep_ratio(keep_ratio, args.macs_ratio, spec.options)
     methods = [_with_checkpoint_modules(spec, loaded, keep_ratio) for spec in methods]
     dataset = _eval_dataset(args, loaded)
     first_images, _ = load_images(dataset, max(args.calibration, MAC_IMAGES))

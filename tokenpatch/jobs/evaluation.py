@@ -28,6 +28,7 @@ from ..measure.allocator import trimming
 from ..measure.budget import mean_macs_per_image
 from ..measure.evaluate import logits_of
 from ..measure.runtime import Runtime
+from .models import lift_keep_ratio
 
 EVAL_COLUMNS = ["method", "keep_ratio", "gmacs", "macs_ratio", "top1", "top5", "agreement"]
 #: MACs of a method whose token counts follow the image are the mean over this many first images
@@ -169,8 +170,11 @@ def _prepare(model: nn.Module, spec: MethodSpec, label: str, keep_ratio: Optiona
              macs_ratio: Optional[float], calibration_images: Tensor, mac_images: Tensor,
              runtime: Runtime) -> _Contender:
     """``spec``'s patched model on the device, fitted to ``macs_ratio`` if given, with its MACs counted."""
-    patched = spec.model if spec.model is not None else patch(copy.deepcopy(model), spec.name, keep_ratio=keep_ratio,
-                                                              **spec.options)
+    if spec.model is None:
+        keep_ratio, options = lift_keep_ratio(keep_ratio, macs_ratio, spec.options)
+        patched = patch(copy.deepcopy(model), spec.name, keep_ratio=keep_ratio, **options)
+    else:
+        patched = spec.model
     runtime.place(patched.eval())
     if macs_ratio is not None:
         set_macs_ratio(patched, macs_ratio, calibration_images)

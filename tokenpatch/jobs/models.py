@@ -14,6 +14,7 @@ from ..api import get_method_name, patch, set_macs_ratio, set_options, unpatch
 from ..backends.build import Preprocessing, build_model
 from ..checkpoint import is_checkpoint, load, load_official_state, load_state, official_method, read_state_dict
 from ..core.registry import DEFAULT_METHOD
+from ..errors import InvalidOptionError
 
 #: the keep ratio of a patch that names none (and comes from no tokenpatch checkpoint)
 DEFAULT_KEEP_RATIO = 0.5
@@ -29,6 +30,29 @@ class PatchRequest:
     keep_ratio: Optional[float] = None
     macs_ratio: Optional[float] = None
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        keep_ratio, options = lift_keep_ratio(self.keep_ratio, self.macs_ratio, self.options)
+        object.__setattr__(self, "keep_ratio", keep_ratio)
+        object.__setattr__(self, "options", options)
+
+
+def lift_keep_ratio(keep_ratio: Optional[float], macs_ratio: Optional[float],
+                    options: dict[str, Any]) -> tuple[Optional[float], dict[str, Any]]:
+    """The keep ratio and the other options of a request whose options may hold ``keep_ratio``
+    too (``--option keep_ratio=...``, ``--methods M:keep_ratio=...``).
+
+    Raises:
+        InvalidOptionError: the keep ratio is given twice with different values, or beside a MACs share.
+    """
+    if "keep_ratio" not in options:
+        return keep_ratio, options
+    given = options["keep_ratio"]
+    if keep_ratio is not None and keep_ratio != given:
+        raise InvalidOptionError(f"keep_ratio given twice ({keep_ratio} and keep_ratio={given}); give it once")
+    if macs_ratio is not None:
+        raise InvalidOptionError(f"keep_ratio={given} and a macs ratio ({macs_ratio}) both set the budget; give one")
+    return given, {k: v for k, v in options.items() if k != "keep_ratio"}
 
 
 @dataclass

@@ -127,7 +127,9 @@ def _nearest(curve: Tensor, values: Tensor) -> Tensor:
     high, low = above.clamp(max=m - 1), (above - 1).clamp(min=0)
     closer_above = (curve.gather(1, high) - values).abs() < (values - curve.gather(1, low)).abs()
     chosen = torch.where(closer_above, high, low)
-    return torch.searchsorted(curve, curve.gather(1, chosen).contiguous())  # first entry of equal value
+    # first entry of equal value; a NaN curve (an image with a NaN pixel) finds none: keep the index
+    # in range, so that image alone comes out NaN, as unpatched, and not the whole batch an error
+    return torch.searchsorted(curve, curve.gather(1, chosen).contiguous()).clamp(max=m - 1)
 
 
 @register_method
