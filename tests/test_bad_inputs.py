@@ -321,6 +321,12 @@ BAD_COMMANDS = {
                            "does not fit this VisionTransformer"),
     "audit: corrupt tokenpatch file": (AUDIT + ["--checkpoint", "{d}/corrupt.safetensors"], "is corrupted"),
     "audit: option of another method": (AUDIT + ["--method", "evit", "--option", "r=3"], "unknown option"),
+    "audit: infinite option": (AUDIT + ["--method", "pitome", "--option", "margin=1e999"],
+                               "margin must be a finite number, got inf"),
+    "audit: 5000-digit option": (AUDIT + ["--method", "tome", "--option", "r=" + "1" * 5000],
+                                 "r must be an integer or None, got '1111"),
+    "audit: deeply nested option": (AUDIT + ["--method", "tome", "--option", "r=" + "[" * 1500 + "]" * 1500],
+                                    "r must be an integer or None, got '[[[["),
     "audit: a FIFO as checkpoint": (AUDIT + ["--checkpoint", "{d}/fifo.safetensors"], "fifo.safetensors is not a file"),
     "audit: keep ratio twice": (AUDIT + ["--keep-ratio", "0.5", "--option", "keep_ratio=0.6"],
                                 "keep_ratio given twice (0.5 and keep_ratio=0.6)"),
@@ -444,3 +450,21 @@ def test_a_nan_pixel_spoils_only_its_own_image(case):
         alone = torch.cat([model(x[i:i + 1]) for i in (0, 2)])
     assert together[1].isnan().all()  # as the unpatched model gives
     assert torch.allclose(together[[0, 2]], alone, atol=1e-4)
+
+
+@pytest.mark.parametrize("method, option, value, words", [
+    ("evit", "keep_ratio", float("inf"), "keep_ratio must be a finite number"),
+    ("dynamicvit", "ratio_weight", float("inf"), "ratio_weight must be a finite number"),
+    ("idle", "cut_weight", float("inf"), "cut_weight must be a finite number"),
+    ("ppt", "threshold", float("inf"), "threshold must be a finite number"),
+    ("pitome", "margin", float("-inf"), "margin must be a finite number"),
+    ("tome", "r", 10**30, "r must be an integer of at most 2147483647 in size"),
+    ("ats", "points", 10**30, "points must be an integer of at most 2147483647 in size"),
+    ("sait", "mass", 10**400, "mass must be a finite number, got 1000000000"),
+    ("tome", "remaining", (1.0, float("inf")), "remaining must be a finite number"),
+])
+def test_absurd_option_values_are_refused_at_patch_time_and_leave_the_model_unpatched(method, option, value, words):
+    model = make_model("deit_tiny", depth=2)
+    with pytest.raises(tokenpatch.InvalidOptionError, match=re.escape(words)):
+        tokenpatch.patch(model, method, **{option: value})
+    assert not tokenpatch.is_patched(model)

@@ -69,7 +69,10 @@ def _checked(kind: Any, value: Any) -> tuple[bool, Any]:
         return isinstance(value, int) and not isinstance(value, bool), value
     if kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
+        try:
+            return ok, float(value) if ok else value
+        except OverflowError:  # an integer beyond any float: reported as not finite
+            return True, math.inf
     if kind is str:
         return isinstance(value, str), value
     return isinstance(value, kind), value
@@ -85,10 +88,36 @@ def coerce_fields(config: Any) -> None:
         value = getattr(config, name)
         ok, converted = _checked(kind, value)
         if not ok:
-            raise InvalidOptionError(f"{name} must be {_describe(kind)}, got {value!r}")
-        if isinstance(converted, float) and math.isnan(converted):
-            raise InvalidOptionError(f"{name} must be a number, got NaN")
+            raise InvalidOptionError(f"{name} must be {_describe(kind)}, got {_shown(value)}")
+        problem = _range_problem(converted)
+        if problem:
+            raise InvalidOptionError(f"{name} must be {problem}, got {_shown(value)}")
         setattr(config, name, converted)
+
+
+#: the largest integer option: token, block, merge and point counts all stay far below it
+MAX_INT = 2**31 - 1
+
+
+def _range_problem(value: Any) -> str:
+    """What a type-checked option value (or an item of a tuple) is out of range for, or ``""``:
+    every number must be finite and every integer at most :data:`MAX_INT` in size."""
+    if isinstance(value, tuple):
+        return next(filter(None, map(_range_problem, value)), "")
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a finite number"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        return f"an integer of at most {MAX_INT} in size"
+    return ""
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """``repr(value)``, cut short: an error names a value, it does not print thousands of digits."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer beyond Python's conversion limit
+        return "an integer of more than 4300 digits"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def parse_option_text(config_class: type, name: str, text: str) -> Any:
@@ -111,7 +140,7 @@ def parse_option_text(config_class: type, name: str, text: str) -> Any:
         return _BOOL_WORDS[lowered]
     try:
         parsed = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, too many digits, or nested too deep: kept as text
         return text
     return tuple(parsed) if isinstance(parsed, list) else parsed
 
