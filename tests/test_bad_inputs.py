@@ -74,6 +74,15 @@ LOAD_CASES = {
     "unknown option": (lambda d: _with_metadata(d, '{"method": "evit", "options": {"colour": 1}}'),
                        CheckpointMismatchError, "colour"),
     "wrong model": (lambda d: _tokenpatch_file(d, model="deit_small"), CheckpointMismatchError, "does not fit"),
+    "metadata nested 1,500 deep": (lambda d: _with_metadata(d, "[" * 1500 + "]" * 1500), CheckpointError,
+                                   "not a configuration tokenpatch reads (RecursionError"),
+    "metadata with a 5,000-digit number": (lambda d: _with_metadata(d, '{"method": "evit", "options": {"keep_ratio": '
+                                                                       + "1" * 5000 + "}}"),
+                                           CheckpointError, "not a configuration tokenpatch reads (ValueError"),
+    "iared2 heads of 10**12": (lambda d: _with_metadata(d, '{"method": "iared2", "options": {"heads": 1000000000000}}'),
+                               CheckpointMismatchError, "heads must be an integer of at most 2147483647 in size"),
+    "iared2 heads of 10**30": (lambda d: _with_metadata(d, '{"method": "iared2", "options": {"heads": 1e30}}'),
+                               CheckpointMismatchError, "heads must be an integer"),
     "corrupted": (lambda d: _corrupted(_tokenpatch_file(d)), CorruptCheckpointError, "do not match the digest"),
 }
 

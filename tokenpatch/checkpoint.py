@@ -289,6 +289,9 @@ def _config_from_text(path: PathLike, text: str) -> dict[str, Any]:
         config = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: tokenpatch metadata is not valid JSON ({exc.msg} at char {exc.pos})") from exc
+    except (ValueError, RecursionError) as exc:  # a number of thousands of digits; nesting deeper than Python's stack
+        raise CheckpointError(f"{path}: tokenpatch metadata is not a configuration tokenpatch reads "
+                              f"({type(exc).__name__}: {_first_line(exc)[:80]})") from exc
     if (not isinstance(config, dict) or not isinstance(config.get("method"), str)
             or not isinstance(config.get("options"), dict)):
         raise CheckpointError(f"{path}: tokenpatch metadata must be {{\"method\": name, \"options\": {{...}}}}")
