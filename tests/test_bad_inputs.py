@@ -251,7 +251,9 @@ def _png_bytes() -> bytes:
 @pytest.mark.parametrize("labels, words", [
     ("name,label\na.png,1\n", "must have the columns file,class_index"),
     ("file,class_index\n", "must have the columns"),
-    ("file,class_index\n0.png,cat\n", "class_index must be a non-negative integer, got 'cat'"),
+    ("file,class_index\n0.png,cat\n", "line 2: class_index must be a non-negative integer, got 'cat'"),
+    ("file,class_index\n0.png,1\n0.png\n", "line 3: expected file,class_index, got \\['0.png', None\\]"),
+    ("file,class_index\n0.png,\u00b2\n", "line 2: class_index must be a non-negative integer, got '\u00b2'"),
 ])
 def test_a_bad_labels_file_is_a_data_error(tmp_path, labels, words):
     (tmp_path / "0.png").write_bytes(_png_bytes())
@@ -441,6 +443,15 @@ def test_finetune_continues_a_tokenpatch_file_with_its_method_and_options(tmp_pa
 def test_a_keep_ratio_given_as_an_option_is_the_keep_ratio(files, capsys, argv):
     assert _exit_code([a.format(d=files) for a in argv]) == 0
     assert "0.6" in capsys.readouterr().out
+
+
+def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("tokenpatch.cli.audit_rows", interrupted)
+    assert main(AUDIT) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "tokenpatch: interrupted"
 
 
 def test_token_patch_errors_are_value_errors():

@@ -86,10 +86,19 @@ def _read_labels(csv_path: Path, root: Path) -> list[tuple[Path, int]]:
         raise DataError(f"{csv_path} is not a CSV file ({exc})") from exc
     if not rows or not {"file", "class_index"} <= set(rows[0]):
         raise DataError(f"{csv_path} must have the columns file,class_index and at least one row")
-    bad = [r["class_index"] for r in rows if not (r["class_index"] or "").strip().isdigit()]
-    if bad:
-        raise DataError(f"{csv_path}: class_index must be a non-negative integer, got {bad[0]!r}")
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        if not row["file"] or row["class_index"] is None:
+            raise DataError(f"{csv_path} line {line}: expected file,class_index, got {_cut(list(row.values()))}")
+        if not re.fullmatch(r"[0-9]+", row["class_index"].strip()):  # ASCII digits: "²".isdigit() is True
+            raise DataError(f"{csv_path} line {line}: class_index must be a non-negative integer, "
+                            f"got {_cut(row['class_index'])}")
     return [(root / r["file"], int(r["class_index"])) for r in rows]
+
+
+def _cut(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut short for a one-line error."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class UnlabelledImages(Dataset):

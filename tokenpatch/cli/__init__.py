@@ -493,3 +493,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         message = _one_line(exc)
         print(f"tokenpatch: error: {message[:500]}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the user's choice, not a failure to explain
+        print("tokenpatch: interrupted", file=sys.stderr)
+        return 130
