@@ -488,3 +488,28 @@ def test_absurd_option_values_are_refused_at_patch_time_and_leave_the_model_unpa
     with pytest.raises(tokenpatch.InvalidOptionError, match=re.escape(words)):
         tokenpatch.patch(model, method, **{option: value})
     assert not tokenpatch.is_patched(model)
+
+
+def test_sigterm_during_a_save_leaves_no_temporary_file(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from tokenpatch.checkpoint import write_atomically\n"
+        "def slow(name):\n"
+        "    Path(name).write_text('partial')\n"
+        "    time.sleep(60)\n"
+        "write_atomically(sys.argv[1], slow)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "model.safetensors")])
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".*.tmp")) or not next(tmp_path.glob(".*.tmp")).stat().st_size:
+        assert time.monotonic() < deadline and child.poll() is None, "the child never started writing"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=30) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []

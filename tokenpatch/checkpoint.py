@@ -13,14 +13,17 @@ message names the path, and leaves the model as it was.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import signal
+import threading
 import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
 import torch
 from safetensors import SafetensorError
@@ -306,6 +309,31 @@ def write_atomically(path: PathLike, write: Callable[[str], None]) -> None:
     """
     target = Path(path)
     temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    with _terminate_as_exit():
+        _write_then_rename(path, target, temporary, write)
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """While the block runs, a SIGTERM that would kill the process outright (the default action)
+    raises ``SystemExit(143)`` instead, so that the block's clean-up runs; in the main thread only
+    (signal handlers live there), and a handler the program set stays as it was."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def exit_cleanly(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_cleanly)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _write_then_rename(path: PathLike, target: Path, temporary: Path, write: Callable[[str], None]) -> None:
+    """:func:`write_atomically`'s work: a placeholder, the write, its permissions, the rename."""
     try:
         os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         mode = temporary.stat().st_mode & 0o777
