@@ -513,3 +513,30 @@ def test_sigterm_during_a_save_leaves_no_temporary_file(tmp_path):
     child.send_signal(signal.SIGTERM)
     assert child.wait(timeout=30) == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", METHOD_CASES, ids=case_id)
+def test_timm_gradient_checkpointing_is_refused_in_eval_mode_too_when_gradients_flow(case):
+    """timm's ViT checkpoints its blocks whenever ``grad_checkpointing`` is set, in eval mode too."""
+    name, options = case
+    model = tokenpatch.patch(make_model("deit_tiny"), name, keep_ratio=0.5, **options)
+    model.set_grad_checkpointing(True)
+    x = images(model, batch=2)
+    with pytest.raises(TokenPatchError, match="gradient checkpointing re-runs blocks.*set_grad_checkpointing\\(False\\)"):
+        model(x)
+    with torch.no_grad():  # nothing is re-run without gradients
+        assert model(x).shape == (2, 10)
+    model.set_grad_checkpointing(False)
+    model(x).sum().backward()
+
+
+def test_transformers_gradient_checkpointing_is_refused_in_training_only():
+    from hf_convert import hf_twin
+
+    model = tokenpatch.patch(hf_twin(make_model("deit_tiny")), "evit", keep_ratio=0.5)
+    model.activation_checkpointing_enable()
+    x = images(make_model("deit_tiny"), batch=2)
+    model(pixel_values=x)  # eval mode: transformers' layers do not checkpoint
+    model.train()
+    with pytest.raises(TokenPatchError, match="model.activation_checkpointing_disable"):
+        model(pixel_values=x)

@@ -419,8 +419,9 @@ class HFBackend(Backend):
         return output.logits if hasattr(output, "logits") else output
 
     def gradient_checkpointing(self, model: nn.Module) -> bool:
-        return bool(getattr(model, "is_activation_checkpointing", False))
+        # transformers' layers checkpoint only in training mode (modeling_layers.GradientCheckpointingLayer)
+        return model.training and bool(getattr(model, "is_activation_checkpointing", False))
 
     def disable_checkpointing_hint(self) -> str:
-        return "turn it off with model.gradient_checkpointing_disable()"
+        return "turn it off with model.activation_checkpointing_disable() (gradient_checkpointing_disable() before it)"
 

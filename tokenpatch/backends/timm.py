@@ -213,7 +213,7 @@ class TimmBackend(Backend):
         return ("forward_intermediates",)  # get_intermediate_layers calls it
 
     def gradient_checkpointing(self, model: nn.Module) -> bool:
-        return bool(getattr(model, "grad_checkpointing", False))
+        return bool(getattr(model, "grad_checkpointing", False))  # timm checkpoints in eval mode too
 
     def disable_checkpointing_hint(self) -> str:
         return "turn it off with model.set_grad_checkpointing(False)"

@@ -220,7 +220,8 @@ class Backend(ABC):
 
     @abstractmethod
     def gradient_checkpointing(self, model: nn.Module) -> bool:
-        """True when the model re-runs its blocks in backward (activation checkpointing is on)."""
+        """True when a call of the model with gradients on would re-run its blocks in backward
+        (activation checkpointing is on and applies in the model's current mode)."""
 
     def disable_checkpointing_hint(self) -> str:
         """How a user turns activation checkpointing off for this family."""

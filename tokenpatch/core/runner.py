@@ -36,6 +36,7 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import InvalidOptionError, NotPatchedError, TokenPatchError, UnsupportedModelError
@@ -235,7 +236,7 @@ def _model_call(model: nn.Module, ctx: PatchContext, args: tuple[Any, ...], kwar
                 returned: str) -> Iterator[None]:
     """Check a model-level call and run it as a fresh pass whose caller reads ``returned`` block outputs."""
     ctx.backend.check_input(model, args, kwargs)
-    if model.training and ctx.backend.gradient_checkpointing(model):
+    if torch.is_grad_enabled() and ctx.backend.gradient_checkpointing(model):
         raise TokenPatchError(
             "gradient checkpointing re-runs blocks during backward, which a patched model's per-pass token "
             f"state does not allow; {ctx.backend.disable_checkpointing_hint()}"
