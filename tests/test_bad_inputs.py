@@ -540,3 +540,19 @@ def test_transformers_gradient_checkpointing_is_refused_in_training_only():
     model.train()
     with pytest.raises(TokenPatchError, match="model.activation_checkpointing_disable"):
         model(pixel_values=x)
+
+
+@pytest.mark.parametrize("method", sorted(tokenpatch.available_methods()))
+def test_plain_weights_load_into_a_patched_model_as_the_readme_says(method):
+    weights = make_model("deit_tiny").state_dict()
+    model = tokenpatch.patch(make_model("deit_tiny", depth=4), method)
+    torch.nn.init.zeros_(model.head.weight)
+    own = {k for k in model.state_dict() if k.startswith("tokenpatch.")}
+    if own:  # dynamicvit, iared2: their modules are not in a plain state dict
+        with pytest.raises(RuntimeError, match="Missing key"):
+            model.load_state_dict(weights)
+        result = model.load_state_dict(weights, strict=False)
+        assert set(result.missing_keys) == own and not result.unexpected_keys
+    else:
+        model.load_state_dict(weights)
+    assert torch.equal(model.head.weight, weights["head.weight"])
