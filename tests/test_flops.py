@@ -68,11 +68,13 @@ def test_report_lists_token_ops_counted_as_zero():
     assert sum(report.per_block) < report.total
 
 
-def closed_form_macs(c, n_patches, prefix, classes, blocks, patch=16, fused_tokens=()):
+def closed_form_macs(c, n_patches, prefix, classes, blocks, patch=16, fused_tokens=(), head_size=64):
     """fvcore's count of a timm ViT written out by hand.
 
     ``blocks`` lists, per block, ``(kind, tokens_in, tokens_mlp)``: ``"full"``, ``"idle_first"``
-    (scores from all keys, then q/v on the selected tokens), ``"idle"``, or ``"evit"``.
+    (scores from all keys, then q/v on the selected tokens), ``"idle"``, ``"idle_merged"`` (keys of
+    all, each idle token matched to a selected one on head-mean keys, then a whole block on the m
+    merged tokens; the ranking not included), or ``"evit"``.
     Linear and matmul terms count multiply-adds; LayerNorm counts 5 per element as fvcore does.
     """
     total = n_patches * c * 3 * patch * patch  # patch embedding conv
@@ -84,6 +86,9 @@ def closed_form_macs(c, n_patches, prefix, classes, blocks, patch=16, fused_toke
         elif kind == "idle_first":
             total += 5 * n * c + n * c * c + c * c + n * c  # norm all, keys all, class query, scores
             total += 11 * m * c * c + 2 * m * m * c + 5 * m * c  # q, v, attention, proj, mlp, norm2
+        elif kind == "idle_merged":
+            total += 5 * n * c + n * c * c + (n - m) * m * head_size  # norm all, keys all, matching
+            total += 12 * m * c * c + 2 * m * m * c + 10 * m * c  # a whole block on the merged tokens
         elif kind == "evit":
             total += 5 * n * c + 2 * n * c * c + c * c + n * c  # norm, keys and values of all n, class query, scores
             total += m * c * c + 2 * m * n * c + m * c * c + 8 * m * c * c + 5 * m * c  # q, attention, proj, mlp of the kept m
@@ -100,7 +105,8 @@ def test_counts_match_closed_form(ratio):
     assert count_macs(model, (1, 3, 64, 64)).total == closed_form_macs(
         c, n, prefix, classes, [("full", n + 1, n + 1)] * 4)
 
-    tokenpatch.patch(model, "idle", keep_ratio=ratio, start_block=1, schedule="constant", score="fixed")
+    tokenpatch.patch(model, "idle", keep_ratio=ratio, start_block=1, schedule="constant", score="fixed",
+                     idle_update="unchanged")
     m = prefix + int(ratio * n)
     expected = closed_form_macs(c, n, prefix, classes, [("full", 17, 17), ("idle_first", 17, m), ("idle", 17, m), ("idle", 17, m)])
     # idle tokens stay in the sequence: the final norm runs on all of them.
@@ -109,6 +115,10 @@ def test_counts_match_closed_form(ratio):
     tokenpatch.set_options(model, score="fresh")  # the official rule scores afresh in every idle block
     fresh = closed_form_macs(c, n, prefix, classes, [("full", 17, 17)] + [("idle_first", 17, m)] * 3) + 5 * (n + 1 - m) * c
     assert count_macs(model, (1, 3, 64, 64)).total == fresh
+    tokenpatch.set_options(model, idle_update="merged", score=None)  # the default: merged, first ranking kept
+    merged = closed_form_macs(c, n, prefix, classes, [("full", 17, 17)] + [("idle_merged", 17, m)] * 3,
+                              head_size=64) + 5 * (n + 1 - m) * c
+    assert count_macs(model, (1, 3, 64, 64)).total == merged + c * c + 17 * c  # the first block ranks, once
     tokenpatch.unpatch(model)
 
     tokenpatch.patch(model, "evit", keep_ratio=ratio, drop_blocks=(1, 2))
