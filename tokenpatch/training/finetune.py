@@ -599,6 +599,9 @@ def _steps(step: _Step, batches: Iterable[Any], position: Position,
                 group["lr"] = peak * factor
             loss = sum(_micro_step(step, number, source, times, last=k == config.accum_steps - 1)
                        for k in range(config.accum_steps))
+            if not _finite_everywhere(loss, step.device):
+                raise TokenPatchError(f"the loss became {loss} at step {number} (every process stops; nothing is "
+                                      f"saved from this step on): lower the learning rate ({peaks[0] * factor:.3g} here)")
             with times.phase("student"):
                 step.apply()
             done = budget.done(number)
@@ -612,8 +615,19 @@ def _steps(step: _Step, batches: Iterable[Any], position: Position,
             budget.advance(bar, number, loss=f"{loss:.4f}", img_s=f"{times.rates().get('loop_img_s', 0.0):.1f}")
             if done:
                 break
+    if not all(bool(torch.isfinite(p).all()) for p in step.model.parameters()):  # the last update, whose loss no step saw
+        raise TokenPatchError(f"the weights became non-finite in the last step ({number}): lower the learning rate "
+                              f"({peaks[0] * factor:.3g} here); nothing is saved")
     history[-1].update(times.rates(), seconds=budget.elapsed())
     return history
+
+
+def _finite_everywhere(loss: float, device: torch.device) -> bool:
+    """True when this step's loss is finite in every process (all of them then stop together)."""
+    diverged = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
+    if in_process_group():
+        torch.distributed.all_reduce(diverged)
+    return diverged.item() == 0.0
 
 
 def _micro_step(step: _Step, number: int, source: Iterator[Any], times: LoopTimes, last: bool) -> float:
