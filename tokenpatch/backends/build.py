@@ -110,6 +110,10 @@ def build_timm_model(name: str, img_size: Optional[int] = None, pretrained: bool
         what = "the pretrained weights" if pretrained else "the config"
         raise TokenPatchError(f"cannot load {what} of {name!r} through timm ({_first_line(exc)}) "
                               f"{_OFFLINE_HINT}") from exc
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    side = patch[0] if isinstance(patch, (tuple, list)) else patch
+    if img_size and isinstance(side, int) and img_size % side:  # timm would crop the border or fail in the conv
+        raise TokenPatchError(f"img_size {img_size} is not a multiple of {name}'s patch size {side}")
     return model.eval()
 
 

@@ -481,6 +481,11 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(" ".join(lines).split())
 
 
+def _out_of_memory(exc: RuntimeError) -> bool:
+    """True for an allocator's refusal (CUDA's ``OutOfMemoryError``, the CPU allocator's message)."""
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``tokenpatch`` command: 0 on success, 2 with one line on a user error
     (a bad argument, path, image or checkpoint, or a file that cannot be written)."""
@@ -492,6 +497,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (TokenPatchError, OSError) as exc:  # user errors: one line, exit 2 (a bug keeps its traceback)
         message = _one_line(exc)
         print(f"tokenpatch: error: {message[:500]}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if not _out_of_memory(exc):
+            raise  # a bug keeps its traceback
+        print(f"tokenpatch: error: not enough memory for this run ({_one_line(exc)[:200]}); "
+              "lower --batch-size or --img-size", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: the user's choice, not a failure to explain
         print("tokenpatch: interrupted", file=sys.stderr)
