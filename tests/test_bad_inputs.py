@@ -297,6 +297,11 @@ def files(tmp_path):
     (tmp_path / "note.txt").write_text("hello")
     (tmp_path / "nothing").mkdir()
     os.mkfifo(tmp_path / "fifo.safetensors")  # opening it to read would wait for a writer forever
+    beyond = tmp_path / "beyond"  # a class index beyond the 1000 of the model's head
+    beyond.mkdir()
+    for i in range(4):
+        (beyond / f"{i}.png").write_bytes(_png_bytes())
+    (beyond / "labels.csv").write_text("file,class_index\n0.png,1\n1.png,5000\n2.png,2\n3.png,3\n")
     return tmp_path
 
 
@@ -338,6 +343,10 @@ BAD_COMMANDS = {
                                  "r must be an integer or None, got '1111"),
     "audit: deeply nested option": (AUDIT + ["--method", "tome", "--option", "r=" + "[" * 1500 + "]" * 1500],
                                     "r must be an integer or None, got '[[[["),
+    "eval: class index beyond the head": (["eval", MODEL, "--no-pretrained", "--img-size", "32", "--data", "{d}/beyond"],
+                                          "class index 5000 is beyond the model's 1000 classes"),
+    "finetune: class index beyond the head": (TUNE + ["--data", "{d}/beyond", "--label-weight", "1"],
+                                              "class index 5000 is beyond the model's 1000 classes"),
     "audit: image size 8": (["audit", MODEL, "--no-pretrained", "--img-size", "8"],
                             "img_size 8 is not a multiple of deit_tiny_patch16_224's patch size 16"),
     "audit: image size 17": (["audit", MODEL, "--no-pretrained", "--img-size", "17"], "is not a multiple of"),
