@@ -16,7 +16,8 @@ the official code (``DiffRate/patch/deit.py``: ``DiffRateBlock.forward`` outside
    none, and here no other prefix token either: the official models have no other), which
    becomes the plain mean of itself and the tokens it took (``scatter_reduce(mean)`` including
    itself), and its size grows by each joining token's size times their similarity (the
-   official code's note: better for off-the-shelf models);
+   official code's note: better for off-the-shelf models; a negative similarity adds nothing
+   here, where the official code would shrink the size, possibly to a log of 0 or less);
 5. the MLP runs on what is left.
 
 On a model without a class token the patches are ranked by the mean patch query's attention
@@ -236,7 +237,8 @@ def _prune_and_merge(x: Tensor, scores: Tensor, state: PassState[MergeState], ke
     stay, join = gather_tokens(x, index), gather_tokens(x, joining + p)
     counts = torch.ones(index.shape, dtype=x.dtype, device=x.device).scatter_add(1, into, torch.ones_like(similarity))
     merged = stay.scatter_add(1, into.unsqueeze(-1).expand_as(join), join) / counts.unsqueeze(-1)
-    grown = sizes.gather(1, index).scatter_add(1, into, sizes.gather(1, joining + p) * similarity)
+    # a negative similarity adds nothing (the official code would shrink the size, down to a log of 0 or less)
+    grown = sizes.gather(1, index).scatter_add(1, into, sizes.gather(1, joining + p) * similarity.clamp_min(0))
     state.select(index, x)  # remembers the pruned tokens for a dense output
     state.own.sizes = grown
 
