@@ -17,7 +17,8 @@ in order, then the other B tokens: for one protected class token, exactly the of
 Only ``gather`` and ``scatter_add`` move tokens (no ``scatter_reduce(mean)``), so the merge
 traces, compiles and exports.
 
-The merging methods (``tome``, ``pitome``, ``ppt``) also share their per-pass sizes
+The merging methods (``tome``, ``pitome``, ``ppt``, ``diffrate``, and ``idle``'s merged idle tokens) also share
+matching to kept tokens and plain means (:func:`most_similar_kept`, :func:`mean_with_joined`), their per-pass sizes
 (:class:`MergeState`), proportional attention (:func:`sized_attention`), the record of which token
 carries each patch (:func:`follow_groups`) and the full grid behind their tokens
 (:func:`restore_merged_grid`).
@@ -189,6 +190,34 @@ class MergeState:
     until the first merge)."""
 
     sizes: Optional[Tensor] = None
+
+
+def most_similar_kept(metric: Tensor, joining: Tensor, kept: Tensor, protected: int) -> tuple[Tensor, Tensor]:
+    """For each token that joins another: the most similar kept token, by cosine of ``metric``.
+
+    Args:
+        metric: (B, N, D) per-token features (no gradient is taken through the matching).
+        joining: (B, J) positions in N of the tokens that join.
+        kept: (B, K) positions in N of the tokens that stay; the first ``protected`` of them
+            (prefix tokens) take none.
+
+    Returns:
+        (B, J) index into ``kept`` of each joining token's partner, and (B, J) their similarity.
+    """
+    metric = metric.detach()
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    similarity = gather_tokens(metric, joining) @ gather_tokens(metric, kept).transpose(1, 2)
+    similarity[..., :protected] = float("-inf")
+    best, into = similarity.max(dim=-1)
+    return into, best
+
+
+def mean_with_joined(kept: Tensor, joined: Tensor, into: Tensor) -> tuple[Tensor, Tensor]:
+    """The plain mean of each (B, K, C) kept token and the (B, J, C) tokens that join it at (B, J)
+    ``into``, and (B, K) how many tokens each mean is of."""
+    counts = torch.ones(kept.shape[:2], dtype=kept.dtype, device=kept.device).scatter_add(
+        1, into, torch.ones(into.shape, dtype=kept.dtype, device=kept.device))
+    return kept.scatter_add(1, into.unsqueeze(-1).expand_as(joined), joined) / counts.unsqueeze(-1), counts
 
 
 def sized_attention(view: BlockView, x: Tensor, state: PassState[MergeState],

@@ -46,7 +46,8 @@ import torch
 from torch import Tensor
 
 from ..core.blocks import BlockView
-from ..core.merging import MergeState, follow_groups, restore_merged_grid, sized_attention
+from ..core.merging import (MergeState, follow_groups, mean_with_joined, most_similar_kept, restore_merged_grid,
+                             sized_attention)
 from ..core.method import Method, ScoringConfig
 from ..core.ops import gather_tokens
 from ..core.pieces import SCORE_NAMES, kept_index, mlp_residual, patch_scores, scorer_rule
@@ -231,14 +232,14 @@ def _prune_and_merge(x: Tensor, scores: Tensor, state: PassState[MergeState], ke
     ranking = scores.argsort(dim=1, descending=True)
     targets = ranking[:, :attended].sort(dim=1).values  # the tokens that stay, in position order
     joining = ranking[:, attended:kept]
-    index = kept_index(state, targets)  # (B, P + attended) into x
+    index, joining_index = kept_index(state, targets), joining + p  # into x
     sizes = state.own.sizes if state.own.sizes is not None else x.new_ones(x.shape[:2])
-    into, similarity = _most_similar(x, index, joining + p, p)
-    stay, join = gather_tokens(x, index), gather_tokens(x, joining + p)
-    counts = torch.ones(index.shape, dtype=x.dtype, device=x.device).scatter_add(1, into, torch.ones_like(similarity))
-    merged = stay.scatter_add(1, into.unsqueeze(-1).expand_as(join), join) / counts.unsqueeze(-1)
+    # the official rule matches on the tokens themselves, under no_grad, and shields the class token,
+    # the only prefix token of the models it patches
+    into, similarity = most_similar_kept(x, joining_index, index, p)
+    merged = mean_with_joined(gather_tokens(x, index), gather_tokens(x, joining_index), into)[0]
     # a negative similarity adds nothing (the official code would shrink the size, down to a log of 0 or less)
-    grown = sizes.gather(1, index).scatter_add(1, into, sizes.gather(1, joining + p) * similarity.clamp_min(0))
+    grown = sizes.gather(1, index).scatter_add(1, into, sizes.gather(1, joining_index) * similarity.clamp_min(0))
     state.select(index, x)  # remembers the pruned tokens for a dense output
     state.own.sizes = grown
 
@@ -249,16 +250,3 @@ def _prune_and_merge(x: Tensor, scores: Tensor, state: PassState[MergeState], ke
 
     follow_groups(state, moved)
     return merged
-
-
-def _most_similar(x: Tensor, index: Tensor, joining: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
-    """For each (B, J) ``joining`` token of (B, N, C) ``x``: which of the (B, K) tokens at ``index``
-    is most like it (cosine; the ``num_prefix`` prefix tokens excluded) and that similarity, (B, J)
-    each, without gradient (as the official code, which matches under ``no_grad``)."""
-    x = x.detach()
-    metric = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    similarity = gather_tokens(metric, joining) @ gather_tokens(metric, index).transpose(1, 2)
-    # the official rule shields the class token, the only prefix token of the models it patches
-    similarity[..., :num_prefix] = float("-inf")
-    best, into = similarity.max(dim=-1)
-    return into, best

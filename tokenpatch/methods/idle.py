@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.blocks import BlockView
+from ..core.merging import mean_with_joined, most_similar_kept
 from ..core.method import LossTerm, Method, ScoringConfig, check_block, check_positive
 from ..core.ops import complement_positions, gather_heads, gather_tokens, scatter_tokens, top_k_positions
 from ..core.pieces import (SCORE_NAMES, attend, attention_residual, attention_with_projections, keep_tokens, kept_index,
@@ -162,7 +163,7 @@ class Idle(Method[IdleConfig, IdleState]):
         if config.idle_update == "merged" and index.shape[1] < x.shape[1]:
             if keys is None:
                 keys = view.key(view.norm1(x), state.positions)
-            return _merged_block(view, x, keys, index, state)
+            return _merged_block(view, x, selected, keys, index, state)
         scored = None if xn is None else (xn, queries, keys, index)
         selected = mlp_residual(view, _attention_among(view, selected, state.positions.gather(1, index), scored))
         return scatter_tokens(x, index, selected)
@@ -176,9 +177,10 @@ def score_rule(config: IdleConfig) -> Score:
     return "fixed" if config.idle_update == "merged" else "fresh"
 
 
-def _merged_block(view: BlockView, x: Tensor, keys: Tensor, index: Tensor, state: PassState) -> Tensor:
-    """A reducing block under ``idle_update="merged"``: the (B, N, C) tokens ``x`` with the (B, K)
-    selected ones at ``index`` computing for the idle ones too.
+def _merged_block(view: BlockView, x: Tensor, selected: Tensor, keys: Tensor, index: Tensor,
+                  state: PassState) -> Tensor:
+    """A reducing block under ``idle_update="merged"``: the (B, N, C) tokens ``x`` with the (B, K, C)
+    ``selected`` ones at ``index`` computing for the idle ones too.
 
     Each idle token joins the selected patch whose head-averaged key in (B, H, N, D) ``keys`` is
     most like its own (cosine; prefix tokens take no idle token). A selected token computes on
@@ -188,26 +190,13 @@ def _merged_block(view: BlockView, x: Tensor, keys: Tensor, index: Tensor, state
     moving with the tokens like them and may be selected again from where they are.
     """
     idle = complement_positions(index, x.shape[1])
-    taker = _most_similar(keys, idle, index, state.num_prefix)  # (B, N - K): into the selected set
-    selected, idle_tokens = gather_tokens(x, index), gather_tokens(x, idle)
-    ones = torch.ones(taker.shape, dtype=x.dtype, device=x.device)
-    sizes = torch.ones(index.shape, dtype=x.dtype, device=x.device).scatter_add(1, taker, ones)
-    sums = selected.scatter_add(1, taker.unsqueeze(-1).expand_as(idle_tokens), idle_tokens)
-    means = sums / sizes.unsqueeze(-1)
+    taker = most_similar_kept(keys.mean(dim=1), idle, index, state.num_prefix)[0]  # (B, N - K): into the selected
+    idle_tokens = gather_tokens(x, idle)
+    means, sizes = mean_with_joined(selected, idle_tokens, taker)
     positions = state.positions.gather(1, index)
     change = mlp_residual(view, attention_with_projections(view, means, positions, key_bias=sizes.log())[0]) - means
     x = scatter_tokens(x, idle, idle_tokens + gather_tokens(change, taker))
     return scatter_tokens(x, index, selected + change)
-
-
-def _most_similar(keys: Tensor, idle: Tensor, index: Tensor, num_prefix: int) -> Tensor:
-    """(B, I) for the tokens at (B, I) ``idle``: which of the (B, K) tokens at ``index`` (a prefix
-    of ``num_prefix`` excluded) has the most similar head-averaged key (cosine)."""
-    metric = keys.mean(dim=1)
-    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    similarity = gather_tokens(metric, idle) @ gather_tokens(metric, index).transpose(1, 2)
-    similarity[:, :, :num_prefix] = float("-inf")
-    return similarity.argmax(dim=-1)
 
 
 def _attention_among(view: BlockView, selected: Tensor, positions: Tensor,
