@@ -623,10 +623,12 @@ def _steps(step: _Step, batches: Iterable[Any], position: Position,
 
 
 def _finite_everywhere(loss: float, device: torch.device) -> bool:
-    """True when this step's loss is finite in every process (all of them then stop together)."""
+    """True when this step's loss is finite in every process (all of them then stop together); a
+    single process reads its own loss, with no device round trip."""
+    if not in_process_group():
+        return math.isfinite(loss)
     diverged = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
-    if in_process_group():
-        torch.distributed.all_reduce(diverged)
+    torch.distributed.all_reduce(diverged)
     return diverged.item() == 0.0
 
 
