@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .backends.build import Preprocessing, preprocessing_of
-from .errors import DataError, InvalidOptionError
+from .errors import DataError, InvalidOptionError, shown
 
 DATA_ENV = "TOKENPATCH_DATA"
 DEIT_TINY_WEIGHTS = "weights/deit_tiny_patch16_224.safetensors"
@@ -88,17 +88,11 @@ def _read_labels(csv_path: Path, root: Path) -> list[tuple[Path, int]]:
         raise DataError(f"{csv_path} must have the columns file,class_index and at least one row")
     for line, row in enumerate(rows, start=2):  # line 1 is the header
         if not row["file"] or row["class_index"] is None:
-            raise DataError(f"{csv_path} line {line}: expected file,class_index, got {_cut(list(row.values()))}")
+            raise DataError(f"{csv_path} line {line}: expected file,class_index, got {shown(list(row.values()), 60)}")
         if not re.fullmatch(r"[0-9]+", row["class_index"].strip()):  # ASCII digits: "²".isdigit() is True
             raise DataError(f"{csv_path} line {line}: class_index must be a non-negative integer, "
-                            f"got {_cut(row['class_index'])}")
+                            f"got {shown(row['class_index'], 60)}")
     return [(root / r["file"], int(r["class_index"])) for r in rows]
-
-
-def _cut(value: object, limit: int = 60) -> str:
-    """``repr(value)`` cut short for a one-line error."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class UnlabelledImages(Dataset):

@@ -6,6 +6,8 @@ problem and, where there is one, the accepted alternatives.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TokenPatchError(ValueError):
     """Base class of every tokenpatch error caused by a bad argument or model."""
@@ -51,3 +53,12 @@ class CheckpointMismatchError(CheckpointError):
 
 class DataError(TokenPatchError):
     """An image folder, labels file or image cannot be read. The message names the path."""
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut short for a one-line error: it names a value, not thousands of digits."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer beyond Python's conversion limit
+        return "an integer of more than 4300 digits"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

@@ -19,7 +19,7 @@ import types
 import typing
 from typing import Any, Literal, Sequence, Union
 
-from ..errors import InvalidOptionError
+from ..errors import InvalidOptionError, shown
 
 _NONE_WORDS = ("none", "null")
 _PLURALS = {bool: "bools", int: "integers", float: "numbers", str: "strings"}
@@ -88,10 +88,10 @@ def coerce_fields(config: Any) -> None:
         value = getattr(config, name)
         ok, converted = _checked(kind, value)
         if not ok:
-            raise InvalidOptionError(f"{name} must be {_describe(kind)}, got {_shown(value)}")
+            raise InvalidOptionError(f"{name} must be {_describe(kind)}, got {shown(value)}")
         problem = _range_problem(converted)
         if problem:
-            raise InvalidOptionError(f"{name} must be {problem}, got {_shown(value)}")
+            raise InvalidOptionError(f"{name} must be {problem}, got {shown(value)}")
         setattr(config, name, converted)
 
 
@@ -109,15 +109,6 @@ def _range_problem(value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
         return f"an integer of at most {MAX_INT} in size"
     return ""
-
-
-def _shown(value: Any, limit: int = 40) -> str:
-    """``repr(value)``, cut short: an error names a value, it does not print thousands of digits."""
-    try:
-        text = repr(value)
-    except ValueError:  # an integer beyond Python's conversion limit
-        return "an integer of more than 4300 digits"
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def parse_option_text(config_class: type, name: str, text: str) -> Any:
