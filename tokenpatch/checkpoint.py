@@ -195,9 +195,10 @@ def read_state_dict(path: PathLike) -> dict[str, Tensor]:
 def load_official(model: ModelT, path: PathLike, method: Optional[str] = None, **options: Any) -> ModelT:
     """Load a checkpoint saved by a method's official training code into the unpatched ``model``
     and return it patched with ``method`` and ``options`` on the method's official rule
-    (:attr:`~tokenpatch.core.method.Method.official_options`, e.g. ``idle_update="unchanged"``, unless
-    ``options`` say otherwise; ``options`` are the user's: the official files do not record them; the IdleViT and DynamicViT releases name the keep ratio in
-    the file name, e.g. ``idlevit_deit_small_ratio0.7.pth``).
+    (:attr:`~tokenpatch.core.method.Method.official_options`, e.g. ``idle_update="unchanged"``,
+    unless ``options`` say otherwise). ``options`` are the user's: the official files do not
+    record them; the IdleViT and DynamicViT releases name the keep ratio in the file name, e.g.
+    ``idlevit_deit_small_ratio0.7.pth``.
 
     The released IdleViT, EViT and DynamicViT checkpoints are torch files with the weights under
     ``model`` (:func:`read_state_dict` reads them) and timm's names for the backbone; a method's
