@@ -83,8 +83,22 @@ LOAD_CASES = {
                                CheckpointMismatchError, "heads must be an integer of at most 2147483647 in size"),
     "iared2 heads of 10**30": (lambda d: _with_metadata(d, '{"method": "iared2", "options": {"heads": 1e30}}'),
                                CheckpointMismatchError, "heads must be an integer"),
+    "iared2 heads of 2**31 - 1 (never allocated)": (
+        lambda d: _with_metadata(d, '{"method": "iared2", "options": {"heads": 2147483647}}'),
+        CheckpointMismatchError, "missing ['tokenpatch.0.heads.bias'"),
+    "dynamicvit predictors of another width": (lambda d: _other_width_predictors(d), CheckpointMismatchError,
+                                                "shape mismatch ['tokenpatch."),
     "corrupted": (lambda d: _corrupted(_tokenpatch_file(d)), CorruptCheckpointError, "do not match the digest"),
 }
+
+
+def _other_width_predictors(folder: Path) -> Path:
+    """A dynamicvit file whose predictor weights are twice as wide as the model's tokens."""
+    path = folder / "wide.safetensors"
+    state = tokenpatch.patch(make_model("deit_tiny"), "dynamicvit").state_dict()
+    state = {k: torch.zeros([2 * n for n in v.shape]) if k.startswith("tokenpatch.") else v for k, v in state.items()}
+    save_file(state, str(path), metadata={METADATA_KEY: '{"method": "dynamicvit", "options": {}}'})
+    return path
 
 
 def _truncated(path: Path) -> Path:

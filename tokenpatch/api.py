@@ -5,14 +5,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional, TypeVar
 
+import torch
 from torch import nn
 
 from . import methods as _builtin_methods  # noqa: F401  (registers the built-in methods)
 from .backends import find_backend
 from .core.method import MethodConfig
 from .core.registry import DEFAULT_METHOD, METHODS, get_method
-from .core.runner import (PatchContext, build_config, context_of, install, is_patched, reconfigure, remove_patch,
-                          uninstall)
+from .core.runner import (MODULES_NAME, PatchContext, build_config, context_of, install, is_patched, reconfigure,
+                          remove_patch, uninstall)
 from .errors import AlreadyPatchedError, InvalidOptionError
 from .measure.budget import set_macs_ratio
 
@@ -58,20 +59,10 @@ def patch(model: ModelT, method: str = DEFAULT_METHOD, keep_ratio: Optional[floa
     Raises:
         UnknownMethodError, InvalidOptionError, UnsupportedModelError, AlreadyPatchedError.
     """
-    chosen = get_method(method)
     if keep_ratio is not None and macs_ratio is not None:
         raise InvalidOptionError("give keep_ratio or macs_ratio, not both")
-    if is_patched(model):
-        raise AlreadyPatchedError(
-            f"{type(model).__name__} is already patched with {context_of(model).method.name!r}; "
-            "call tokenpatch.unpatch(model) first, or tokenpatch.set_keep_ratio(model, r) to change sparsity"
-        )
-    backend = find_backend(model)
-    config = build_config(chosen, keep_ratio, options)
-    backend.check_outputs(model, outputs)
-    facts = backend.facts(model)
-    ctx = PatchContext(backend, chosen, config, facts, outputs=outputs)  # validates the options
-    ctx.modules = chosen.build_modules(ctx.config, facts.depth, backend.embed_dim(model))
+    ctx = _checked_context(model, method, keep_ratio, options, outputs)
+    ctx.modules = _build_modules(model, ctx)
     if ctx.modules is not None:
         reference = next(model.parameters())
         ctx.modules.to(device=reference.device, dtype=reference.dtype).train(model.training)
@@ -83,6 +74,41 @@ def patch(model: ModelT, method: str = DEFAULT_METHOD, keep_ratio: Optional[floa
             uninstall(model, ctx.backend, ctx.modules)
             raise
     return model
+
+
+def module_shapes(model: nn.Module, method: str = DEFAULT_METHOD, keep_ratio: Optional[float] = None,
+                  **options: Any) -> dict[str, torch.Size]:
+    """Shapes of the weights ``patch(model, method, keep_ratio, **options)`` would add to the
+    unpatched ``model``'s ``state_dict`` (keys under ``tokenpatch.``; empty for a method without
+    modules), found without allocating them: the modules are built on the meta device.
+
+    Raises:
+        the errors of :func:`patch` for these arguments.
+    """
+    ctx = _checked_context(model, method, keep_ratio, options, "full")
+    with torch.device("meta"):
+        modules = _build_modules(model, ctx)
+    state = {} if modules is None else modules.state_dict()
+    return {f"{MODULES_NAME}.{key}": tensor.shape for key, tensor in state.items()}
+
+
+def _checked_context(model: nn.Module, method: str, keep_ratio: Optional[float], options: dict[str, Any],
+                     outputs: str) -> PatchContext:
+    """The context ``patch`` would install, every argument checked against the unpatched ``model``."""
+    chosen = get_method(method)
+    if is_patched(model):
+        raise AlreadyPatchedError(
+            f"{type(model).__name__} is already patched with {context_of(model).method.name!r}; "
+            "call tokenpatch.unpatch(model) first, or tokenpatch.set_keep_ratio(model, r) to change sparsity"
+        )
+    backend = find_backend(model)
+    config = build_config(chosen, keep_ratio, options)
+    backend.check_outputs(model, outputs)
+    return PatchContext(backend, chosen, config, backend.facts(model), outputs=outputs)  # validates the options
+
+
+def _build_modules(model: nn.Module, ctx: PatchContext) -> Optional[nn.Module]:
+    return ctx.method.build_modules(ctx.config, ctx.facts.depth, ctx.backend.embed_dim(model))
 
 
 def unpatch(model: ModelT) -> ModelT:

@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 from torch import Tensor, nn
 
-from .api import patch, unpatch
+from .api import module_shapes, patch, unpatch
 from .core.registry import METHODS, get_method
 from .core.runner import MODULES_NAME, context_of, is_patched
 from .errors import (AlreadyPatchedError, CheckpointError, CheckpointMismatchError, CorruptCheckpointError,
@@ -64,8 +64,8 @@ def load_config(path: PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a tokenpatch config: not text") from exc
 
 
-def patch_from_config(model: ModelT, config: dict[str, Any]) -> ModelT:
-    """Patch an unpatched ``model`` with a ``{"method", "options"}`` dict (lists become tuples).
+def saved_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The options to patch with for a ``{"method", "options"}`` dict (lists become tuples).
 
     An option of the method's official rule that the dict lacks (it was written before the option
     existed) takes the official value, the rule the file was saved with, and says so in one warning.
@@ -77,7 +77,7 @@ def patch_from_config(model: ModelT, config: dict[str, Any]) -> ModelT:
         settings = ", ".join(f"{k}={v!r}" for k, v in older.items())
         warnings.warn(f"{config['method']} file saved before {', '.join(older)} existed: it loads with the rule it was "
                       f"saved with, {settings}, not today's default", UserWarning, stacklevel=3)
-    return patch(model, config["method"], **options, **older)
+    return {**options, **older}
 
 
 def tensor_digest(state: Mapping[str, Tensor]) -> str:
@@ -156,8 +156,10 @@ def load(model: ModelT, path: PathLike) -> ModelT:
     config = _config_from_text(path, metadata[METADATA_KEY])
     if DIGEST_KEY in metadata and tensor_digest(state) != metadata[DIGEST_KEY]:
         raise CorruptCheckpointError(f"{path} is corrupted: its tensors do not match the digest saved with them")
+    options = saved_options(config)
     try:
-        patch_from_config(model, config)
+        _check_module_shapes(model, module_shapes(model, config["method"], **options), state, path)
+        patch(model, config["method"], **options)
     except (UnknownMethodError, InvalidOptionError) as exc:
         raise CheckpointMismatchError(f"{path} cannot be patched in: {exc}") from exc
     try:
@@ -231,9 +233,12 @@ def load_official_state(model: ModelT, state: Mapping[str, Tensor], path: PathLi
         raise CheckpointError(f"{path}: no method's own module weights in it; name the method it was trained with")
     official = get_method(method)
     renamed = official.official_module_keys(list(state))
-    patch(model, method, **{**official.official_options, **options})
+    state = {f"{MODULES_NAME}.{renamed[k]}" if k in renamed else k: v for k, v in state.items()}
+    options = {**official.official_options, **options}
+    _check_module_shapes(model, module_shapes(model, method, **options), state, path)
+    patch(model, method, **options)
     try:
-        load_state(model, {f"{MODULES_NAME}.{renamed[k]}" if k in renamed else k: v for k, v in state.items()}, path)
+        load_state(model, state, path)
     except BaseException:
         unpatch(model)
         raise
@@ -254,15 +259,32 @@ def load_weights(model: ModelT, path: PathLike) -> ModelT:
 def load_state(model: nn.Module, state: Mapping[str, Tensor], path: PathLike) -> None:
     """``load_state_dict(strict=True)`` after checking every key and shape, so it cannot fail half-way
     (a :class:`CheckpointMismatchError` naming ``path`` and the first mismatches)."""
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise CheckpointMismatchError(
-            f"{path} does not fit this {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"shape mismatch {wrong[:5]} (first 5 of each)"
-        )
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    saved = {k: v.shape for k, v in state.items()}
+    if saved != expected:
+        _raise_mismatch(model, expected, saved, path)
     model.load_state_dict(state, strict=True)
+
+
+def _check_module_shapes(model: nn.Module, expected: Mapping[str, torch.Size], state: Mapping[str, Tensor],
+                         path: PathLike) -> None:
+    """A :class:`CheckpointMismatchError` unless the file's method weights (``tokenpatch.*``) are
+    the ``expected`` ones: checked before the modules are built, so that sizes in hostile or
+    mismatched metadata are never allocated."""
+    saved = {k: v.shape for k, v in state.items() if k.startswith(f"{MODULES_NAME}.")}
+    if saved != dict(expected):
+        _raise_mismatch(model, expected, saved, path)
+
+
+def _raise_mismatch(model: nn.Module, expected: Mapping[str, torch.Size], saved: Mapping[str, torch.Size],
+                    path: PathLike) -> None:
+    """The :class:`CheckpointMismatchError` naming the first keys missing, unexpected or of another shape."""
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(saved) if expected[k] != saved[k])
+    raise CheckpointMismatchError(
+        f"{path} does not fit this {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+        f"shape mismatch {wrong[:5]} (first 5 of each)"
+    )
 
 
 def _check_file(path: PathLike) -> None:
