@@ -88,6 +88,10 @@ LOAD_CASES = {
         CheckpointMismatchError, "missing ['tokenpatch.0.heads.bias'"),
     "dynamicvit predictors of another width": (lambda d: _other_width_predictors(d), CheckpointMismatchError,
                                                 "shape mismatch ['tokenpatch."),
+    "metadata naming the method twice": (lambda d: _with_metadata(d, '{"method": "evit", "method": "tome", "options": {}}'),
+                                         CheckpointError, "(ValueError: key 'method' given twice)"),
+    "metadata option NaN": (lambda d: _with_metadata(d, '{"method": "evit", "options": {"keep_ratio": NaN}}'),
+                            CheckpointMismatchError, "keep_ratio must be a finite number, got nan"),
     "corrupted": (lambda d: _corrupted(_tokenpatch_file(d)), CorruptCheckpointError, "do not match the digest"),
 }
 
@@ -276,6 +280,28 @@ def test_a_bad_labels_file_is_a_data_error(tmp_path, labels, words):
         image_dataset(tmp_path)
 
 
+def test_a_labels_file_that_starts_with_a_byte_order_mark_reads_as_any_other(tmp_path):
+    """Spreadsheets write UTF-8 CSV files with a BOM; its header is still file,class_index."""
+    (tmp_path / "0.png").write_bytes(_png_bytes())
+    (tmp_path / "labels.csv").write_text("\ufefffile,class_index\n0.png,3\n", encoding="utf-8")
+    assert [label for _, label in image_dataset(tmp_path)] == [3]
+
+
+def test_saving_to_a_path_that_names_no_file_is_one_line(tmp_path):
+    model = tokenpatch.patch(make_model("deit_tiny"), "evit")
+    for path in ["", ".", str(tmp_path) + "/.."]:
+        with pytest.raises(CheckpointError, match="it names no file"):
+            tokenpatch.save(model, path)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_images_that_are_not_floating_point_are_one_line(dtype):
+    """Raw pixels given without the model's transform: named, not torch's mismatch of input and bias types."""
+    model = tokenpatch.patch(make_model("deit_tiny"), "evit")
+    with pytest.raises(TokenPatchError, match=f"expected floating-point images, .* got {dtype}"):
+        model(images(model).to(dtype))
+
+
 def test_a_folder_without_images_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="no images"):
         image_dataset(tmp_path)
@@ -373,6 +399,15 @@ BAD_COMMANDS = {
                                                 "keep_ratio=0.6 and a macs ratio (0.7) both set the budget"),
     "eval: keep ratio twice": (["eval", MODEL, "--no-pretrained", "--img-size", "32", "--data", "{d}/images",
                                 "--keep-ratio", "0.5", "--methods", "evit:keep_ratio=0.6"], "keep_ratio given twice"),
+    "audit: an option given twice": (AUDIT + ["--method", "tome", "--option", "r=3", "--option", "r=4"],
+                                     "option r given twice (r='3' and r='4')"),
+    "eval: an option given twice": (["eval", MODEL, "--no-pretrained", "--img-size", "32", "--data", "{d}/images",
+                                     "--methods", "tome:r=3,r=4"], "option r given twice"),
+    "eval: a method named twice": (["eval", MODEL, "--no-pretrained", "--img-size", "32", "--data", "{d}/images",
+                                    "--methods", "evit", "tome", "evit"], "--methods names evit twice"),
+    "audit: --output is a file": (AUDIT + ["--output", "{d}/note.txt"], "note.txt is a file, not a folder for results"),
+    "explain: --out is a file": (["explain", MODEL, "--no-pretrained", "{d}/images/0.png", "--out", "{d}/note.txt"],
+                                 "--out {d}/note.txt is a file: give a folder"),
     "eval: missing folder": (["eval", MODEL, "--no-pretrained", "--data", "{d}/nowhere"], "no image folder at"),
     "eval: folder without images": (["eval", MODEL, "--no-pretrained", "--data", "{d}/nothing"], "no images"),
     "eval: corrupt image": (["eval", MODEL, "--no-pretrained", "--img-size", "32", "--data", "{d}/broken", "--methods", "evit"],

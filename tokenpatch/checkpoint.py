@@ -312,7 +312,7 @@ def _read_safetensors(path: PathLike) -> tuple[dict[str, Tensor], dict[str, str]
 def _config_from_text(path: PathLike, text: str) -> dict[str, Any]:
     """The ``{"method": str, "options": dict}`` JSON in ``text``; a :class:`CheckpointError` otherwise."""
     try:
-        config = json.loads(text)
+        config = json.loads(text, object_pairs_hook=_without_repeated_keys)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: tokenpatch metadata is not valid JSON ({exc.msg} at char {exc.pos})") from exc
     except (ValueError, RecursionError) as exc:  # a number of thousands of digits; nesting deeper than Python's stack
@@ -324,6 +324,15 @@ def _config_from_text(path: PathLike, text: str) -> dict[str, Any]:
     return config
 
 
+def _without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict; a key given twice is refused (readers differ on which value wins)."""
+    unique = dict(pairs)
+    if len(unique) < len(pairs):
+        seen: set[str] = set()
+        raise ValueError(f"key {next(key for key, _ in pairs if key in seen or seen.add(key))!r} given twice")
+    return unique
+
+
 def write_atomically(path: PathLike, write: Callable[[str], None]) -> None:
     """Run ``write(temporary_name)`` next to ``path``, then rename it over ``path``.
 
@@ -331,6 +340,8 @@ def write_atomically(path: PathLike, write: Callable[[str], None]) -> None:
     with 0666 shows them, and they are set again after ``write`` (safetensors writes 0600 files).
     """
     target = Path(path)
+    if target.name in ("", ".", ".."):
+        raise CheckpointError(f"cannot write {str(path)!r}: it names no file")
     temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
     with _terminate_as_exit():
         _write_then_rename(path, target, temporary, write)

@@ -80,7 +80,7 @@ def _read_labels(csv_path: Path, root: Path) -> list[tuple[Path, int]]:
     if not csv_path.is_file():
         raise DataError(f"no labels file at {csv_path} (expected columns file,class_index)")
     try:
-        with open(csv_path, newline="") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # spreadsheets often start the file with a BOM
             rows = list(csv.DictReader(f))
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{csv_path} is not a CSV file ({exc})") from exc

@@ -90,6 +90,10 @@ def _audit(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     runtime = _runtime(args)
     join_process_group(runtime.device)
+    labels = [spec.label for spec in args.methods or []]
+    repeated = next((label for i, label in enumerate(labels) if label in labels[:i]), None)
+    if repeated is not None:
+        raise TokenPatchError(f"--methods names {repeated} twice")
     loaded = _load(args, args.img_size)
     methods = args.methods
     if not methods and loaded.saved is not None:  # the checkpoint's own patched model, as saved

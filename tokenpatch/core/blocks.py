@@ -24,11 +24,14 @@ from ..errors import InputShapeError, TokenPatchError
 
 
 def check_images(images: Any) -> None:
-    """Raise :class:`InputShapeError` unless ``images`` is a (B, C, H, W) tensor."""
+    """Raise :class:`InputShapeError` unless ``images`` is a floating-point (B, C, H, W) tensor."""
     if not isinstance(images, Tensor):
         raise InputShapeError(f"expected an image tensor of shape (B, C, H, W), got {type(images).__name__}")
     if images.ndim != 4:
         raise InputShapeError(f"expected images of shape (B, C, H, W), got a {images.ndim}-D tensor of shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise InputShapeError(f"expected floating-point images, normalised as the model's transform does, got "
+                              f"{images.dtype}")
 
 
 @dataclass(frozen=True)

@@ -137,5 +137,11 @@ def parse_option_text(config_class: type, name: str, text: str) -> Any:
 
 
 def parse_options(config_class: type, pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
-    """Command-line ``(KEY, VALUE)`` text pairs as options of ``config_class`` (see :func:`parse_option_text`)."""
+    """Command-line ``(KEY, VALUE)`` text pairs as options of ``config_class`` (see :func:`parse_option_text`);
+    a key given twice is an error, not the last value silently winning."""
+    seen: dict[str, str] = {}
+    for name, text in pairs:
+        if name in seen:
+            raise InvalidOptionError(f"option {name} given twice ({name}={shown(seen[name])} and {name}={shown(text)})")
+        seen[name] = text
     return {name: parse_option_text(config_class, name, text) for name, text in pairs}

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..backends.build import Preprocessing
 from ..data import input_transform, read_image
+from ..errors import TokenPatchError
 from ..interpret.explanation import explain
 from ..interpret.render import contact_sheet, panel, to_pixels
 from ..measure.runtime import Runtime
@@ -29,11 +30,13 @@ def write_explanations(model: nn.Module, paths: Sequence[str], preprocessing: Pr
         What was written and, per image, the patches each block computed (for a merging
         method, the tokens: each merged token counts once); ``merged`` says whether tokens merged.
     """
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise TokenPatchError(f"--out {out} is a file: give a folder for the overlays")
     images = load_image_files(paths, input_transform(preprocessing))
     with runtime.autocast():
         explanation = explain(runtime.place(model), runtime.inputs(images)).to_cpu()
     mean, std = preprocessing.data_config["mean"], preprocessing.data_config["std"]
-    folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     panels, written, computed = [], [], []
     for i, path in enumerate(paths):

@@ -11,6 +11,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from ..errors import TokenPatchError
+
 #: version of the layout of ``results.json``; raised when a key changes meaning or goes away
 RESULTS_SCHEMA_VERSION = 1
 _VERSIONED = ("tokenpatch", "torch", "torchvision", "timm", "transformers", "huggingface_hub", "fvcore")
@@ -73,6 +75,8 @@ def write_results(folder: Union[str, Path], header: dict[str, Any], rows: Sequen
         The two paths written.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise TokenPatchError(f"{folder} is a file, not a folder for results.json and results.csv")
     folder.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = folder / "results.json", folder / "results.csv"
     write_json({"schema_version": RESULTS_SCHEMA_VERSION, **header, "versions": versions(), "results": list(rows)},
