@@ -120,3 +120,16 @@ def test_the_supported_models_table_covers_every_test_model_and_method_and_its_r
                 assert not tokenpatch.is_patched(model)
             else:
                 tokenpatch.unpatch(tokenpatch.patch(model, method))
+
+
+def _bash_blocks(text: str) -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+
+
+def test_the_readme_set_up_commands_are_what_ci_runs():
+    """CI installs and tests exactly as the README's two set-up commands say."""
+    install, test = _bash_blocks((ROOT / "README.md").read_text())[:2]
+    ci = (ROOT / ".ci" / "run").read_text()
+    pip = re.search(r"pip install -c \S+ -e \S+", install).group(0)
+    assert pip.replace("pip install", "pip install -q") in ci
+    assert test.strip() in ci.splitlines()
