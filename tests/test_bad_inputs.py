@@ -457,7 +457,7 @@ def test_a_bad_command_exits_2_with_one_line_and_touches_no_file(files, capsys, 
 
 def test_the_cli_shows_the_traceback_of_a_bug(monkeypatch):
     """Only user errors become one line: an internal error is not hidden behind exit 2."""
-    monkeypatch.setattr("tokenpatch.cli.audit_rows", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("tokenpatch.cli.commands.audit_rows", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         main(AUDIT)
 
@@ -516,7 +516,7 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("tokenpatch.cli.audit_rows", interrupted)
+    monkeypatch.setattr("tokenpatch.cli.commands.audit_rows", interrupted)
     assert main(AUDIT) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "tokenpatch: interrupted"
 

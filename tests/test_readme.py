@@ -133,3 +133,4 @@ def test_the_readme_set_up_commands_are_what_ci_runs():
     pip = re.search(r"pip install -c \S+ -e \S+", install).group(0)
     assert pip.replace("pip install", "pip install -q") in ci
     assert test.strip() in ci.splitlines()
+

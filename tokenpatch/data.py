@@ -16,10 +16,10 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from .backends.build import Preprocessing, preprocessing_of
 from .errors import DataError, InvalidOptionError, shown
+from .progress import progress_bar
 
 DATA_ENV = "TOKENPATCH_DATA"
 DEIT_TINY_WEIGHTS = "weights/deit_tiny_patch16_224.safetensors"
@@ -347,6 +347,6 @@ def load_deit_tiny(root: PathLike, dynamic_img_size: bool = False) -> nn.Module:
 def load_images(dataset: Dataset, limit: Optional[int] = None, progress: bool = False) -> tuple[Tensor, Tensor]:
     """All (or the first ``limit``) items of ``dataset`` stacked: (M, 3, H, W) images, (M,) labels."""
     count = len(dataset) if limit is None else min(limit, len(dataset))
-    with tqdm(range(count), desc="images", disable=not progress, leave=False) as indices:  # erased on errors too
+    with progress_bar(range(count), desc="images", show=progress, leave=False) as indices:  # erased on errors too
         images, labels = zip(*(dataset[i] for i in indices))
     return torch.stack(images), torch.tensor(labels)

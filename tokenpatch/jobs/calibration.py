@@ -34,7 +34,6 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..api import get_config, get_method_name, is_patched, patch, unpatch
 from ..core.blocks import check_images
@@ -44,6 +43,7 @@ from ..errors import InvalidOptionError
 from ..measure.budget import TOLERANCE, check_macs_ratio, set_macs_ratio
 from ..measure.evaluate import predict
 from ..measure.flops import count_macs
+from ..progress import progress_bar
 
 #: exponents of the schedule family: < 1 merges early, > 1 late
 SHAPES = (0.5, 0.75, 1.0, 1.5, 2.0)
@@ -164,7 +164,7 @@ def _choose(model: nn.Module, images: Tensor, target: float, names: list[str], k
             reference: Tensor, unpatched: float, progress: bool) -> Calibration:
     """Score every method in ``names`` at the budget, then patch ``model`` with the best one."""
     compared, tome_search = [], None
-    for name in tqdm(names, desc="calibrating", disable=not progress, leave=False):
+    for name in progress_bar(names, desc="calibrating", show=progress, leave=False):
         tried = []
         for options in get_method(name).calibration_options(get_method(name).config_class(**kept)):
             patch(model, name, **{**kept, **options})
@@ -214,7 +214,7 @@ def _search_tome(model: nn.Module, images: Tensor, target: float, reference: Ten
     # a late start cannot always reach the budget (a block merges at most half of its patches)
     candidates = [schedule for schedule in family if costs.ratio(schedule) <= target * (1 + TOLERANCE)]
     scored = [(_score(model, images, reference, schedule)[0], schedule)
-              for schedule in tqdm(candidates, desc="tome schedules", disable=not progress, leave=False)]
+              for schedule in progress_bar(candidates, desc="tome schedules", show=progress, leave=False)]
     reconfigure(model, remaining=_on_budget(model, min(scored)[1], target, images[:1], costs))
     return len(candidates), default
 

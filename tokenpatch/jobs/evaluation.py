@@ -16,7 +16,6 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from ..api import get_config, patch, set_macs_ratio
 from ..backends import find_backend
@@ -28,6 +27,7 @@ from ..measure.allocator import trimming
 from ..measure.budget import mean_macs_per_image
 from ..measure.evaluate import logits_of
 from ..measure.runtime import Runtime
+from ..progress import progress_bar
 from .models import lift_keep_ratio
 
 EVAL_COLUMNS = ["method", "keep_ratio", "gmacs", "macs_ratio", "top1", "top5", "agreement"]
@@ -186,7 +186,7 @@ def _prepare(model: nn.Module, spec: MethodSpec, label: str, keep_ratio: Optiona
 def _score(reference: _Contender, contenders: Sequence[_Contender], batches: Iterable[tuple[Tensor, Tensor]],
            runtime: Runtime, progress: bool) -> None:
     """Run every model on every batch, the unpatched one first, and count; then sum over processes."""
-    for images, labels in tqdm(trimming(batches), desc="eval", disable=not progress, leave=False):
+    for images, labels in progress_bar(trimming(batches), desc="eval", show=progress, leave=False):
         images = runtime.inputs(images)
         with runtime.autocast():
             reference_top5 = top5_of(logits_of(reference.model, reference.model(images)))

@@ -8,9 +8,9 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..backends import find_backend
+from ..progress import progress_bar
 from .allocator import trimming
 from .runtime import Runtime
 
@@ -40,7 +40,7 @@ def predict(model: nn.Module, images: Tensor, batch_size: int = 50, progress: bo
     model.eval()
     runtime = runtime or Runtime(images.device)
     logits = []
-    for batch in tqdm(images.split(batch_size), desc=desc, disable=not progress, leave=False):
+    for batch in progress_bar(images.split(batch_size), desc=desc, show=progress, leave=False):
         with runtime.autocast():
             logits.append(logits_of(model, model(runtime.inputs(batch))).float().cpu())
     return torch.cat(logits)

@@ -10,7 +10,8 @@ from typing import Mapping, Optional, Union
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from ..progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def compare_throughput(
             time_forward(model, x, amp)
     _sync(device)
     seconds: dict[str, list[float]] = {name: [] for name in models}
-    for _ in tqdm(range(repeats), desc=f"timing batch {batch_size}", disable=not progress, leave=False):
+    for _ in progress_bar(range(repeats), desc=f"timing batch {batch_size}", show=progress, leave=False):
         for name, model in models.items():
             seconds[name].append(time_forward(model, x, amp))
     return {name: _summarise(batch_size, s) for name, s in seconds.items()}

@@ -10,6 +10,7 @@ from typing import Any, Iterator, Optional
 import torch
 from tqdm.auto import tqdm
 
+from .. import progress
 from ..core.distributed import in_process_group
 from ..errors import InvalidOptionError
 
@@ -62,9 +63,9 @@ class Budget:
     def progress_bar(self, enabled: bool, done: int = 0) -> tqdm:
         """A bar over the steps (``done`` of them already), or over the seconds of a time budget."""
         if self.seconds is None:
-            return tqdm(total=self.steps, initial=done, desc="finetune", disable=not enabled)
-        return tqdm(total=round(self.seconds), initial=min(round(self.spent), round(self.seconds)), desc="finetune",
-                    unit="s", disable=not enabled)
+            return progress.progress_bar(total=self.steps, initial=done, desc="finetune", show=enabled)
+        return progress.progress_bar(total=round(self.seconds), initial=min(round(self.spent), round(self.seconds)),
+                                     desc="finetune", unit="s", show=enabled)
 
     def advance(self, bar: tqdm, step: int, **postfix: Any) -> None:
         """Move ``bar`` to the end of 1-based ``step`` and show ``postfix``."""
