@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-import tokenpatch  # noqa: F401  (registers the built-in methods)
+import tokenpatch.methods  # noqa: F401  (registers the built-in methods: the package itself imports lazily)
 from tokenpatch.core.registry import METHODS
 from tokenpatch.data import data_dir
 

@@ -41,6 +41,7 @@ _EXPORTS = {
     "load": ".checkpoint",
     "save_config": ".checkpoint",
     "load_config": ".checkpoint",
+    "from_pretrained": ".hub",
     "Trace": ".core.records",
     "BlockRecord": ".core.records",
     "ScoreRecord": ".core.records",

@@ -18,6 +18,9 @@ from .checkpoint import (
     save as save,
     save_config as save_config,
 )
+from .hub import (
+    from_pretrained as from_pretrained,
+)
 from .core.method import (
     Method as Method,
     MethodConfig as MethodConfig,

@@ -13,17 +13,13 @@ message names the path, and leaves the model as it was.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
-import signal
-import threading
-import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, TypeVar, Union
+from typing import Any, Optional, TypeVar, Union
 
 import torch
 from safetensors import SafetensorError
@@ -34,7 +30,8 @@ from .api import module_shapes, patch, unpatch
 from .core.registry import METHODS, get_method
 from .core.runner import MODULES_NAME, context_of, is_patched
 from .errors import (AlreadyPatchedError, CheckpointError, CheckpointMismatchError, CorruptCheckpointError,
-                     InvalidOptionError, UnknownMethodError)
+                     InvalidOptionError, UnknownMethodError, first_line)
+from .files import write_atomically
 
 METADATA_KEY = "tokenpatch"
 #: metadata key of the tensors' SHA-256 (:func:`tensor_digest`); files saved before it existed have none
@@ -45,8 +42,7 @@ PathLike = Union[str, os.PathLike]
 
 def config_dict(model: nn.Module) -> dict[str, Any]:
     """``{"method": name, "options": {...}}`` of a patched model (JSON-ready)."""
-    ctx = context_of(model)
-    return {"method": ctx.method.name, "options": ctx.settings.config.to_dict()}
+    return context_of(model).config_dict()
 
 
 def save_config(model: nn.Module, path: PathLike) -> None:
@@ -156,18 +152,25 @@ def load(model: ModelT, path: PathLike) -> ModelT:
     config = _config_from_text(path, metadata[METADATA_KEY])
     if DIGEST_KEY in metadata and tensor_digest(state) != metadata[DIGEST_KEY]:
         raise CorruptCheckpointError(f"{path} is corrupted: its tensors do not match the digest saved with them")
-    options = saved_options(config)
-    try:
-        _check_module_shapes(model, module_shapes(model, config["method"], **options), state, path)
-        patch(model, config["method"], **options)
-    except (UnknownMethodError, InvalidOptionError) as exc:
-        raise CheckpointMismatchError(f"{path} cannot be patched in: {exc}") from exc
+    patch_as_saved(model, config, state, path)
     try:
         load_state(model, state, path)
     except BaseException:
         unpatch(model)
         raise
     return model
+
+
+def patch_as_saved(model: nn.Module, config: dict[str, Any], state: Mapping[str, Tensor], path: PathLike) -> None:
+    """Patch the unpatched ``model`` with the method and options of a saved ``config``
+    (:func:`saved_options`), once the method weights among ``state`` (``tokenpatch.*``) are checked
+    to be the ones those options build; a :class:`CheckpointMismatchError` naming ``path`` otherwise."""
+    options = saved_options(config)
+    try:
+        check_module_shapes(model, module_shapes(model, config["method"], **options), state, path)
+        patch(model, config["method"], **options)
+    except (UnknownMethodError, InvalidOptionError) as exc:
+        raise CheckpointMismatchError(f"{path} cannot be patched in: {exc}") from exc
 
 
 def read_state_dict(path: PathLike) -> dict[str, Tensor]:
@@ -185,7 +188,7 @@ def read_state_dict(path: PathLike) -> dict[str, Tensor]:
         with torch.serialization.safe_globals([argparse.Namespace]):  # a plain record of the training arguments
             content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors: the file is not a torch save of tensors
-        reason = _first_line(exc).split(". ")[0]  # torch's refusal explains weights_only at length
+        reason = first_line(exc).split(". ")[0]  # torch's refusal explains weights_only at length
         raise CheckpointError(f"{path} is not a torch state dict or safetensors file ({reason})") from exc
     if isinstance(content, Mapping):
         content = content.get("model", content.get("state_dict", content))
@@ -235,7 +238,7 @@ def load_official_state(model: ModelT, state: Mapping[str, Tensor], path: PathLi
     renamed = official.official_module_keys(list(state))
     state = {f"{MODULES_NAME}.{renamed[k]}" if k in renamed else k: v for k, v in state.items()}
     options = {**official.official_options, **options}
-    _check_module_shapes(model, module_shapes(model, method, **options), state, path)
+    check_module_shapes(model, module_shapes(model, method, **options), state, path)
     patch(model, method, **options)
     try:
         load_state(model, state, path)
@@ -266,8 +269,8 @@ def load_state(model: nn.Module, state: Mapping[str, Tensor], path: PathLike) ->
     model.load_state_dict(state, strict=True)
 
 
-def _check_module_shapes(model: nn.Module, expected: Mapping[str, torch.Size], state: Mapping[str, Tensor],
-                         path: PathLike) -> None:
+def check_module_shapes(model: nn.Module, expected: Mapping[str, torch.Size], state: Mapping[str, Tensor],
+                        path: PathLike) -> None:
     """A :class:`CheckpointMismatchError` unless the file's method weights (``tokenpatch.*``) are
     the ``expected`` ones: checked before the modules are built, so that sizes in hostile or
     mismatched metadata are never allocated."""
@@ -306,7 +309,7 @@ def _read_safetensors(path: PathLike) -> tuple[dict[str, Tensor], dict[str, str]
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated, or another format): "
-                              f"{_first_line(exc)}") from exc
+                              f"{first_line(exc)}") from exc
 
 
 def _config_from_text(path: PathLike, text: str) -> dict[str, Any]:
@@ -317,7 +320,7 @@ def _config_from_text(path: PathLike, text: str) -> dict[str, Any]:
         raise CheckpointError(f"{path}: tokenpatch metadata is not valid JSON ({exc.msg} at char {exc.pos})") from exc
     except (ValueError, RecursionError) as exc:  # a number of thousands of digits; nesting deeper than Python's stack
         raise CheckpointError(f"{path}: tokenpatch metadata is not a configuration tokenpatch reads "
-                              f"({type(exc).__name__}: {_first_line(exc)[:80]})") from exc
+                              f"({type(exc).__name__}: {first_line(exc)[:80]})") from exc
     if (not isinstance(config, dict) or not isinstance(config.get("method"), str)
             or not isinstance(config.get("options"), dict)):
         raise CheckpointError(f"{path}: tokenpatch metadata must be {{\"method\": name, \"options\": {{...}}}}")
@@ -331,56 +334,3 @@ def _without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         raise ValueError(f"key {next(key for key, _ in pairs if key in seen or seen.add(key))!r} given twice")
     return unique
-
-
-def write_atomically(path: PathLike, write: Callable[[str], None]) -> None:
-    """Run ``write(temporary_name)`` next to ``path``, then rename it over ``path``.
-
-    The file gets the permissions of any new file, 0666 less the umask: a placeholder created
-    with 0666 shows them, and they are set again after ``write`` (safetensors writes 0600 files).
-    """
-    target = Path(path)
-    if target.name in ("", ".", ".."):
-        raise CheckpointError(f"cannot write {str(path)!r}: it names no file")
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-    with _terminate_as_exit():
-        _write_then_rename(path, target, temporary, write)
-
-
-@contextlib.contextmanager
-def _terminate_as_exit() -> Iterator[None]:
-    """While the block runs, a SIGTERM that would kill the process outright (the default action)
-    raises ``SystemExit(143)`` instead, so that the block's clean-up runs; in the main thread only
-    (signal handlers live there), and a handler the program set stays as it was."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
-        return
-
-    def exit_cleanly(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, exit_cleanly)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _write_then_rename(path: PathLike, target: Path, temporary: Path, write: Callable[[str], None]) -> None:
-    """:func:`write_atomically`'s work: a placeholder, the write, its permissions, the rename."""
-    try:
-        os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-        mode = temporary.stat().st_mode & 0o777
-        write(str(temporary))
-        os.chmod(temporary, mode)
-        os.replace(temporary, target)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {path}: {exc.strerror or _first_line(exc)}") from exc
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

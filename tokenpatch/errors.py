@@ -62,3 +62,8 @@ def shown(value: Any, limit: int = 40) -> str:
     except ValueError:  # an integer beyond Python's conversion limit
         return "an integer of more than 4300 digits"
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its class name when it has none), for a one-line error."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

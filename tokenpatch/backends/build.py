@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..errors import TokenPatchError
+from ..errors import TokenPatchError, first_line
 
 HF_PREFIX = "hf:"
 #: model names timm resolves itself (a Hub repository, a local folder with timm's config.json)
@@ -108,7 +108,7 @@ def build_timm_model(name: str, img_size: Optional[int] = None, pretrained: bool
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:  # not downloadable, not cached, or not loadable
         what = "the pretrained weights" if pretrained else "the config"
-        raise TokenPatchError(f"cannot load {what} of {name!r} through timm ({_first_line(exc)}) "
+        raise TokenPatchError(f"cannot load {what} of {name!r} through timm ({first_line(exc)}) "
                               f"{_OFFLINE_HINT}") from exc
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     side = patch[0] if isinstance(patch, (tuple, list)) else patch
@@ -155,7 +155,7 @@ def _build_transformers_model(source: str, pretrained: bool, drop_path: Optional
             model = loader.from_config(model_config) if hasattr(loader, "from_config") else loader(model_config)
         processor = transformers.AutoImageProcessor.from_pretrained(source)
     except (OSError, ValueError, KeyError) as exc:  # no such repository or folder, not cached, not an image model
-        raise TokenPatchError(f"cannot load the transformers checkpoint {source!r} ({_first_line(exc)}) "
+        raise TokenPatchError(f"cannot load the transformers checkpoint {source!r} ({first_line(exc)}) "
                               f"{_OFFLINE_HINT}") from exc
     return BuiltModel(model.eval(), Preprocessing(processor_data_config(processor), processor), pretrained)
 
@@ -194,8 +194,3 @@ def processor_data_config(processor: Any) -> dict[str, Any]:
         "crop_pct": height / resized if crop else 1.0,
         "crop_mode": "center" if size.shortest_edge else "squash",
     }
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -415,6 +415,9 @@ class HFBackend(Backend):
             raise InvalidOptionError(f'{type(model).__name__} pools with a padding mask over every patch, so it needs '
                                      f'outputs="full"')
 
+    def saving_methods(self, model: nn.Module) -> tuple[str, ...]:
+        return ("save_pretrained",)
+
     def logits(self, output: Any) -> Tensor:
         return output.logits if hasattr(output, "logits") else output
 

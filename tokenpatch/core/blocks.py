@@ -217,6 +217,11 @@ class Backend(ABC):
         ``forward_intermediates``): the patch makes each of those outputs the full grid."""
         return ()
 
+    def saving_methods(self, model: nn.Module) -> tuple[str, ...]:
+        """Names of the model's methods that save it with its configuration (transformers'
+        ``save_pretrained``): the patch makes each also write the tokenpatch config beside it."""
+        return ()
+
     def logits(self, output: Any) -> Tensor:
         """The (B, classes) logits in one of the family's model outputs."""
         return output

@@ -39,11 +39,13 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from .. import __version__
 from ..errors import InvalidOptionError, NotPatchedError, TokenPatchError, UnsupportedModelError
 from .blocks import Backend, ModelFacts
 from .method import Method, MethodConfig
 from .pieces import padded_block
 from .records import Trace
+from .sidecar import write_sidecar
 from .state import PassState
 
 CONTEXT_ATTR = "_tokenpatch"
@@ -133,6 +135,10 @@ class PatchContext:
                 f"option(s) {fixed} of {self.method.name!r} are fixed at patch time; re-patch to change them")
         return build_config(self.method, None, {**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)},
                                                  **options})
+
+    def config_dict(self) -> dict[str, Any]:
+        """``{"method": name, "options": {...}}`` of the model's settings (JSON-ready)."""
+        return {"method": self.method.name, "options": self.settings.config.to_dict()}
 
     def current_settings(self) -> Settings:
         """The settings a pass started now in this thread uses."""
@@ -282,8 +288,25 @@ def _install_forward(module: nn.Module, forward: Callable[..., Any], where: str,
     module.__dict__[slot] = functools.partial(forward, module, *extra)
 
 
+def _saving_call(model: nn.Module, name: str, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+    """A patched model's ``save_pretrained``: the model's own weights as the class saves them (the
+    method's modules left out, so a plain ``from_pretrained`` loads the unpatched model cleanly),
+    then the tokenpatch config and the modules' weights beside them (:mod:`tokenpatch.core.sidecar`)."""
+    ctx: PatchContext = model.__dict__[CONTEXT_ATTR]
+    state = kwargs.pop("state_dict", None)
+    state = model.state_dict() if state is None else state
+    prefix = f"{MODULES_NAME}."
+    own = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    result = getattr(type(model), name)(model, save_directory, *args, state_dict=own, **kwargs)
+    if kwargs.get("is_main_process", True):
+        write_sidecar(save_directory, {**ctx.config_dict(), "tokenpatch_version": __version__},
+                      {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return result
+
+
 def _is_ours(forward: Any) -> bool:
-    return isinstance(forward, functools.partial) and forward.func in (_block_forward, _model_forward, _all_blocks_call)
+    return isinstance(forward, functools.partial) and forward.func in (_block_forward, _model_forward, _all_blocks_call,
+                                                                       _saving_call)
 
 
 def _remove_forward(module: nn.Module) -> None:
@@ -309,6 +332,8 @@ def install(model: nn.Module, ctx: PatchContext) -> None:
         _install_forward(model, _model_forward, "the model")
         for name in ctx.backend.all_block_outputs(model):
             _install_forward(model, _all_blocks_call, "the model", name, name)
+        for name in ctx.backend.saving_methods(model):
+            _install_forward(model, _saving_call, "the model", name, name)
         model.__dict__[CONTEXT_ATTR] = ctx
     except Exception:
         uninstall(model, ctx.backend, ctx.modules)

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import write_atomically
 from ..core.distributed import in_process_group, is_main_process, rank, world_size
 from ..core.runner import context_of
 from ..errors import CheckpointError
+from ..files import write_atomically
 
 FORMAT = "tokenpatch-training-state"
 VERSION = 1
