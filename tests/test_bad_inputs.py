@@ -464,7 +464,8 @@ def test_the_cli_shows_the_traceback_of_a_bug(monkeypatch):
 
 def _audit_json(argv, capsys) -> dict:
     assert main(AUDIT + argv + ["--json"]) == 0
-    return json.loads(capsys.readouterr().out)
+    row, = json.loads(capsys.readouterr().out)["results"]
+    return row
 
 
 def test_audit_of_a_tokenpatch_file_uses_its_method_and_options_unless_told_otherwise(files, capsys):

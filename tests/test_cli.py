@@ -13,6 +13,7 @@ import tokenpatch
 from tokenpatch.cli import main
 from tokenpatch.backends.build import build_timm_model
 from tokenpatch.core.registry import DEFAULT_METHOD
+from tokenpatch.jobs.audit import AUDIT_COLUMNS, COMPILED_COLUMNS
 from tokenpatch.measure.flops import count_macs
 
 from conftest import random_folder_and_weights
@@ -23,16 +24,18 @@ AUDIT = ["audit", "deit_tiny_patch16_224", "--no-pretrained", "--img-size", "64"
 def test_audit_json_agrees_with_the_library(capsys):
     assert main(AUDIT + ["--keep-ratio", "0.5", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    required = {"model", "method", "keep_ratio", "params", "macs", "macs_unpatched", "reduction",
-                "ideal_speedup", "throughput", "throughput_unpatched", "speedup"}
-    assert required <= set(out)
+    assert out["schema_version"] == 2 and {"model", "command", "batch_size"} <= set(out)
+    row, = out["results"]  # one stable layout, for one method or all
+    assert list(row) == ["method", "keep_ratio", "params", *AUDIT_COLUMNS[2:]]
     model = build_timm_model("deit_tiny_patch16_224", 64)
-    assert out["macs_unpatched"] == count_macs(model, (1, 3, 64, 64)).total
-    assert out["method"] == DEFAULT_METHOD == "tome"
+    assert row["gmacs_unpatched"] == count_macs(model, (1, 3, 64, 64)).total / 1e9
+    assert row["method"] == DEFAULT_METHOD == "tome"
     tokenpatch.patch(model, DEFAULT_METHOD, keep_ratio=0.5)
-    assert out["macs"] == count_macs(model, (1, 3, 64, 64)).total
-    assert out["reduction"] == pytest.approx(1 - out["macs"] / out["macs_unpatched"])
-    assert out["throughput"] > 0 and out["throughput_unpatched"] > 0
+    assert row["gmacs"] == count_macs(model, (1, 3, 64, 64)).total / 1e9
+    assert row["macs_ratio"] == pytest.approx(row["gmacs"] / row["gmacs_unpatched"])
+    assert row["ideal_speedup"] == pytest.approx(1 / row["macs_ratio"])
+    assert row["img_s"] > 0 and row["img_s_unpatched"] > 0
+    assert row["speedup_low"] <= row["speedup"] <= row["speedup_high"]
 
 
 def test_audit_table_has_one_row_per_method(capsys):
@@ -48,7 +51,7 @@ def test_audit_solves_each_method_for_a_mac_budget(capsys):
     rows = json.loads(capsys.readouterr().out)["results"]
     assert sorted(r["method"] for r in rows) == sorted(tokenpatch.available_methods())
     for row in rows:
-        assert row["macs"] / row["macs_unpatched"] == pytest.approx(0.7, rel=0.01)
+        assert row["macs_ratio"] == pytest.approx(0.7, rel=0.01)
         assert 0 < row["keep_ratio"] < 1
 
 
@@ -270,12 +273,12 @@ def test_audit_compile_reports_compiled_next_to_eager(monkeypatch, capsys):
     torch._dynamo.reset()
     _compile_with(monkeypatch, "eager")
     assert main(AUDIT + ["--method", "evit", "--keep-ratio", "0.5", "--compile", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["img_s"] > 0 and out["img_s_compiled"] > 0 and out["img_s_unpatched_compiled"] > 0
-    assert out["speedup_compiled"] > 0
+    row, = json.loads(capsys.readouterr().out)["results"]
+    assert row["img_s"] > 0 and row["img_s_compiled"] > 0 and row["img_s_unpatched_compiled"] > 0
+    assert row["speedup_compiled_low"] <= row["speedup_compiled"] <= row["speedup_compiled_high"]
     assert main(AUDIT + ["--method", "evit", "--keep-ratio", "0.5", "--compile"]) == 0
     header = capsys.readouterr().out.splitlines()[1].split()
-    assert header[-4:] == ["speedup", "img_s_unpatched_compiled", "img_s_compiled", "speedup_compiled"]
+    assert header[-6:] == ["speedup_high", *COMPILED_COLUMNS]
 
 
 def test_audit_compile_failure_is_one_line(monkeypatch, capsys):
@@ -291,3 +294,21 @@ def test_audit_compile_failure_is_one_line(monkeypatch, capsys):
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]  # after the progress bars
     assert "torch.compile failed (RuntimeError: Compiler: cc not found)" in last
+
+
+def test_methods_means_the_same_in_audit_and_eval(capsys, tmp_path):
+    """Both take a list of METHOD[:KEY=VALUE,...] or all; all stands alone; a method named twice is refused."""
+    assert main(AUDIT + ["--methods", "tome", "tome:r=2", "evit:keep_ratio=0.3", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert [(r["method"], r["keep_ratio"]) for r in rows] == [("tome", 0.5), ("tome:r=2", 0.5),
+                                                             ("evit:keep_ratio=0.3", 0.3)]
+    assert rows[1]["gmacs"] < rows[0]["gmacs"]
+    folder, _ = random_folder_and_weights(tmp_path, 2)
+    evaluate = ["eval", "deit_tiny_patch16_224", "--no-pretrained", "--img-size", "32", "--data", str(folder), "--json"]
+    assert main(evaluate + ["--methods", "all"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert [r["method"] for r in rows] == ["unpatched", *sorted(tokenpatch.available_methods())]
+    for argv, words in [(AUDIT + ["--methods", "all", "tome"], "--methods all names every method: give it alone"),
+                        (evaluate + ["--methods", "tome", "tome"], "--methods names tome twice"),
+                        (AUDIT + ["--methods", "tome", "--method", "evit"], "give --method (with --option) for one")]:
+        assert main(argv) == 2 and words in capsys.readouterr().err

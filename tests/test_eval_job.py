@@ -158,7 +158,7 @@ def test_output_writes_the_table_as_json_and_csv_with_what_made_it(tmp_path, cap
                         "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     written = json.loads((out / "results.json").read_text())
-    assert written["schema_version"] == 1 and written["results"] == printed["results"]
+    assert written["schema_version"] == printed["schema_version"] == 2 and written["results"] == printed["results"]
     assert written["command"].startswith("tokenpatch eval deit_tiny_patch16_224 --no-pretrained")
     assert written["device"] == "cpu, bf16 autocast" and written["weights"] == "random weights"
     assert {"torch", "timm", "transformers", "tokenpatch", "python"} <= set(written["versions"])

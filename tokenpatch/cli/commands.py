@@ -30,16 +30,20 @@ from ..jobs.explain import write_explanations
 from ..jobs.finetune import FinetuneJob, finetune_job, run_finetune_job
 from ..jobs.models import DEFAULT_KEEP_RATIO, LoadedModel, PatchRequest, lift_keep_ratio, load_model
 from ..measure.budget import check_macs_ratio
-from ..measure.report import format_table, write_results
+from ..measure.report import RESULTS_SCHEMA_VERSION, format_table, write_results
 from ..measure.runtime import AMP_DTYPES, Runtime
 from ..training.finetune import FinetuneConfig
 from ..progress import silenced_progress
 from ..training.recipes import RECIPES, recipe_named
 from .parser import COMMANDS, top_level_parser
 
+#: the ``--methods`` value that names every registered method
+ALL_METHODS = "all"
+
 
 def _print_json(payload: dict[str, Any]) -> None:
-    json.dump(payload, sys.stdout, indent=2)
+    """A command's ``--json`` output: the layout of ``results.json`` (its ``schema_version`` first), without ``versions``."""
+    json.dump({"schema_version": RESULTS_SCHEMA_VERSION, **payload}, sys.stdout, indent=2)
     print()
 
 
@@ -65,19 +69,23 @@ def _write_results(args: argparse.Namespace, header: dict[str, Any], rows: list[
 
 def _audit(args: argparse.Namespace) -> int:
     runtime = _runtime(args)
+    specs = _listed_methods(args.methods)
+    if specs and (args.method or args.option):
+        raise TokenPatchError("give --method (with --option) for one method, or --methods with each one's options")
     options = method_options(_method_named(args), args.option)  # bad options fail before any download
     loaded = _load(args, args.img_size)
-    names = sorted(available_methods()) if args.methods == "all" else [args.method]
+    requests = ([PatchRequest(spec.name, args.keep_ratio, args.macs_ratio, spec.options) for spec in specs] if specs
+                else [PatchRequest(args.method, args.keep_ratio, args.macs_ratio, options)])
     patched = {}
-    for name in names:
-        model = loaded.patched(PatchRequest(name, args.keep_ratio, args.macs_ratio, options))
-        patched[get_method_name(model)] = model
+    for request, spec in zip(requests, specs or [None]):
+        model = loaded.patched(request)
+        patched[spec.label or spec.name if spec else get_method_name(model)] = model
     rows = audit_rows(loaded.unpatched, patched, args.batch_size, args.repeats, runtime, compiled=args.compile)
     header = {**_header(args, loaded, runtime), "batch_size": args.batch_size}
     columns = AUDIT_COLUMNS + (COMPILED_COLUMNS if args.compile else [])
     _write_results(args, header, rows, columns)
     if args.json:
-        _print_json({**header, **rows[0]} if len(rows) == 1 else {**header, "results": rows})
+        _print_json({**header, "results": rows})
     else:
         print(f"{args.model} ({loaded.weights}): {rows[0]['params'] / 1e6:.2f} M params, batch {args.batch_size}, "
               f"{runtime.describe()}, {torch.get_num_threads()} threads")
@@ -88,12 +96,8 @@ def _audit(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     runtime = _runtime(args)
     join_process_group(runtime.device)
-    labels = [spec.label for spec in args.methods or []]
-    repeated = next((label for i, label in enumerate(labels) if label in labels[:i]), None)
-    if repeated is not None:
-        raise TokenPatchError(f"--methods names {repeated} twice")
+    methods = _listed_methods(args.methods)
     loaded = _load(args, args.img_size)
-    methods = args.methods
     if not methods and loaded.saved is not None:  # the checkpoint's own patched model, as saved
         name = get_method_name(loaded.saved)
         methods = [MethodSpec(name, label=f"{name} (checkpoint)",
@@ -161,10 +165,34 @@ def _print_eval_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) ->
 
 
 def _method_spec(text: str) -> MethodSpec:
+    """One ``--methods`` item: ``NAME[:KEY=VALUE,...]``, or ``all`` (every registered method)."""
+    if text == ALL_METHODS:
+        return MethodSpec(ALL_METHODS)
     try:
         return MethodSpec.parse(text)
     except TokenPatchError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _listed_methods(specs: Optional[Sequence[MethodSpec]]) -> Optional[list[MethodSpec]]:
+    """``--methods`` as given (``all``: every registered method, alone), each named once; None when not given."""
+    if specs is None:
+        return None
+    labels = [spec.label or spec.name for spec in specs]
+    if ALL_METHODS in labels:
+        if len(labels) > 1:
+            raise TokenPatchError(f"--methods {ALL_METHODS} names every method: give it alone")
+        return [MethodSpec(name) for name in sorted(available_methods())]
+    repeated = next((label for i, label in enumerate(labels) if label in labels[:i]), None)
+    if repeated is not None:
+        raise TokenPatchError(f"--methods names {repeated} twice")
+    return list(specs)
+
+
+def _add_methods_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--methods", nargs="+", type=_method_spec, metavar="METHOD[:KEY=VALUE,...]",
+                        help=f"methods to compare, each with its own options, e.g. idle idle:score=fixed tome, or "
+                        f"{ALL_METHODS} (every method) (default: {default})")
 
 
 def method_options(method: str, pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
@@ -341,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(audit)
     _add_method_arguments(audit, "instead of --keep-ratio: the share of the unpatched MACs to spend; each method's "
                           "keep ratio is solved to within 1 %% of it")
-    audit.add_argument("--methods", choices=["all"], help="one row per available method")
+    _add_methods_argument(audit, "--method alone")
     audit.add_argument("--batch-size", type=_positive, default=32)
     audit.add_argument("--img-size", type=_positive, help="input size of a timm model (default: the model's)")
     _add_runtime_arguments(audit)
@@ -359,9 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "or flat with labels.csv")
     evaluate.add_argument("--labels", help="file,class_index CSV (default: DATA/labels.csv when present)")
     evaluate.add_argument("--class-map", metavar="FILE", help=_CLASS_MAP_HELP)
-    evaluate.add_argument("--methods", nargs="+", type=_method_spec, metavar="METHOD[:KEY=VALUE,...]",
-                          help="methods to compare, each with its own options, e.g. idle idle:score=fixed tome "
-                          "(default: every method that needs no training)")
+    _add_methods_argument(evaluate, "every method that needs no training")
     budget = evaluate.add_mutually_exclusive_group()
     budget.add_argument("--macs-ratio", type=_macs_ratio, help="fit each method to this share of the unpatched MACs")
     budget.add_argument("--keep-ratio", type=_ratio, help="the same keep ratio for every method (default: each "

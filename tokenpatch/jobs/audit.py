@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,12 +14,17 @@ from ..backends import find_backend
 from ..errors import TokenPatchError
 from ..measure.flops import count_macs
 from ..measure.runtime import Runtime
-from ..measure.speed import Throughput, compare_throughput, paired_speedup
+from ..measure.speed import Throughput, compare_throughput, paired_ratios
 
-AUDIT_COLUMNS = ["method", "keep_ratio", "gmacs_unpatched", "gmacs", "reduction_%", "ideal_speedup",
-                 "img_s_unpatched", "img_s", "speedup"]
+#: the keys of every audit row (``params`` too), in the table's order. ``speedup`` is defined once:
+#: the median over the timed rounds of patched ÷ unpatched images/s, both timed back to back in the
+#: round; ``speedup_low``/``speedup_high`` are the lowest and highest round (it is not the ratio of
+#: the two median images/s, which come from different rounds)
+AUDIT_COLUMNS = ["method", "keep_ratio", "gmacs_unpatched", "gmacs", "macs_ratio", "ideal_speedup",
+                 "img_s_unpatched", "img_s", "speedup", "speedup_low", "speedup_high"]
 #: columns added by ``compiled=True``: the same models under ``torch.compile``, compared with each other
-COMPILED_COLUMNS = ["img_s_unpatched_compiled", "img_s_compiled", "speedup_compiled"]
+COMPILED_COLUMNS = ["img_s_unpatched_compiled", "img_s_compiled", "speedup_compiled", "speedup_compiled_low",
+                    "speedup_compiled_high"]
 
 
 def audit_rows(model: nn.Module, patched: Mapping[str, nn.Module], batch_size: int, repeats: int,
@@ -42,20 +48,21 @@ def audit_rows(model: nn.Module, patched: Mapping[str, nn.Module], batch_size: i
     for m in patched:
         row = {
             "method": m, "keep_ratio": get_config(patched[m]).keep_ratio, "params": params,
-            "macs": macs[m], "macs_unpatched": base_macs,
-            "gmacs": macs[m] / 1e9, "gmacs_unpatched": base_macs / 1e9,
-            "reduction": 1.0 - macs[m] / base_macs, "reduction_%": 100.0 * (1.0 - macs[m] / base_macs),
-            "ideal_speedup": base_macs / macs[m],
-            "throughput": timings[m].median, "throughput_unpatched": timings["unpatched"].median,
-            "img_s": timings[m].median, "img_s_unpatched": timings["unpatched"].median,
-            "speedup": paired_speedup(timings[m], timings["unpatched"]),
+            "gmacs_unpatched": base_macs / 1e9, "gmacs": macs[m] / 1e9, "macs_ratio": macs[m] / base_macs,
+            "ideal_speedup": base_macs / macs[m], **_speed(timings, m, ""),
         }
         if compiled_timings:
-            row.update(img_s_unpatched_compiled=compiled_timings["unpatched"].median,
-                       img_s_compiled=compiled_timings[m].median,
-                       speedup_compiled=paired_speedup(compiled_timings[m], compiled_timings["unpatched"]))
+            row.update(_speed(compiled_timings, m, "_compiled"))
         rows.append(row)
     return rows
+
+
+def _speed(timings: Mapping[str, Throughput], name: str, suffix: str) -> dict[str, float]:
+    """The images/s of ``name`` and of the unpatched model and the speed-up with its spread, keys ending in ``suffix``."""
+    ratios = paired_ratios(timings[name], timings["unpatched"])
+    return {f"img_s_unpatched{suffix}": timings["unpatched"].median, f"img_s{suffix}": timings[name].median,
+            f"speedup{suffix}": statistics.median(ratios), f"speedup{suffix}_low": min(ratios),
+            f"speedup{suffix}_high": max(ratios)}
 
 
 def _throughput(models: Mapping[str, nn.Module], batch_size: int, size: tuple[int, int], repeats: int,

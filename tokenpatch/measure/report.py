@@ -14,7 +14,7 @@ import torch
 from ..errors import TokenPatchError
 
 #: version of the layout of ``results.json``; raised when a key changes meaning or goes away
-RESULTS_SCHEMA_VERSION = 1
+RESULTS_SCHEMA_VERSION = 2  # 2: audit rows as jobs.audit.AUDIT_COLUMNS (macs_ratio, the speed-up's spread)
 _VERSIONED = ("tokenpatch", "torch", "torchvision", "timm", "transformers", "huggingface_hub", "fvcore")
 
 

@@ -35,7 +35,12 @@ def paired_speedup(fast: Throughput, slow: Throughput) -> float:
 
     Each pair of runs was taken back to back, so drifting machine load cancels in the ratio.
     """
-    return statistics.median(f / s for f, s in zip(fast.rates, slow.rates))
+    return statistics.median(paired_ratios(fast, slow))
+
+
+def paired_ratios(fast: Throughput, slow: Throughput) -> list[float]:
+    """The per-repeat throughput ratios ``fast / slow`` of two alternately timed models, in timing order."""
+    return [f / s for f, s in zip(fast.rates, slow.rates)]
 
 
 def _sync(device: torch.device) -> None:
