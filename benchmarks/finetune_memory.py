@@ -7,7 +7,7 @@ proportional resident memory of the command and its data-loader workers every 50
 not grow with the folders: the largest folders' peak should stay within 1.3x of the smallest's.
 Prints a table; ``--json FILE`` also writes the rows.
 
-    python benchmarks/finetune_memory.py --sizes 500 5000 --workers 0 2 --json docs/results/finetune_memory.json
+    python benchmarks/finetune_memory.py --sizes 500 5000 --workers 0 2 --json benchmarks/results/finetune_memory.json
 """
 
 from __future__ import annotations

@@ -9,10 +9,10 @@
 #   4. compiled and in CUDA graphs (DeiT-S fp16, batch 1 and 256)
 # Usage: bash benchmarks/gpu_speed.sh    (DEVICE=cpu tries the plumbing). Needs torch with CUDA, timm and
 # fvcore importable (fvcore is pure Python: carry its site folder).
-# The JSON files go to $OUT when it is set (the device tool's), else to docs/results; each names the device.
+# The JSON files go to $OUT when it is set (the device tool's), else to benchmarks/results; each names the device.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-docs/results}"
+out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 deadline=$((SECONDS + ${BUDGET_S:-450}))

@@ -8,7 +8,7 @@ reports the scoring pass's images/s, the resident memory after it and the proces
 runs alternate between the values of K, round after round, and the table has the medians over
 the rounds:
 
-    python benchmarks/heap_trim.py --images 1000 --every 0 1 8 --rounds 2 --json docs/results/heap_trim.json
+    python benchmarks/heap_trim.py --images 1000 --every 0 1 8 --rounds 2 --json benchmarks/results/heap_trim.json
 """
 
 from __future__ import annotations

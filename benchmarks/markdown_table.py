@@ -1,6 +1,6 @@
 """Print a committed result file's rows as a Markdown table, for the docs' benchmark pages.
 
-    python benchmarks/markdown_table.py docs/results/leaderboard.json --columns budget method top1 agreement
+    python benchmarks/markdown_table.py benchmarks/results/leaderboard.json --columns budget method top1 agreement
 
 Numbers keep one decimal (three for shares below 2: MAC ratios, keep ratios), so a table in the
 docs is the file's content, not a transcription.

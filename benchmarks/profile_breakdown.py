@@ -1,7 +1,7 @@
 """Where a patched forward spends its time, next to the unpatched one: ``torch.profiler`` by op kind.
 
     python benchmarks/profile_breakdown.py --model deit_small_patch16_224 --methods idle tome evit \\
-        --macs-ratio 0.65 --batch-size 1 --json docs/results/profile_b1.json
+        --macs-ratio 0.65 --batch-size 1 --json benchmarks/results/profile_b1.json
     python benchmarks/profile_breakdown.py --device cuda --dtype float16 --batch-size 256 ...
 
 Each model (the unpatched one first, then each method fitted to ``--macs-ratio`` of its MACs)

@@ -8,7 +8,7 @@ mean loss of the first and last steps, top-1 before and after (and of the moving
 weights the recipes keep), and the loop's images/s;
 ``--json FILE`` also writes them with every step's loss.
 
-    python benchmarks/recipe_steps.py --steps 40 --json docs/results/recipe_steps.json
+    python benchmarks/recipe_steps.py --steps 40 --json benchmarks/results/recipe_steps.json
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """DiffRate's published DeiT-T schedules against ``tokenpatch.calibrate`` at the same MACs, on images the search never saw.
 
-    python benchmarks/searched_schedules.py --data ../shared/data --json docs/results/searched_schedules.json
+    python benchmarks/searched_schedules.py --data ../shared/data --json benchmarks/results/searched_schedules.json
 
 For each of DiffRate's searched DeiT-T schedules (``compression_rate.json`` of ``OpenGVLab/DiffRate``:
 0.6, 0.7, 0.8 and 0.9 GFLOPs) run under DiffRate's rule (``diffrate`` with its ``pruned`` and

@@ -1,4 +1,4 @@
-"""The README's table of supported model families, generated from the families the tests build.
+"""The docs' table of supported model families (docs/models.md), generated from the families the tests build.
 
     python benchmarks/supported_families.py [--markdown]
 
@@ -70,7 +70,7 @@ def rows(reasons: set[str]) -> list[dict[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--markdown", action="store_true", help="print a Markdown table (for the README)")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table (for docs/models.md)")
     args = parser.parse_args(argv)
     reasons: set[str] = set()
     table = rows(reasons)

@@ -1,4 +1,4 @@
-"""Every small model the tests build, by library: what the README's supported-models table covers."""
+"""Every small model the tests build, by library: what the supported-models table (docs/models.md) covers."""
 
 from __future__ import annotations
 

@@ -57,7 +57,10 @@ def patch(model: ModelT, method: str = DEFAULT_METHOD, keep_ratio: Optional[floa
         ``model`` itself.
 
     Raises:
-        UnknownMethodError, InvalidOptionError, UnsupportedModelError, AlreadyPatchedError.
+        UnknownMethodError: ``method`` is not registered.
+        InvalidOptionError: an option is unknown, mistyped or out of range, or both ratios are given.
+        UnsupportedModelError: no backend patches this model.
+        AlreadyPatchedError: the model is patched already.
     """
     if keep_ratio is not None and macs_ratio is not None:
         raise InvalidOptionError("give keep_ratio or macs_ratio, not both")
@@ -128,7 +131,8 @@ def set_keep_ratio(model: nn.Module, keep_ratio: float) -> None:
     use the new one, in every thread.
 
     Raises:
-        NotPatchedError, InvalidOptionError (keep_ratio outside (0, 1]).
+        NotPatchedError: the model is not patched.
+        InvalidOptionError: ``keep_ratio`` is outside (0, 1].
     """
     set_options(model, keep_ratio=keep_ratio)  # the config's validation checks the range
 
@@ -140,7 +144,8 @@ def set_options(model: nn.Module, **options: Any) -> None:
     of ``dynamicvit``) are fixed at patch time. On error the options are left as they were.
 
     Raises:
-        NotPatchedError, InvalidOptionError (unknown, fixed, mistyped or out-of-range option).
+        NotPatchedError: the model is not patched.
+        InvalidOptionError: an unknown, fixed, mistyped or out-of-range option.
     """
     reconfigure(model, **options)
 

@@ -362,7 +362,8 @@ def reconfigure(model: nn.Module, **options: Any) -> None:
     """Change a patched model's options for the passes that start after this call (atomic).
 
     Raises:
-        NotPatchedError, InvalidOptionError (unknown, fixed or out-of-range option; nothing changes).
+        NotPatchedError: the model is not patched.
+        InvalidOptionError: an unknown, fixed or out-of-range option (nothing changes).
     """
     ctx = context_of(model)
     ctx.set_config(ctx.with_options(ctx.settings.config, options))
@@ -426,8 +427,9 @@ def output_positions(model: nn.Module) -> Tensor:
         (EViT's fused token, the padding of a padded batch).
 
     Raises:
-        NotPatchedError; TokenPatchError: the model returns the full grid (``outputs="full"``:
-        the positions are simply ``0..N-1``) or this thread has run no pass yet.
+        NotPatchedError: the model is not patched.
+        TokenPatchError: the model returns the full grid (``outputs="full"``: the positions
+            are simply ``0..N-1``) or this thread has run no pass yet.
     """
     ctx = context_of(model)
     if ctx.outputs != "reduced":
