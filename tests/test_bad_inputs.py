@@ -302,6 +302,26 @@ def test_images_that_are_not_floating_point_are_one_line(dtype):
         model(images(model).to(dtype))
 
 
+@pytest.mark.parametrize("batch, words", [
+    (torch.zeros(2, 1, 64, 64), r"expected images with 3 channels, got 1 \(shape \(2, 1, 64, 64\)\)"),
+    (torch.zeros(2, 3, 48, 48), "this model takes 64x64 images, got 48x48"),
+    (torch.zeros(2, 3, 64, 64, dtype=torch.float64), "images are torch.float64 but the model's weights torch.float32"),
+])
+def test_images_the_patch_embedding_cannot_take_are_one_line(batch, words):
+    """Where timm's patch embedding would fail deep inside torch (conv2d, an assert), the patched model says why."""
+    model = tokenpatch.patch(make_model("deit_tiny"), "evit")
+    with pytest.raises(TokenPatchError, match=words):
+        model(batch)
+
+
+def test_images_of_another_dtype_run_under_autocast():
+    model = tokenpatch.patch(make_model("deit_tiny"), "evit")
+    with pytest.raises(TokenPatchError, match="images are torch.bfloat16 but the model's weights torch.float32"):
+        model(images(model).bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the images itself
+        assert model(images(model, batch=2).bfloat16()).shape == (2, 10)
+
+
 def test_a_folder_without_images_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="no images"):
         image_dataset(tmp_path)

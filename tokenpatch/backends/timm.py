@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.blocks import Backend, BlockView
-from ..errors import TokenPatchError, UnsupportedModelError
+from ..errors import InputShapeError, TokenPatchError, UnsupportedModelError
 
 try:  # timm is a hard dependency, but keep the import error readable.
     from timm.data import resolve_data_config
@@ -198,6 +198,10 @@ class TimmBackend(Backend):
     def image_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         return args[0] if args else kwargs["x"]
 
+    def check_input(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().check_input(model, args, kwargs)
+        _check_fits_patch_embedding(model, self.image_input(args, kwargs))
+
     def input_size(self, model: nn.Module) -> tuple[int, int]:
         return tuple(model.patch_embed.img_size)
 
@@ -217,3 +221,24 @@ class TimmBackend(Backend):
 
     def disable_checkpointing_hint(self) -> str:
         return "turn it off with model.set_grad_checkpointing(False)"
+
+
+def _check_fits_patch_embedding(model: nn.Module, images: Tensor) -> None:
+    """An :class:`InputShapeError` for (B, C, H, W) ``images`` the model's convolutional patch
+    embedding would refuse deep inside torch or timm: another channel count, another size where
+    the model's is fixed, another floating dtype than its weights' outside autocast."""
+    embed = getattr(model, "patch_embed", None)
+    conv = getattr(embed, "proj", None)
+    if not isinstance(conv, nn.Conv2d):
+        return
+    if images.shape[1] != conv.in_channels:
+        raise InputShapeError(f"expected images with {conv.in_channels} channels, got {images.shape[1]} "
+                              f"(shape {tuple(images.shape)})")
+    size = tuple(embed.img_size) if embed.img_size is not None else None
+    if getattr(embed, "strict_img_size", False) and size is not None and tuple(images.shape[-2:]) != size:
+        raise InputShapeError(f"this model takes {size[0]}x{size[1]} images, got {images.shape[-2]}x{images.shape[-1]} "
+                              "(timm builds it for another size with img_size=, or for any with dynamic_img_size=True)")
+    cast = torch.is_autocast_enabled(images.device.type) and images.dtype != torch.float64  # autocast casts the rest
+    if images.dtype != conv.weight.dtype and not cast:
+        raise InputShapeError(f"images are {images.dtype} but the model's weights {conv.weight.dtype}: convert them "
+                              "(images.to(dtype))")
