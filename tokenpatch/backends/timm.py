@@ -238,7 +238,9 @@ def _check_fits_patch_embedding(model: nn.Module, images: Tensor) -> None:
     if getattr(embed, "strict_img_size", False) and size is not None and tuple(images.shape[-2:]) != size:
         raise InputShapeError(f"this model takes {size[0]}x{size[1]} images, got {images.shape[-2]}x{images.shape[-1]} "
                               "(timm builds it for another size with img_size=, or for any with dynamic_img_size=True)")
-    cast = torch.is_autocast_enabled(images.device.type) and images.dtype != torch.float64  # autocast casts the rest
+    device = images.device.type
+    cast = (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+            and images.dtype != torch.float64)  # autocast casts the other floating types
     if images.dtype != conv.weight.dtype and not cast:
         raise InputShapeError(f"images are {images.dtype} but the model's weights {conv.weight.dtype}: convert them "
                               "(images.to(dtype))")
