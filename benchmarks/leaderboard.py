@@ -1,7 +1,8 @@
 """Every method on the real DeiT-Tiny at matched MAC budgets, training-free: a thin script over ``tokenpatch eval``.
 
     python benchmarks/leaderboard.py --data ../shared/data --json benchmarks/results/leaderboard.json \
-        --plot benchmarks/results/leaderboard.png
+        --plot docs/benchmarks/leaderboard.png
+    python benchmarks/leaderboard.py --replot benchmarks/results/leaderboard.json --plot docs/benchmarks/leaderboard.png
 
 For each budget (share of the unpatched MACs) every method, with its default (official) options,
 is fitted to the budget on the first ``--calibration`` images and measured on all images by
@@ -15,6 +16,7 @@ Writes JSON and a Pareto plot (top-1 vs MACs).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -23,7 +25,7 @@ import torch
 import tokenpatch
 from tokenpatch.core.registry import get_method
 from tokenpatch.jobs.evaluation import MethodSpec, evaluation_rows, in_batches
-from tokenpatch.measure.plot import line_chart
+from tokenpatch.measure.plot import pareto_figure
 
 from real_data import add_real_data_flags, load_real_data, report
 
@@ -31,12 +33,15 @@ COLUMNS = ["method", "budget", "keep_ratio", "macs_ratio", "gmacs", "top1", "top
 
 
 def pareto_plot(rows: list[dict], base_top1: float, path: str, images: int) -> None:
-    series: dict[str, list[tuple[float, float]]] = {}
-    for row in sorted((r for r in rows if "top1" in r), key=lambda r: -r["macs_ratio"]):
-        series.setdefault(row["method"], [(100.0, base_top1)]).append((100 * row["macs_ratio"], row["top1"]))
-    chart = line_chart(series, f"DeiT-Tiny, {images} ImageNet images, training-free: top-1 vs MACs",
-                       "MACs, % of unpatched", "top-1 %")
-    chart.save(path)
+    """The leaderboard's Pareto figure (top-1 against MACs), every reached point labelled."""
+    pareto_figure(rows, base_top1, f"DeiT-Tiny, {images} ImageNet validation images, training-free", path)
+
+
+def replot(results: str, path: str) -> None:
+    """Draw the figure of a committed result file again, without measuring."""
+    with open(results) as f:
+        saved = json.load(f)
+    pareto_plot(saved["rows"], saved["unpatched"]["top1"], path, saved["images"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,8 +52,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="METHOD or METHOD:KEY=VALUE,... (default: every registered method)")
     parser.add_argument("--calibration", type=int, default=8, help="images the keep ratio is fitted on")
     parser.add_argument("--mac-images", type=int, default=16, help="images MACs are counted on, one by one")
-    parser.add_argument("--plot", help="write the Pareto plot (PNG) here")
+    parser.add_argument("--plot", help="write the Pareto plot (PNG) here (needs matplotlib: the plot extra)")
+    parser.add_argument("--replot", metavar="RESULTS_JSON",
+                        help="only draw --plot from a result file this script wrote (no data, no measuring)")
     args = parser.parse_args(argv)
+    if args.replot:
+        replot(args.replot, args.plot or parser.error("--replot needs --plot"))
+        return 0
 
     model, images, labels = load_real_data(parser, args)
     torch.manual_seed(0)  # the untrained predictors/interpreters of the learned methods

@@ -1,5 +1,7 @@
 """tokenpatch.explain: maps over the patch grid, attention baselines, PNG rendering and the CLI."""
 
+import json
+
 import pytest
 import torch
 import torchvision
@@ -12,7 +14,8 @@ from tokenpatch.core.method import Method
 from tokenpatch.core.registry import get_method
 from tokenpatch.interpret.explanation import (attention_maps, attention_rollout, cls_attention_map, curve_auc, deletion_curve,
                                                explain, insertion_curve, score_map)
-from tokenpatch.interpret.render import colour, contact_sheet, merged, panel, to_pixels
+from tokenpatch.data import class_description
+from tokenpatch.interpret.render import LABEL_HEIGHT, RAMP, colour, colour_bar, contact_sheet, merged, panel, to_pixels
 
 from conftest import METHOD_CASES, images, make_model
 
@@ -172,7 +175,28 @@ def test_cli_writes_valid_pngs(tmp_path, capsys, method, expected):
     for path in written:
         with Image.open(path) as image:
             image.verify()
-    assert expected in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert expected in out
+    predicted = json.loads(out)["predicted"]  # the patched model's top class, in words, per image
+    assert len(predicted) == 2 and all(p["class"] == class_description(p["class_index"], 1000) for p in predicted)
+    assert all(0 < p["probability"] <= 1 for p in predicted)
+
+
+def test_class_descriptions_name_imagenet_classes_and_number_the_others():
+    assert class_description(281, 1000) == "tabby, tabby cat"
+    assert class_description(3, 10) == "class 3"
+
+
+def test_score_panels_end_with_a_colour_bar_high_at_the_top():
+    model = tokenpatch.patch(make_model("deit_tiny", depth=4), "evit", keep_ratio=0.5)
+    x = images(model, batch=1)
+    pixels = to_pixels(x[0], (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    picture = panel(pixels, explain(model, x), 0, caption="tabby (80%)")
+    bar = colour_bar(64)
+    assert picture.width == panel(pixels, explain(model, x), 0).width and bar.height == picture.height
+    column = [bar.getpixel((5, y)) for y in range(LABEL_HEIGHT, LABEL_HEIGHT + 64)]
+    assert column[0] == tuple(RAMP[-1].int().tolist()) and column[-1] == tuple(RAMP[0].int().tolist())
+    assert picture.crop((picture.width - bar.width, 0, picture.width, picture.height)).tobytes() == bar.tobytes()
 
 
 def test_cli_explain_names_a_missing_image(tmp_path, capsys):
@@ -180,15 +204,21 @@ def test_cli_explain_names_a_missing_image(tmp_path, capsys):
     assert "no such image file" in capsys.readouterr().err
 
 
-def test_line_chart_draws_every_series_inside_its_axes(tmp_path):
-    from tokenpatch.measure.plot import line_chart
+def test_the_pareto_figure_labels_every_reached_point_and_leaves_out_unreachable_budgets(tmp_path, monkeypatch):
+    import matplotlib.figure
 
-    chart = line_chart({"a": [(55.0, 70.0), (100.0, 76.0)], "b": [(60.0, 71.5)]}, "title", "x", "y", size=(400, 300))
-    path = tmp_path / "chart.png"
-    chart.save(path)
-    with Image.open(path) as image:
+    from tokenpatch.measure.plot import pareto_figure
+
+    drawn = []
+    real_savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, path: drawn.append(self) or real_savefig(self, path))
+    rows = [{"method": "tome", "macs_ratio": 0.65, "top1": 76.0}, {"method": "tome", "macs_ratio": 0.5, "top1": 74.0},
+            {"method": "ats", "macs_ratio": 0.5, "top1": 70.0},
+            {"method": "ats", "macs_ratio": 0.66, "top1": None, "note": "ats can't reach macs_ratio=0.65"}]
+    pareto_figure(rows, 77.0, "title", tmp_path / "pareto.png")
+    with Image.open(tmp_path / "pareto.png") as image:
         image.verify()
-    colours = {pixel for _, pixel in chart.getcolors(maxcolors=100_000)}
-    assert (0, 114, 178) in colours and (230, 159, 0) in colours  # the first two palette colours
-    with pytest.raises(ValueError, match="at least one point"):
-        line_chart({}, "t", "x", "y")
+    zoom = drawn[0].axes[1]
+    lines = {line.get_label(): list(line.get_xdata()) for line in zoom.get_lines()}
+    assert lines["tome"] == [50.0, 65.0, 100.0] and lines["ats"] == [50.0, 100.0]  # no point at the unreached 65 %
+    assert sorted(text.get_text() for text in zoom.texts) == ["70.0", "74.0", "76.0"]

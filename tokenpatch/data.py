@@ -218,6 +218,16 @@ def _imagenet_table(names: Sequence[str], num_classes: Optional[int], root: Path
                     f"no ImageNet variant's; give --class-map FILE {_CLASS_MAP_FORMAT}")
 
 
+def class_description(index: int, num_classes: int) -> str:
+    """A label index as words: the ImageNet class (timm's tables) for a head of an ImageNet
+    variant's size, else ``class INDEX``."""
+    from timm.data import ImageNetInfo
+    from timm.data.imagenet_info import _SUBSETS
+
+    subset = next((name for name in _SUBSETS if ImageNetInfo(name).num_classes() == num_classes), None)
+    return ImageNetInfo(subset).index_to_description(index) if subset else f"class {index}"
+
+
 def _read_class_map(path: Path) -> dict[str, int]:
     """timm's text class map: the class name on line i has label index i."""
     if path.suffix.lower() != ".txt" or not path.is_file():

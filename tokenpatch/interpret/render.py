@@ -93,14 +93,16 @@ def _row(tiles: list[Image.Image], gap: int = 4) -> Image.Image:
     return row
 
 
-def panel(pixels: Tensor, explanation: Explanation, index: int, max_stages: int = 4) -> Image.Image:
-    """One image's row: the input, the patches each stage computed (others greyed), the scores.
+def panel(pixels: Tensor, explanation: Explanation, index: int, max_stages: int = 4,
+          caption: str = "input") -> Image.Image:
+    """One image's row: the input (under ``caption``, e.g. the predicted class), the patches each
+    stage computed (others greyed), the scores and a colour bar for them.
 
     Args:
         pixels: (H, W, 3) RGB of image ``index`` of the explained batch (see :func:`to_pixels`).
         max_stages: at most this many stages (the blocks where the computed set changes) are shown.
     """
-    tiles = [_labelled(pixels, "input")]
+    tiles = [_labelled(pixels, caption)]
     if explanation.groups is not None:
         return _row(tiles + _merge_tiles(pixels, explanation.groups[index], max_stages))
     computed = explanation.computed[index]
@@ -112,7 +114,19 @@ def panel(pixels: Tensor, explanation: Explanation, index: int, max_stages: int 
     for block, values in scored[:: max(1, -(-len(scored) // max_stages))]:  # at most max_stages, spread out
         tiles.append(_labelled(heatmap(pixels, values[index]), f"{explanation.score_name} @{block}"))
     tiles.append(_labelled(heatmap(pixels, explanation.importance()[index]), "importance"))
-    return _row(tiles)
+    return _row(tiles + [colour_bar(pixels.shape[0])])
+
+
+def colour_bar(height: int, width: int = 14) -> Image.Image:
+    """The maps' colour scale, high at the top: each map spans it from its own lowest to its highest score."""
+    ramp = colour(torch.linspace(1.0, 0.0, height).unsqueeze(1).expand(height, width).contiguous())
+    tile = Image.new("RGB", (width + 34, height + LABEL_HEIGHT), "white")
+    tile.paste(Image.fromarray(ramp.round().to(torch.uint8).numpy()), (0, LABEL_HEIGHT))
+    draw = ImageDraw.Draw(tile)
+    draw.text((width + 3, LABEL_HEIGHT), "high", fill="black")
+    draw.text((width + 3, LABEL_HEIGHT + height - 11), "low", fill="black")
+    draw.text((0, 1), "scale", fill="black")
+    return tile
 
 
 def _merge_tiles(pixels: Tensor, groups: Tensor, max_stages: int) -> list[Image.Image]:

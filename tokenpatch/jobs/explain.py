@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ..backends.build import Preprocessing
-from ..data import input_transform, read_image
+from ..backends import find_backend
+from ..data import class_description, input_transform, read_image
 from ..errors import TokenPatchError
 from ..interpret.explanation import explain
 from ..interpret.render import contact_sheet, panel, to_pixels
@@ -36,11 +37,13 @@ def write_explanations(model: nn.Module, paths: Sequence[str], preprocessing: Pr
     images = load_image_files(paths, input_transform(preprocessing))
     with runtime.autocast():
         explanation = explain(runtime.place(model), runtime.inputs(images)).to_cpu()
+        predictions = _predictions(model, runtime.inputs(images))
     mean, std = preprocessing.data_config["mean"], preprocessing.data_config["std"]
     folder.mkdir(parents=True, exist_ok=True)
     panels, written, computed = [], [], []
     for i, path in enumerate(paths):
-        picture = panel(to_pixels(images[i], mean, std), explanation, i)
+        caption = f"{predictions[i][1].split(',')[0]} ({predictions[i][2]:.0%})" if predictions else "input"
+        picture = panel(to_pixels(images[i], mean, std), explanation, i, caption=caption)
         target = folder / f"{i:03d}_{Path(path).stem}.png"
         picture.save(target)
         panels.append(picture)
@@ -50,4 +53,17 @@ def write_explanations(model: nn.Module, paths: Sequence[str], preprocessing: Pr
     contact_sheet(panels).save(sheet)
     return {"images": list(paths), "files": written, "contact_sheet": str(sheet), "grid": list(explanation.grid),
             "patches_per_block": computed, "score_name": explanation.score_name,
-            "merged": explanation.groups is not None}
+            "merged": explanation.groups is not None,
+            "predicted": [{"class_index": c, "class": name, "probability": p} for c, name, p in predictions]}
+
+
+def _predictions(model: nn.Module, images: torch.Tensor) -> list[tuple[int, str, float]]:
+    """(class index, its words, probability) of the patched model's top class per image; none for a
+    model without a classifier head."""
+    with torch.inference_mode():
+        logits = find_backend(model).logits(model(images))
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        return []
+    probabilities = logits.float().softmax(dim=-1).cpu()
+    top, index = probabilities.max(dim=-1)
+    return [(int(c), class_description(int(c), logits.shape[-1]), float(p)) for c, p in zip(index, top)]

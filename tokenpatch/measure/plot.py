@@ -1,71 +1,80 @@
-"""A small line chart in PIL (no matplotlib needed): one polyline with markers per series."""
+"""Figures of measured results with matplotlib (the ``plot`` extra: ``pip install 'tokenpatch[plot]'``;
+nothing else in tokenpatch needs it)."""
 
 from __future__ import annotations
 
-import math
-from typing import Mapping, Sequence
+import os
+from typing import Any, Mapping, Sequence, Union
 
-from PIL import Image, ImageDraw
+from ..errors import TokenPatchError
 
-# Distinguishable colours (Okabe-Ito, colour-blind safe) then greys.
-PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000", "#777777"]
-Point = tuple[float, float]
-
-
-def _ticks(low: float, high: float, count: int = 6) -> list[float]:
-    """Round tick values from at or below ``low`` to at or above ``high``."""
-    raw = (high - low) / max(count - 1, 1)
-    magnitude = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1.0
-    step = min((m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw), default=magnitude * 10)
-    ticks = [math.floor(low / step) * step]
-    while ticks[-1] < high - step * 1e-9 or len(ticks) < 2:
-        ticks.append(ticks[-1] + step)
-    return [round(t, 10) for t in ticks]
+#: one colour and marker per series: twelve distinguishable colours (tab10, then black and grey)
+COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#000000", "#aaaaaa"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "*"]
 
 
-def line_chart(series: Mapping[str, Sequence[Point]], title: str, x_label: str, y_label: str,
-               size: tuple[int, int] = (900, 600)) -> Image.Image:
-    """Chart of ``series`` (name -> (x, y) points, drawn in x order) with axes, ticks and a legend.
+def _pyplot() -> Any:
+    """matplotlib's pyplot on a file-only backend; a one-line error when the plot extra is missing."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise TokenPatchError("figures need matplotlib: pip install 'tokenpatch[plot]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pareto_figure(rows: Sequence[Mapping[str, Any]], unpatched_top1: float, title: str,
+                  path: Union[str, os.PathLike]) -> None:
+    """Top-1 against MACs (share of the unpatched model's) for each method, written to ``path`` (PNG).
+
+    Every measured point is drawn and labelled with its top-1; a method is drawn only at the
+    budgets it reached (rows with a ``note``, the unreachable ones, are left out), joined in MAC
+    order to the unpatched model's point.
 
     Args:
-        series: at least one non-empty series; a series of one point is drawn as a marker.
-        size: (width, height) in pixels.
+        rows: result rows with ``method``, ``macs_ratio`` (0..1) and ``top1`` (%).
+        unpatched_top1: the unpatched model's top-1 (%), drawn at 100 % of the MACs.
     """
-    points = [p for values in series.values() for p in values]
-    if not points:
-        raise ValueError("line_chart needs at least one point")
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x_ticks, y_ticks = _ticks(min(xs), max(xs)), _ticks(min(ys), max(ys))
-    width, height = size
-    left, right, top, bottom = 70, 190, 40, 55
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
+    plt = _pyplot()
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if "note" not in row and row.get("top1") is not None:
+            series.setdefault(row["method"], []).append((100 * row["macs_ratio"], row["top1"]))
+    figure, (whole, zoom) = plt.subplots(1, 2, figsize=(14, 6.5), dpi=110, gridspec_kw={"width_ratios": [1, 1.4]})
+    near = [y for points in series.values() for _, y in points if y >= unpatched_top1 - 8]
+    for axes in (whole, zoom):
+        axes.plot([100], [unpatched_top1], marker="*", markersize=14, color="black", linestyle="none",
+                  label=f"unpatched ({unpatched_top1:.1f})", zorder=3)
+        for i, (method, points) in enumerate(sorted(series.items())):
+            _draw_series(axes, i, method, sorted(points), unpatched_top1, labels=axes is zoom or min(
+                y for _, y in points) < unpatched_top1 - 8)
+        axes.set_xlabel("MACs, % of the unpatched model's")
+        axes.set_ylabel("top-1, %")
+        axes.grid(True, alpha=0.3)
+    if near:
+        zoom.set_ylim(min(near) - 0.5, unpatched_top1 + 1.0)
+    zoom.set_title("within 8 points of the unpatched model (every point labelled)", fontsize=10)
+    whole.set_title("every method (points far below labelled here)", fontsize=10)
+    whole.legend(fontsize=8, loc="lower right", ncol=2)
+    figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
 
-    def at(x: float, y: float) -> tuple[float, float]:
-        fx = (x - x_ticks[0]) / ((x_ticks[-1] - x_ticks[0]) or 1)
-        fy = (y - y_ticks[0]) / ((y_ticks[-1] - y_ticks[0]) or 1)
-        return left + fx * (width - left - right), height - bottom - fy * (height - top - bottom)
 
-    for x in x_ticks:
-        px, _ = at(x, y_ticks[0])
-        draw.line([(px, top), (px, height - bottom)], fill="#e6e6e6")
-        draw.text((px - 12, height - bottom + 6), f"{x:g}", fill="black")
-    for y in y_ticks:
-        _, py = at(x_ticks[0], y)
-        draw.line([(left, py), (width - right, py)], fill="#e6e6e6")
-        draw.text((left - 40, py - 6), f"{y:g}", fill="black")
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    draw.text((left, 12), title, fill="black")
-    draw.text(((left + width - right) / 2 - 60, height - 24), x_label, fill="black")
-    draw.text((8, top - 24), y_label, fill="black")
-    for i, (name, values) in enumerate(series.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        pixels = [at(x, y) for x, y in sorted(values)]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=colour, width=3)
-        for px, py in pixels:
-            draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
-        legend_y = top + 8 + 18 * i
-        draw.line([(width - right + 12, legend_y + 6), (width - right + 36, legend_y + 6)], fill=colour, width=3)
-        draw.text((width - right + 42, legend_y), name, fill="black")
-    return image
+def _draw_series(axes: Any, index: int, method: str, points: list[tuple[float, float]], unpatched_top1: float,
+                 labels: bool) -> None:
+    """One method's points, joined in MAC order to the unpatched point; each labelled with its
+    top-1 when ``labels`` (to the right or left by turns, so that close points stay readable)."""
+    colour, marker = COLOURS[index % len(COLOURS)], MARKERS[index % len(MARKERS)]
+    xs, ys = zip(*(points + [(100.0, unpatched_top1)]))
+    dashed = "untrained" in method or "=" in method  # a learned policy left untrained, or a non-default rule
+    axes.plot(xs, ys, color=colour, marker=marker, markevery=list(range(len(points))), linewidth=1.2,
+              linestyle="--" if dashed else "-", label=method)
+    if labels:
+        for x, y in points:
+            axes.annotate(f"{y:.1f}", (x, y), textcoords="offset points", fontsize=7, color=colour,
+                          xytext=(5, -3 + 4 * (index % 3)) if index % 2 == 0 else (-22, -3 + 4 * (index % 3)))
