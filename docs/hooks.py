@@ -2,7 +2,9 @@
 
 - ``<!-- cli-reference -->`` becomes every command's ``--help``, from the parser itself.
 - ``<!-- results: FILE columns=A,B,C [where=KEY=VALUE] -->`` becomes a table of the rows of a
-  committed result file (``benchmarks/results/*.json``), printed by ``benchmarks/markdown_table.py``.
+  committed result file (``benchmarks/results/*.json``), printed by ``benchmarks/markdown_table.py``;
+  ``where`` keeps the rows whose KEY's first word is VALUE (``method=dynamicvit`` keeps the rows of
+  ``dynamicvit (untrained)``; ``idle:idle_update=unchanged`` is another word than ``idle``).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def results_table(match: re.Match) -> str:
     path, columns, key, value = match.groups()
     rows = json.loads((ROOT / path).read_text())["rows"]
     if key is not None:
-        rows = [row for row in rows if str(row.get(key)) == value]
+        rows = [row for row in rows if str(row.get(key)).split(" ")[0] == value]
     return markdown(rows, columns.split(","))
 
 
