@@ -188,7 +188,7 @@ for name, argv in {
     "finetune --recipe unknown": ["finetune", MODEL, "--no-pretrained", "--data", "{d}/images", "--recipe", "nope"],
     "finetune --accum-steps 0": ["finetune", MODEL, "--no-pretrained", "--data", "{d}/images", "--accum-steps", "0"],
     "finetune --ema-decay 1.5": ["finetune", MODEL, "--no-pretrained", "--data", "{d}/images", "--ema-decay", "1.5"],
-    "finetune --freeze-prefix nothing-matches": ["finetune", MODEL, "--no-pretrained", "--img-size", "32", "--freeze-prefix", "zzz", "--data", "{d}/images", "--steps", "1", "--batch-size", "2"],
+    "finetune a stray word after a switch (--freeze-prefix zzz)": ["finetune", MODEL, "--no-pretrained", "--img-size", "32", "--freeze-prefix", "zzz", "--data", "{d}/images", "--steps", "1", "--batch-size", "2"],
     "explain --out is a file": ["explain", MODEL, "--no-pretrained", "{d}/images/0.png", "--out", "{d}/plain.safetensors"],
     "explain method without scores (tome)": ["explain", MODEL, "--no-pretrained", "{d}/images/0.png", "--out", "{d}/maps", "--method", "tome"],
 }.items():
