@@ -45,7 +45,7 @@ def make_model() -> torch.nn.Module:
 
 
 def png(path: Path, size=(40, 40), mode="RGB") -> None:
-    colour = 128 if mode == "L" else (1, 2, 3, 4) if mode == "CMYK" else (10, 200, 30, 255)[:len(mode)]
+    colour = 128 if mode == "L" else (1, 2, 3, 4) if mode == "CMYK" else (10, 200, 30, 255)[: len(mode)]
     Image.new(mode, size, colour).save(path)
 
 
@@ -82,6 +82,7 @@ def cli(argv) -> tuple[str, bool]:
     shown = lines[-1][:140] if code else "ok"
     return f"exit {code}: {shown}", code in (0, 2) and not traceback
 
+
 m = make_model
 x = torch.randn(2, 3, 64, 64)
 PROBES = {}  # name -> a call returning (outcome, sound)
@@ -93,25 +94,45 @@ PROBES["patch method=' evit'"] = lambda: api(lambda: tokenpatch.patch(m(), " evi
 PROBES["patch method='EViT'"] = lambda: api(lambda: tokenpatch.patch(m(), "EViT"))
 PROBES["keep_ratio='0.5'"] = lambda: api(lambda: tokenpatch.patch(m(), "evit", keep_ratio="0.5"))
 PROBES["keep_ratio=True"] = lambda: api(lambda: tokenpatch.patch(m(), "evit", keep_ratio=True))
-PROBES["keep_ratio=tensor(0.5)"] = lambda: api(lambda: tokenpatch.get_config(tokenpatch.patch(m(), "evit", keep_ratio=torch.tensor(0.5))).keep_ratio)
-PROBES["keep_ratio=np.float32(0.5)"] = lambda: api(lambda: tokenpatch.get_config(tokenpatch.patch(m(), "evit", keep_ratio=np.float32(0.5))).keep_ratio)
+PROBES["keep_ratio=tensor(0.5)"] = lambda: api(
+    lambda: tokenpatch.get_config(tokenpatch.patch(m(), "evit", keep_ratio=torch.tensor(0.5))).keep_ratio
+)
+PROBES["keep_ratio=np.float32(0.5)"] = lambda: api(
+    lambda: tokenpatch.get_config(tokenpatch.patch(m(), "evit", keep_ratio=np.float32(0.5))).keep_ratio
+)
 PROBES["keep_ratio=1e-300 forward"] = lambda: api(lambda: tokenpatch.patch(m(), "evit", keep_ratio=1e-300)(x).shape)
-PROBES["keep_ratio=1e-300 tome forward"] = lambda: api(lambda: tokenpatch.patch(m(), "tome", keep_ratio=1e-300)(x).shape)
+PROBES["keep_ratio=1e-300 tome forward"] = lambda: api(
+    lambda: tokenpatch.patch(m(), "tome", keep_ratio=1e-300)(x).shape
+)
 PROBES["macs_ratio=1e-9"] = lambda: api(lambda: tokenpatch.patch(m(), "evit", macs_ratio=1e-9))
 PROBES["patch nn.Linear"] = lambda: api(lambda: tokenpatch.patch(torch.nn.Linear(2, 2), "evit"))
 PROBES["patch nn.Sequential(vit)"] = lambda: api(lambda: tokenpatch.patch(torch.nn.Sequential(m()), "evit"))
 PROBES["patch DataParallel(vit)"] = lambda: api(lambda: tokenpatch.patch(torch.nn.DataParallel(m()), "evit"))
 PROBES["patch a class, not an instance"] = lambda: api(lambda: tokenpatch.patch(type(m()), "evit"))
-PROBES["patch a meta-device vit"] = lambda: api(lambda: tokenpatch.patch(m().to("meta"), "dynamicvit")(x.to("meta")).shape)
-PROBES["call uint8 images"] = lambda: api(lambda: tokenpatch.patch(m(), "evit")(torch.zeros(2, 3, 64, 64, dtype=torch.uint8)))
+PROBES["patch a meta-device vit"] = lambda: api(
+    lambda: tokenpatch.patch(m().to("meta"), "dynamicvit")(x.to("meta")).shape
+)
+PROBES["call uint8 images"] = lambda: api(
+    lambda: tokenpatch.patch(m(), "evit")(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+)
 PROBES["call unbatched (3,H,W)"] = lambda: api(lambda: tokenpatch.patch(m(), "evit")(torch.zeros(3, 64, 64)))
 PROBES["call 1 channel"] = lambda: api(lambda: tokenpatch.patch(m(), "evit")(torch.zeros(2, 1, 64, 64)))
 PROBES["call 48 px on a 64 px model"] = lambda: api(lambda: tokenpatch.patch(m(), "evit")(torch.zeros(2, 3, 48, 48)))
 PROBES["call float64 input"] = lambda: api(lambda: tokenpatch.patch(m(), "evit")(x.double()).dtype)
 PROBES["call a list of tensors"] = lambda: api(lambda: tokenpatch.patch(m(), "evit")([x[0], x[1]]))
 PROBES["call a numpy array"] = lambda: api(lambda: tokenpatch.patch(m(), "evit")(x.numpy()))
-PROBES["call non-contiguous (transposed) input"] = lambda: api(lambda: bool(torch.allclose(tokenpatch.patch(m(), "evit")(x.transpose(2, 3).contiguous().transpose(2, 3)), tokenpatch.patch(m(), "evit")(x), atol=1e-5)))
-PROBES["set_keep_ratio nan"] = lambda: api(lambda: tokenpatch.set_keep_ratio(tokenpatch.patch(m(), "evit"), float("nan")))
+PROBES["call non-contiguous (transposed) input"] = lambda: api(
+    lambda: bool(
+        torch.allclose(
+            tokenpatch.patch(m(), "evit")(x.transpose(2, 3).contiguous().transpose(2, 3)),
+            tokenpatch.patch(m(), "evit")(x),
+            atol=1e-5,
+        )
+    )
+)
+PROBES["set_keep_ratio nan"] = lambda: api(
+    lambda: tokenpatch.set_keep_ratio(tokenpatch.patch(m(), "evit"), float("nan"))
+)
 PROBES["set_keep_ratio on unpatched"] = lambda: api(lambda: tokenpatch.set_keep_ratio(m(), 0.5))
 PROBES["set_options unknown"] = lambda: api(lambda: tokenpatch.set_options(tokenpatch.patch(m(), "evit"), colour=1))
 PROBES["unpatch twice"] = lambda: api(lambda: tokenpatch.unpatch(tokenpatch.unpatch(tokenpatch.patch(m(), "evit"))))
@@ -119,14 +140,24 @@ PROBES["save unpatched model"] = lambda: api(lambda: tokenpatch.save(m(), D / "u
 PROBES["save to ''"] = lambda: api(lambda: tokenpatch.save(tokenpatch.patch(m(), "evit"), ""))
 PROBES["save to an existing folder"] = lambda: api(lambda: tokenpatch.save(tokenpatch.patch(m(), "evit"), D / "images"))
 PROBES["load path with NUL byte"] = lambda: api(lambda: tokenpatch.load(m(), "a\0b.safetensors"))
+
+
 def loop():
-    (D / "loop").unlink(missing_ok=True); os.symlink(D / "loop", D / "loop"); return tokenpatch.load(m(), D / "loop")
+    (D / "loop").unlink(missing_ok=True)
+    os.symlink(D / "loop", D / "loop")
+    return tokenpatch.load(m(), D / "loop")
+
+
 PROBES["load a symlink loop"] = lambda: api(loop)
 PROBES["load /dev/zero"] = lambda: api(lambda: tokenpatch.load(m(), "/dev/zero"))
 PROBES["load_weights /dev/zero"] = lambda: api(lambda: tokenpatch.checkpoint.load_weights(m(), "/dev/zero"))
+
+
 def meta(text, name="meta.safetensors", state=None):
     save_file(state or make_model().state_dict(), str(D / name), metadata={METADATA_KEY: text})
     return api(lambda: tokenpatch.get_config(tokenpatch.load(m(), D / name)))
+
+
 PROBES["metadata keep_ratio as a list"] = lambda: meta('{"method": "evit", "options": {"keep_ratio": [0.5]}}')
 PROBES["metadata method as a list"] = lambda: meta('{"method": ["evit"], "options": {}}')
 PROBES["metadata method '../evit'"] = lambda: meta('{"method": "../evit", "options": {}}')
@@ -137,14 +168,25 @@ PROBES["metadata option key '__class__'"] = lambda: meta('{"method": "evit", "op
 PROBES["metadata option outputs"] = lambda: meta('{"method": "evit", "options": {"outputs": "reduced"}}')
 PROBES["metadata option macs_ratio"] = lambda: meta('{"method": "evit", "options": {"macs_ratio": 0.5}}')
 PROBES["metadata 10 MB string"] = lambda: meta(json.dumps({"method": "evit" * 2_500_000, "options": {}}))
-PROBES["file of float16 tensors"] = lambda: meta('{"method": "evit", "options": {}}', "half.safetensors", {k: v.half() for k, v in make_model().state_dict().items()})
+PROBES["file of float16 tensors"] = lambda: meta(
+    '{"method": "evit", "options": {}}', "half.safetensors", {k: v.half() for k, v in make_model().state_dict().items()}
+)
+
+
 def torchfile(obj, name):
-    torch.save(obj, D / name); return api(lambda: type(tokenpatch.checkpoint.load_weights(m(), D / name)).__name__)
+    torch.save(obj, D / name)
+    return api(lambda: type(tokenpatch.checkpoint.load_weights(m(), D / name)).__name__)
+
+
 PROBES["torch file with int keys"] = lambda: torchfile({1: torch.zeros(1)}, "intkeys.pth")
-PROBES["torch file model->model nesting"] = lambda: torchfile({"model": {"model": make_model().state_dict()}}, "nested.pth")
+PROBES["torch file model->model nesting"] = lambda: torchfile(
+    {"model": {"model": make_model().state_dict()}}, "nested.pth"
+)
 PROBES["torch file: a bare tensor"] = lambda: torchfile(torch.zeros(3), "tensor.pth")
 PROBES["torch file: None"] = lambda: torchfile(None, "none.pth")
-PROBES["load_official without a method on an idle file"] = lambda: api(lambda: tokenpatch.checkpoint.load_official(m(), D / "plain.safetensors"))
+PROBES["load_official without a method on an idle file"] = lambda: api(
+    lambda: tokenpatch.checkpoint.load_official(m(), D / "plain.safetensors")
+)
 
 # --- CLI
 A = ["audit", MODEL, "--no-pretrained", "--img-size", "32", "--batch-size", "1", "--repeats", "1"]
@@ -182,42 +224,132 @@ for name, argv in {
     "eval --methods evit evit (twice)": E[:-2] + ["--data", "{d}/images", "--methods", "evit", "evit"],
     "eval --labels missing file": E + ["--data", "{d}/images", "--labels", "{d}/none.csv"],
     "eval --class-map a folder": E + ["--data", "{d}/images", "--class-map", "{d}/images"],
-    "finetune --steps 0": ["finetune", MODEL, "--no-pretrained", "--img-size", "32", "--data", "{d}/images", "--steps", "0"],
-    "finetune --resume a plain file": ["finetune", MODEL, "--no-pretrained", "--data", "{d}/images", "--steps", "1", "--resume", "{d}/plain.safetensors", "--out", "{d}/o.safetensors"],
-    "finetune --save-every without --out": ["finetune", MODEL, "--no-pretrained", "--data", "{d}/images", "--steps", "1", "--save-every", "1"],
+    "finetune --steps 0": [
+        "finetune",
+        MODEL,
+        "--no-pretrained",
+        "--img-size",
+        "32",
+        "--data",
+        "{d}/images",
+        "--steps",
+        "0",
+    ],
+    "finetune --resume a plain file": [
+        "finetune",
+        MODEL,
+        "--no-pretrained",
+        "--data",
+        "{d}/images",
+        "--steps",
+        "1",
+        "--resume",
+        "{d}/plain.safetensors",
+        "--out",
+        "{d}/o.safetensors",
+    ],
+    "finetune --save-every without --out": [
+        "finetune",
+        MODEL,
+        "--no-pretrained",
+        "--data",
+        "{d}/images",
+        "--steps",
+        "1",
+        "--save-every",
+        "1",
+    ],
     "finetune --recipe unknown": ["finetune", MODEL, "--no-pretrained", "--data", "{d}/images", "--recipe", "nope"],
     "finetune --accum-steps 0": ["finetune", MODEL, "--no-pretrained", "--data", "{d}/images", "--accum-steps", "0"],
     "finetune --ema-decay 1.5": ["finetune", MODEL, "--no-pretrained", "--data", "{d}/images", "--ema-decay", "1.5"],
-    "finetune a stray word after a switch (--freeze-prefix zzz)": ["finetune", MODEL, "--no-pretrained", "--img-size", "32", "--freeze-prefix", "zzz", "--data", "{d}/images", "--steps", "1", "--batch-size", "2"],
-    "explain --out is a file": ["explain", MODEL, "--no-pretrained", "{d}/images/0.png", "--out", "{d}/plain.safetensors"],
-    "explain method without scores (tome)": ["explain", MODEL, "--no-pretrained", "{d}/images/0.png", "--out", "{d}/maps", "--method", "tome"],
+    "finetune a stray word after a switch (--freeze-prefix zzz)": [
+        "finetune",
+        MODEL,
+        "--no-pretrained",
+        "--img-size",
+        "32",
+        "--freeze-prefix",
+        "zzz",
+        "--data",
+        "{d}/images",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+    ],
+    "explain --out is a file": [
+        "explain",
+        MODEL,
+        "--no-pretrained",
+        "{d}/images/0.png",
+        "--out",
+        "{d}/plain.safetensors",
+    ],
+    "explain method without scores (tome)": [
+        "explain",
+        MODEL,
+        "--no-pretrained",
+        "{d}/images/0.png",
+        "--out",
+        "{d}/maps",
+        "--method",
+        "tome",
+    ],
 }.items():
     PROBES["cli " + name] = (lambda a: lambda: cli(a))(argv)
 
+
 # odd images through eval
 def odd_images(kind):
-    f = D / ("odd_" + kind); shutil.rmtree(f, ignore_errors=True); f.mkdir()
+    f = D / ("odd_" + kind)
+    shutil.rmtree(f, ignore_errors=True)
+    f.mkdir()
     png(f / "ok.png")
-    if kind == "1x1": png(f / "a.png", (1, 1))
-    if kind == "16-bit grey": Image.fromarray(np.full((40, 40), 60000, dtype=np.uint16)).save(f / "a.png")
-    if kind == "CMYK jpeg": png(f / "a.jpg", mode="CMYK")
-    if kind == "RGBA": png(f / "a.png", mode="RGBA")
+    if kind == "1x1":
+        png(f / "a.png", (1, 1))
+    if kind == "16-bit grey":
+        Image.fromarray(np.full((40, 40), 60000, dtype=np.uint16)).save(f / "a.png")
+    if kind == "CMYK jpeg":
+        png(f / "a.jpg", mode="CMYK")
+    if kind == "RGBA":
+        png(f / "a.png", mode="RGBA")
     if kind == "animated gif":
-        frames = [Image.new("P", (40, 40), i) for i in range(3)]; frames[0].save(f / "a.gif", save_all=True, append_images=frames[1:])
-    if kind == "bomb header": 
+        frames = [Image.new("P", (40, 40), i) for i in range(3)]
+        frames[0].save(f / "a.gif", save_all=True, append_images=frames[1:])
+    if kind == "bomb header":
         Image.new("1", (30000, 30000)).save(f / "a.png")
-    if kind == "symlink to dev-zero": os.symlink("/dev/zero", f / "a.png")
-    if kind == "newline in name": png(f / "a\nb.png")
+    if kind == "symlink to dev-zero":
+        os.symlink("/dev/zero", f / "a.png")
+    if kind == "newline in name":
+        png(f / "a\nb.png")
     if kind == "labels with BOM":
         (f / "labels.csv").write_text("\ufefffile,class_index\nok.png,3\n", encoding="utf-8")
-    if kind == "labels header only": (f / "labels.csv").write_text("file,class_index\n")
-    if kind == "labels naming a missing file": (f / "labels.csv").write_text("file,class_index\nok.png,3\nghost.png,4\n")
-    if kind == "labels negative class": (f / "labels.csv").write_text("file,class_index\nok.png,-3\n")
-    return cli(["eval", MODEL, "--no-pretrained", "--img-size", "32", "--methods", "evit", "--data", str(f), "--json", "-q"])
-for kind in ["1x1", "16-bit grey", "CMYK jpeg", "RGBA", "animated gif", "bomb header", "symlink to dev-zero", "newline in name",
-             "labels with BOM", "labels header only", "labels naming a missing file", "labels negative class"]:
-    PROBES["eval images: " + kind] = (lambda k: lambda: odd_images(k))(kind)
+    if kind == "labels header only":
+        (f / "labels.csv").write_text("file,class_index\n")
+    if kind == "labels naming a missing file":
+        (f / "labels.csv").write_text("file,class_index\nok.png,3\nghost.png,4\n")
+    if kind == "labels negative class":
+        (f / "labels.csv").write_text("file,class_index\nok.png,-3\n")
+    return cli(
+        ["eval", MODEL, "--no-pretrained", "--img-size", "32", "--methods", "evit", "--data", str(f), "--json", "-q"]
+    )
 
+
+for kind in [
+    "1x1",
+    "16-bit grey",
+    "CMYK jpeg",
+    "RGBA",
+    "animated gif",
+    "bomb header",
+    "symlink to dev-zero",
+    "newline in name",
+    "labels with BOM",
+    "labels header only",
+    "labels naming a missing file",
+    "labels negative class",
+]:
+    PROBES["eval images: " + kind] = (lambda k: lambda: odd_images(k))(kind)
 
 
 def main(argv: list[str]) -> int:
@@ -229,7 +361,11 @@ def main(argv: list[str]) -> int:
         print("| input | outcome | verdict |\n| --- | --- | --- |")
     for name, outcome, sound in rows:
         verdict = "ok" if sound else "FAIL"
-        print(f"| {name} | {outcome.replace('|', '/')} | {verdict} |" if markdown else f"{verdict:4s}  {name:50s}  {outcome}")
+        print(
+            f"| {name} | {outcome.replace('|', '/')} | {verdict} |"
+            if markdown
+            else f"{verdict:4s}  {name:50s}  {outcome}"
+        )
     print(f"{len(rows)} inputs, {sum(not s for _, _, s in rows)} failed", file=sys.stderr)
     return 1 if any(not s for _, _, s in rows) else 0
 
