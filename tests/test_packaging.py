@@ -77,3 +77,21 @@ def test_quiet_and_tqdm_disable_silence_every_progress_bar(capsys, monkeypatch, 
     assert main(argv + ([] if quiet == "env" else quiet)) == 0
     assert "timing batch" not in capsys.readouterr().err
     assert main(argv) == 0 and ("timing batch" in capsys.readouterr().err) == (quiet != "env")
+
+
+def test_help_states_every_default():
+    """Each option with a default (not None, False or empty) says ``default X`` in its --help, X its value."""
+    import argparse
+    import re
+
+    from tokenpatch.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for name, parser in commands.items():
+        for action in parser._actions:
+            if not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS, "==SUPPRESS=="):
+                continue
+            stated = re.search(r"default:? ([^;),]+)", action.help or "")
+            assert stated, f"{name} {action.option_strings[-1]}: no default in its help"
+            written = stated.group(1).split()[0]
+            assert written == str(action.default) or written == f"{action.default}%", (name, action.option_strings[-1])

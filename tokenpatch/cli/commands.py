@@ -370,10 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_arguments(audit, "instead of --keep-ratio: the share of the unpatched MACs to spend; each method's "
                           "keep ratio is solved to within 1 %% of it")
     _add_methods_argument(audit, "--method alone")
-    audit.add_argument("--batch-size", type=_positive, default=32)
+    audit.add_argument("--batch-size", type=_positive, default=32, help="images per timed forward (default 32)")
     audit.add_argument("--img-size", type=_positive, help="input size of a timm model (default: the model's)")
     _add_runtime_arguments(audit)
-    audit.add_argument("--repeats", type=_positive, default=10, help="timed rounds (median reported)")
+    audit.add_argument("--repeats", type=_positive, default=10, help="timed rounds (default 10; medians reported)")
     audit.add_argument("--compile", action="store_true",
                        help="also time every model under torch.compile (inductor) and report compiled next to eager")
     audit.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -393,9 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--keep-ratio", type=_ratio, help="the same keep ratio for every method (default: each "
                         "method's own)")
     evaluate.add_argument("--calibration", type=_positive, default=16,
-                          help="images the --macs-ratio fit counts MACs on")
+                          help="images the --macs-ratio fit counts MACs on (default 16)")
     evaluate.add_argument("--limit", type=_positive, help="use only the first N images")
-    evaluate.add_argument("--batch-size", type=_positive, default=50)
+    evaluate.add_argument("--batch-size", type=_positive, default=50, help="images per forward (default 50)")
     _add_workers_argument(evaluate)
     evaluate.add_argument("--img-size", type=_positive, help="input size of a timm model (default: the model's)")
     _add_runtime_arguments(evaluate)
