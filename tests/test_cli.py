@@ -45,6 +45,16 @@ def test_audit_table_has_one_row_per_method(capsys):
     assert sorted(line.split()[0] for line in lines[3:]) == sorted(tokenpatch.available_methods())
 
 
+def test_audit_notes_a_method_that_cannot_reach_the_budget_as_eval_does(capsys):
+    """One of several methods out of reach is a row with a note (and a line under the table); alone, one error."""
+    assert main(AUDIT + ["--methods", "tome", "ats", "--macs-ratio", "0.65", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert rows[0]["method"] == "tome" and rows[0]["macs_ratio"] == pytest.approx(0.65, rel=0.01)
+    assert rows[1] == {"method": "ats", "note": rows[1]["note"]} and "ats can't reach macs_ratio=0.65" in rows[1]["note"]
+    assert main(AUDIT + ["--method", "ats", "--macs-ratio", "0.65"]) == 2
+    assert "ats can't reach macs_ratio=0.65" in capsys.readouterr().err
+
+
 def test_audit_solves_each_method_for_a_mac_budget(capsys):
     assert main(["audit", "deit_tiny_patch16_224", "--no-pretrained", "--img-size", "128", "--batch-size", "2", "--repeats", "1",
                  "--methods", "all", "--macs-ratio", "0.7", "--json"]) == 0

@@ -21,6 +21,10 @@ class InvalidOptionError(TokenPatchError):
     """A method option is unknown or its value is out of range."""
 
 
+class UnreachableBudgetError(InvalidOptionError):
+    """A method cannot spend the asked share of the unpatched MACs on this model (within the tolerance)."""
+
+
 class UnsupportedModelError(TokenPatchError):
     """The model's class or layout is not one a backend can patch."""
 

@@ -23,7 +23,7 @@ from ..core.options import parse_options
 from ..core.registry import DEFAULT_METHOD, get_method, training_free_methods
 from ..core.distributed import is_main_process, join_process_group, world_size
 from ..data import TRAINING_AUGMENTATIONS, image_dataset, input_transform, load_images
-from ..errors import TokenPatchError
+from ..errors import TokenPatchError, UnreachableBudgetError
 from ..jobs.audit import AUDIT_COLUMNS, COMPILED_COLUMNS, audit_rows
 from ..jobs.evaluation import EVAL_COLUMNS, MAC_IMAGES, MethodSpec, classes_of, eval_loader, evaluation_rows
 from ..jobs.explain import write_explanations
@@ -76,11 +76,20 @@ def _audit(args: argparse.Namespace) -> int:
     loaded = _load(args, args.img_size)
     requests = ([PatchRequest(spec.name, args.keep_ratio, args.macs_ratio, spec.options) for spec in specs] if specs
                 else [PatchRequest(args.method, args.keep_ratio, args.macs_ratio, options)])
-    patched = {}
+    patched, unreachable = {}, []
     for request, spec in zip(requests, specs or [None]):
-        model = loaded.patched(request)
+        try:
+            model = loaded.patched(request)
+        except UnreachableBudgetError as exc:  # one method of several: a row saying how near it came, as eval
+            if len(requests) == 1:
+                raise
+            unreachable.append({"method": spec.label or spec.name, "note": str(exc)})
+            continue
         patched[spec.label or spec.name if spec else get_method_name(model)] = model
+    if not patched:
+        raise TokenPatchError(f"no method can reach this budget: {unreachable[0]['note']}")
     rows = audit_rows(loaded.unpatched, patched, args.batch_size, args.repeats, runtime, compiled=args.compile)
+    rows += unreachable
     header = {**_header(args, loaded, runtime), "batch_size": args.batch_size}
     columns = AUDIT_COLUMNS + (COMPILED_COLUMNS if args.compile else [])
     _write_results(args, header, rows, columns)
@@ -89,7 +98,7 @@ def _audit(args: argparse.Namespace) -> int:
     else:
         print(f"{args.model} ({loaded.weights}): {rows[0]['params'] / 1e6:.2f} M params, batch {args.batch_size}, "
               f"{runtime.describe()}, {torch.get_num_threads()} threads")
-        print(format_table(rows, columns, digits=2))
+        _print_table(rows, columns, digits=2)
     return 0
 
 
@@ -104,19 +113,20 @@ def _eval(args: argparse.Namespace) -> int:
                               model=loaded.patched(PatchRequest(keep_ratio=args.keep_ratio)))]
     methods = methods or [MethodSpec(name) for name in training_free_methods()]
     keep_ratio = None if args.macs_ratio is not None else args.keep_ratio
+    macs_ratio = args.macs_ratio
     for spec in methods:  # a request that contradicts itself is the user's error, before any work
-        lift_keep_ratio(keep_ratio, args.macs_ratio, spec.options)
+        lift_keep_ratio(keep_ratio, macs_ratio, spec.options)
     methods = [_with_checkpoint_modules(spec, loaded, keep_ratio) for spec in methods]
     dataset = _eval_dataset(args, loaded)
     first_images, _ = load_images(dataset, max(args.calibration, MAC_IMAGES))
     started = time.perf_counter()
     rows = evaluation_rows(loaded.unpatched, eval_loader(dataset, args.batch_size, args.workers, runtime), methods,
-                           first_images, keep_ratio, args.macs_ratio, args.calibration, MAC_IMAGES, runtime,
+                           first_images, keep_ratio, macs_ratio, args.calibration, MAC_IMAGES, runtime,
                            progress=is_main_process())
     if not is_main_process():  # every process holds the summed table; one prints it
         return 0
-    budget = f"{args.macs_ratio:.0%} of the MACs" if args.macs_ratio is not None else (
-        f"keep ratio {args.keep_ratio}" if args.keep_ratio is not None else "each method's default keep ratio")
+    budget = f"{macs_ratio:.0%} of the MACs" if macs_ratio is not None else (
+        f"keep ratio {args.keep_ratio}" if args.keep_ratio is not None else "each method's own keep ratio")
     labelled = rows[0]["top1"] is not None
     header = {**_header(args, loaded, runtime), "data": args.data, "images": rows[0]["images"], "labelled": labelled,
               "budget": budget, "processes": world_size(), "seconds": time.perf_counter() - started}
@@ -128,7 +138,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"{args.model} ({loaded.weights}): {header['images']} {'labelled' if labelled else 'unlabelled'} images "
               f"from {args.data}, {budget}, {runtime.describe()}"
               + (f", {world_size()} processes" if world_size() > 1 else ""))
-        _print_eval_table(rows, columns)
+        _print_table(rows, columns)
     return 0
 
 
@@ -156,9 +166,9 @@ def _eval_columns(labelled: bool) -> list[str]:
     return EVAL_COLUMNS if labelled else [c for c in EVAL_COLUMNS if c not in ("top1", "top5")]
 
 
-def _print_eval_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+def _print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], digits: int = 3) -> None:
     """The measured rows as a table, then a line per method that could not take the budget."""
-    print(format_table([r for r in rows if "note" not in r], columns, digits=3))
+    print(format_table([r for r in rows if "note" not in r], columns, digits=digits))
     for row in rows:
         if "note" in row:
             print(f"{row['method']}: {row['note']}")
@@ -187,6 +197,16 @@ def _listed_methods(specs: Optional[Sequence[MethodSpec]]) -> Optional[list[Meth
     if repeated is not None:
         raise TokenPatchError(f"--methods names {repeated} twice")
     return list(specs)
+
+
+def _add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--macs-ratio`` or, exclusive with it, ``--keep-ratio``: the same budget in every command."""
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--macs-ratio", type=_macs_ratio,
+                        help="instead of --keep-ratio: the share of the unpatched MACs each method spends, its keep "
+                        "ratio fitted to within 1 %%")
+    budget.add_argument("--keep-ratio", type=_ratio, help="share of the patch tokens kept, for every method (default: "
+                        f"a tokenpatch checkpoint's, else {DEFAULT_KEEP_RATIO}; eval: each method's own)")
 
 
 def _add_methods_argument(parser: argparse.ArgumentParser, default: str) -> None:
@@ -249,7 +269,7 @@ def _explain(args: argparse.Namespace) -> int:
     runtime = _runtime(args)
     options = method_options(_method_named(args), args.option)
     loaded = _load(args)
-    model = loaded.patched(PatchRequest(args.method, args.keep_ratio, options=options))
+    model = loaded.patched(PatchRequest(args.method, args.keep_ratio, args.macs_ratio, options))
     result = write_explanations(model, args.images, loaded.preprocessing, args.out, runtime)
     if args.json:
         options = get_config(model).to_dict()
@@ -285,15 +305,11 @@ def _option(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _add_method_arguments(parser: argparse.ArgumentParser, macs_ratio_help: Optional[str] = None) -> None:
-    """``--method``, ``--keep-ratio`` (or, exclusive with it, ``--macs-ratio`` when it has a help) and ``--option``."""
+def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--method``, the budget (``--macs-ratio`` or ``--keep-ratio``) and ``--option``."""
     parser.add_argument("--method", choices=sorted(available_methods()),
                         help=f"token-reduction method (default: a tokenpatch checkpoint's, else {DEFAULT_METHOD})")
-    budget = parser.add_mutually_exclusive_group()
-    if macs_ratio_help:
-        budget.add_argument("--macs-ratio", type=_macs_ratio, help=macs_ratio_help)
-    budget.add_argument("--keep-ratio", type=_ratio, help="share of the tokens kept (default: a tokenpatch checkpoint's, "
-                        f"else {DEFAULT_KEEP_RATIO})")
+    _add_budget_arguments(parser)
     parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                         help="a method option (its loss weights included), read by the option's declared type: "
                         "true/false, none, numbers, [lists]; e.g. --option fuse=true; repeatable")
@@ -367,8 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser, commands = top_level_parser()
     audit = _command(commands, "audit")
     _add_model_arguments(audit)
-    _add_method_arguments(audit, "instead of --keep-ratio: the share of the unpatched MACs to spend; each method's "
-                          "keep ratio is solved to within 1 %% of it")
+    _add_method_arguments(audit)
     _add_methods_argument(audit, "--method alone")
     audit.add_argument("--batch-size", type=_positive, default=32, help="images per timed forward (default 32)")
     audit.add_argument("--img-size", type=_positive, help="input size of a timm model (default: the model's)")
@@ -388,10 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--labels", help="file,class_index CSV (default: DATA/labels.csv when present)")
     evaluate.add_argument("--class-map", metavar="FILE", help=_CLASS_MAP_HELP)
     _add_methods_argument(evaluate, "every method that needs no training")
-    budget = evaluate.add_mutually_exclusive_group()
-    budget.add_argument("--macs-ratio", type=_macs_ratio, help="fit each method to this share of the unpatched MACs")
-    budget.add_argument("--keep-ratio", type=_ratio, help="the same keep ratio for every method (default: each "
-                        "method's own)")
+    _add_budget_arguments(evaluate)
     evaluate.add_argument("--calibration", type=_positive, default=16,
                           help="images the --macs-ratio fit counts MACs on (default 16)")
     evaluate.add_argument("--limit", type=_positive, help="use only the first N images")
@@ -405,8 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = _command(commands, "finetune")
     _add_model_arguments(tune)
-    _add_method_arguments(tune, "instead of --keep-ratio: the share of the unpatched MACs to spend (the keep ratio "
-                          "is fitted)")
+    _add_method_arguments(tune)
     tune.add_argument("--data", required=True, help="image folder: flat, class sub-folders, or flat with labels.csv")
     tune.add_argument("--labels", help="file,class_index CSV (default: DATA/labels.csv when present)")
     tune.add_argument("--class-map", metavar="FILE", help=_CLASS_MAP_HELP)

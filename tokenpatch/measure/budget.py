@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..backends import find_backend
 from ..core.runner import context_of, overriding, reconfigure
-from ..errors import InvalidOptionError
+from ..errors import InvalidOptionError, UnreachableBudgetError
 from .flops import as_input, count_macs
 
 #: relative distance to the target MAC share that counts as a hit
@@ -93,7 +93,7 @@ def set_macs_ratio(model: nn.Module, macs_ratio: float, macs_input: Optional[Uni
     tried = _bisect(lambda keep: macs_at(keep) / base, target, tolerance)
     keep = min(tried, key=lambda k: abs(tried[k] - target))
     if abs(tried[keep] - target) > tolerance * target:
-        raise InvalidOptionError(
+        raise UnreachableBudgetError(
             f"{ctx.method.name} can't reach macs_ratio={target} within {tolerance:.0%}: the nearest share of "
             f"the unpatched MACs is {tried[keep]:.3f} (keep_ratio={keep:.4f})"
         )
