@@ -182,7 +182,7 @@ def test_an_image_text_checkpoint_loads_its_vision_encoder_which_eval_refuses_an
     built = build_model(f"hf:{tmp_path / 'clip'}")
     assert type(built.model) is transformers.CLIPVisionModel
     assert main(["audit", f"hf:{tmp_path / 'clip'}", "--batch-size", "1", "--repeats", "1", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["method"] == "tome"
+    assert json.loads(capsys.readouterr().out)["results"][0]["method"] == "tome"
     (tmp_path / "images").mkdir()
     _an_image(tmp_path / "images")
     assert main(["eval", f"hf:{tmp_path / 'clip'}", "--data", str(tmp_path / "images"), "-j", "0"]) == 2
