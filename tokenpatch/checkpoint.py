@@ -27,11 +27,12 @@ from safetensors.torch import safe_open, save_file
 from torch import Tensor, nn
 
 from .api import module_shapes, patch, unpatch
+from .core.options import first_repeated
 from .core.registry import METHODS, get_method
 from .core.runner import MODULES_NAME, context_of, is_patched
 from .errors import (AlreadyPatchedError, CheckpointError, CheckpointMismatchError, CorruptCheckpointError,
                      InvalidOptionError, UnknownMethodError, first_line)
-from .files import write_atomically
+from .files import write_atomically, write_text_atomically
 
 METADATA_KEY = "tokenpatch"
 #: metadata key of the tensors' SHA-256 (:func:`tensor_digest`); files saved before it existed have none
@@ -47,8 +48,7 @@ def config_dict(model: nn.Module) -> dict[str, Any]:
 
 def save_config(model: nn.Module, path: PathLike) -> None:
     """Write the patched model's method and options as JSON (atomically)."""
-    text = json.dumps(config_dict(model), indent=2)
-    write_atomically(path, lambda name: Path(name).write_text(text))
+    write_text_atomically(path, json.dumps(config_dict(model), indent=2))
 
 
 def load_config(path: PathLike) -> dict[str, Any]:
@@ -329,8 +329,7 @@ def _config_from_text(path: PathLike, text: str) -> dict[str, Any]:
 
 def _without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object as a dict; a key given twice is refused (readers differ on which value wins)."""
-    unique = dict(pairs)
-    if len(unique) < len(pairs):
-        seen: set[str] = set()
-        raise ValueError(f"key {next(key for key, _ in pairs if key in seen or seen.add(key))!r} given twice")
-    return unique
+    repeated = first_repeated(key for key, _ in pairs)
+    if repeated is not None:
+        raise ValueError(f"key {repeated!r} given twice")
+    return dict(pairs)

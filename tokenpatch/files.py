@@ -30,6 +30,11 @@ def write_atomically(path: PathLike, write: Callable[[str], None]) -> None:
         _write_then_rename(path, target, temporary, write)
 
 
+def write_text_atomically(path: PathLike, text: str) -> None:
+    """:func:`write_atomically` of a text file."""
+    write_atomically(path, lambda name: Path(name).write_text(text))
+
+
 @contextlib.contextmanager
 def _terminate_as_exit() -> Iterator[None]:
     """While the block runs, a SIGTERM that would kill the process outright (the default action)

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Subset
 from ..api import available_methods, get_config, get_method_name, set_options
 from ..checkpoint import saved_config
 from ..core.method import check_keep_ratio
-from ..core.options import parse_options
+from ..core.options import first_repeated, parse_options
 from ..core.registry import DEFAULT_METHOD, get_method, training_free_methods
 from ..core.distributed import is_main_process, join_process_group, world_size
 from ..data import TRAINING_AUGMENTATIONS, image_dataset, input_transform, load_images
@@ -113,20 +113,19 @@ def _eval(args: argparse.Namespace) -> int:
                               model=loaded.patched(PatchRequest(keep_ratio=args.keep_ratio)))]
     methods = methods or [MethodSpec(name) for name in training_free_methods()]
     keep_ratio = None if args.macs_ratio is not None else args.keep_ratio
-    macs_ratio = args.macs_ratio
     for spec in methods:  # a request that contradicts itself is the user's error, before any work
-        lift_keep_ratio(keep_ratio, macs_ratio, spec.options)
+        lift_keep_ratio(keep_ratio, args.macs_ratio, spec.options)
     methods = [_with_checkpoint_modules(spec, loaded, keep_ratio) for spec in methods]
     dataset = _eval_dataset(args, loaded)
     first_images, _ = load_images(dataset, max(args.calibration, MAC_IMAGES))
     started = time.perf_counter()
     rows = evaluation_rows(loaded.unpatched, eval_loader(dataset, args.batch_size, args.workers, runtime), methods,
-                           first_images, keep_ratio, macs_ratio, args.calibration, MAC_IMAGES, runtime,
+                           first_images, keep_ratio, args.macs_ratio, args.calibration, MAC_IMAGES, runtime,
                            progress=is_main_process())
     if not is_main_process():  # every process holds the summed table; one prints it
         return 0
-    budget = f"{macs_ratio:.0%} of the MACs" if macs_ratio is not None else (
-        f"keep ratio {args.keep_ratio}" if args.keep_ratio is not None else "each method's own keep ratio")
+    budget = f"{args.macs_ratio:.0%} of the MACs" if args.macs_ratio is not None else (
+        f"keep ratio {args.keep_ratio}" if args.keep_ratio is not None else "each method's default keep ratio")
     labelled = rows[0]["top1"] is not None
     header = {**_header(args, loaded, runtime), "data": args.data, "images": rows[0]["images"], "labelled": labelled,
               "budget": budget, "processes": world_size(), "seconds": time.perf_counter() - started}
@@ -193,7 +192,7 @@ def _listed_methods(specs: Optional[Sequence[MethodSpec]]) -> Optional[list[Meth
         if len(labels) > 1:
             raise TokenPatchError(f"--methods {ALL_METHODS} names every method: give it alone")
         return [MethodSpec(name) for name in sorted(available_methods())]
-    repeated = next((label for i, label in enumerate(labels) if label in labels[:i]), None)
+    repeated = first_repeated(labels)
     if repeated is not None:
         raise TokenPatchError(f"--methods names {repeated} twice")
     return list(specs)

@@ -17,7 +17,7 @@ import json
 import math
 import types
 import typing
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Hashable, Iterable, Literal, Optional, Sequence, Union
 
 from ..errors import InvalidOptionError, shown
 
@@ -139,9 +139,19 @@ def parse_option_text(config_class: type, name: str, text: str) -> Any:
 def parse_options(config_class: type, pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """Command-line ``(KEY, VALUE)`` text pairs as options of ``config_class`` (see :func:`parse_option_text`);
     a key given twice is an error, not the last value silently winning."""
-    seen: dict[str, str] = {}
-    for name, text in pairs:
-        if name in seen:
-            raise InvalidOptionError(f"option {name} given twice ({name}={shown(seen[name])} and {name}={shown(text)})")
-        seen[name] = text
+    repeated = first_repeated(name for name, _ in pairs)
+    if repeated is not None:
+        first, second = [text for name, text in pairs if name == repeated][:2]
+        raise InvalidOptionError(f"option {repeated} given twice ({repeated}={shown(first)} and "
+                                 f"{repeated}={shown(second)})")
     return {name: parse_option_text(config_class, name, text) for name, text in pairs}
+
+
+def first_repeated(items: Iterable[Hashable]) -> Optional[Hashable]:
+    """The first of ``items`` that comes a second time, or None when each comes once."""
+    seen: set[Hashable] = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None

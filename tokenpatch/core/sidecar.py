@@ -15,7 +15,7 @@ from typing import Any, Mapping, Union
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..files import write_atomically
+from ..files import write_atomically, write_text_atomically
 
 CONFIG_FILE = "tokenpatch_config.json"
 MODULES_FILE = "tokenpatch_modules.safetensors"
@@ -25,8 +25,7 @@ def write_sidecar(folder: Union[str, os.PathLike], config: Mapping[str, Any], mo
     """Write ``config`` (``{"method", "options", ...}``) and the method's ``modules`` weights (keys
     relative to its modules; none for most methods: then any older modules file is removed)."""
     folder = Path(folder)
-    text = json.dumps(dict(config), indent=2)
-    write_atomically(folder / CONFIG_FILE, lambda name: Path(name).write_text(text))
+    write_text_atomically(folder / CONFIG_FILE, json.dumps(dict(config), indent=2))
     if modules:
         state = {k: v.detach().contiguous() for k, v in modules.items()}
         write_atomically(folder / MODULES_FILE, lambda name: save_file(state, name))
