@@ -222,3 +222,13 @@ def test_the_pareto_figure_labels_every_reached_point_and_leaves_out_unreachable
     lines = {line.get_label(): list(line.get_xdata()) for line in zoom.get_lines()}
     assert lines["tome"] == [50.0, 65.0, 100.0] and lines["ats"] == [50.0, 100.0]  # no point at the unreached 65 %
     assert sorted(text.get_text() for text in zoom.texts) == ["70.0", "74.0", "76.0"]
+
+
+def test_an_explanation_keeps_the_logits_of_the_pass_it_explains():
+    """What explain ran is what the model predicts: the CLI captions its panels from these, with no second pass."""
+    model = tokenpatch.patch(make_model("deit_tiny", depth=4), "evit", keep_ratio=0.5)
+    x = images(model, batch=2)
+    explanation = explain(model, x)
+    with torch.no_grad():
+        assert torch.equal(explanation.logits, model(x))
+    assert explanation.to_cpu().logits.shape == (2, 10)

@@ -41,12 +41,15 @@ class Explanation:
         groups: for merging methods (``tome``), (B, depth, gh, gw) int64: after each block, the
             index of the token each patch was merged into (patches with equal values form one
             token); None for methods that do not merge.
+        logits: (B, classes) the patched model's outputs on the images it explained; None for a
+            model without a classifier head.
     """
 
     computed: Tensor
     scores: dict[int, Tensor] = field(default_factory=dict)
     score_name: Optional[str] = None
     groups: Optional[Tensor] = None
+    logits: Optional[Tensor] = None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -56,7 +59,8 @@ class Explanation:
     def to_cpu(self) -> "Explanation":
         """The same maps on the CPU, in float32 where they are floating point (for drawing)."""
         return Explanation(self.computed.cpu(), {block: s.float().cpu() for block, s in self.scores.items()},
-                           self.score_name, None if self.groups is None else self.groups.cpu())
+                           self.score_name, None if self.groups is None else self.groups.cpu(),
+                           None if self.logits is None else self.logits.float().cpu())
 
     def importance(self) -> Tensor:
         """(B, gh, gw) patch ranking: blocks that computed the patch, ties broken by the last score.
@@ -127,7 +131,7 @@ def explain(model: nn.Module, images: Tensor) -> Explanation:
     """
     ctx = context_of(model)
     with eval_mode(model), trace(model) as recorded:
-        model(images)
+        logits = find_backend(model).logits(model(images))
     patches = recorded.input_tokens - ctx.num_prefix
     rows, cols = _grid(patches, images.shape[-2], images.shape[-1])
     batch = images.shape[0]
@@ -137,8 +141,10 @@ def explain(model: nn.Module, images: Tensor) -> Explanation:
         for s in recorded.scores
     }
     groups = _groups(recorded, patches)
+    classified = isinstance(logits, Tensor) and logits.ndim == 2
     return Explanation(computed, scores, recorded.scores[0].name if recorded.scores else None,
-                       None if groups is None else groups.view(batch, -1, rows, cols))
+                       None if groups is None else groups.view(batch, -1, rows, cols),
+                       logits.detach() if classified else None)
 
 
 def score_map(model: nn.Module, images: Tensor) -> Tensor:

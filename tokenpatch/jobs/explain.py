@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..backends.build import Preprocessing
-from ..backends import find_backend
 from ..data import class_description, input_transform, read_image
 from ..errors import TokenPatchError
 from ..interpret.explanation import explain
@@ -37,7 +36,7 @@ def write_explanations(model: nn.Module, paths: Sequence[str], preprocessing: Pr
     images = load_image_files(paths, input_transform(preprocessing))
     with runtime.autocast():
         explanation = explain(runtime.place(model), runtime.inputs(images)).to_cpu()
-        predictions = _predictions(model, runtime.inputs(images))
+    predictions = _predictions(explanation.logits)
     mean, std = preprocessing.data_config["mean"], preprocessing.data_config["std"]
     folder.mkdir(parents=True, exist_ok=True)
     panels, written, computed = [], [], []
@@ -57,13 +56,10 @@ def write_explanations(model: nn.Module, paths: Sequence[str], preprocessing: Pr
             "predicted": [{"class_index": c, "class": name, "probability": p} for c, name, p in predictions]}
 
 
-def _predictions(model: nn.Module, images: torch.Tensor) -> list[tuple[int, str, float]]:
-    """(class index, its words, probability) of the patched model's top class per image; none for a
-    model without a classifier head."""
-    with torch.inference_mode():
-        logits = find_backend(model).logits(model(images))
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+def _predictions(logits: Optional[torch.Tensor]) -> list[tuple[int, str, float]]:
+    """(class index, its words, probability) of the top class of each row of (B, classes) ``logits``;
+    none for a model without a classifier head (None)."""
+    if logits is None:
         return []
-    probabilities = logits.float().softmax(dim=-1).cpu()
-    top, index = probabilities.max(dim=-1)
+    top, index = logits.softmax(dim=-1).max(dim=-1)
     return [(int(c), class_description(int(c), logits.shape[-1]), float(p)) for c, p in zip(index, top)]
