@@ -14,6 +14,7 @@ from tokenpatch.cli import main
 from tokenpatch.backends.build import build_timm_model
 from tokenpatch.core.registry import DEFAULT_METHOD
 from tokenpatch.jobs.audit import AUDIT_COLUMNS, COMPILED_COLUMNS
+from tokenpatch.jobs.models import DEFAULT_KEEP_RATIO
 from tokenpatch.measure.flops import count_macs
 
 from conftest import random_folder_and_weights
@@ -252,6 +253,18 @@ def test_eval_reports_accuracy_when_labelled_and_notes_a_budget_a_method_cannot_
     assert lines[1].split() == ["method", "keep_ratio", "gmacs", "macs_ratio", "top1", "top5", "agreement"]
     assert [line.split()[0] for line in lines[3:5]] == ["unpatched", "evit"]
     assert lines[-1].startswith("tome:r=2: a MAC budget chooses tome's merges through keep_ratio")
+
+
+def test_eval_runs_every_method_at_the_default_keep_ratio_of_every_command(tuning_inputs, capsys):
+    data, weights = tuning_inputs
+    argv = EVAL + ["--data", str(data), "--checkpoint", str(weights), "--methods", "evit", "idle:keep_ratio=0.8", "tome"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"keep ratio {DEFAULT_KEEP_RATIO}" in lines[0]
+    keep_ratios = {line.split()[0]: float(line.split()[1]) for line in lines[4:7]}
+    assert keep_ratios == {"evit": DEFAULT_KEEP_RATIO, "idle:keep_ratio=0.8": 0.8, "tome": DEFAULT_KEEP_RATIO}
+    assert re.fullmatch(r"at one keep ratio the methods spend 0\.\d\d-0\.\d\d of the MACs; --macs-ratio R "
+                        r"compares them at the same MACs", lines[-1])
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -116,6 +116,8 @@ def _eval(args: argparse.Namespace) -> int:
     for spec in methods:  # a request that contradicts itself is the user's error, before any work
         lift_keep_ratio(keep_ratio, args.macs_ratio, spec.options)
     methods = [_with_checkpoint_modules(spec, loaded, keep_ratio) for spec in methods]
+    if keep_ratio is None and args.macs_ratio is None:  # the default budget of every command
+        methods = [_at_default_keep_ratio(spec) for spec in methods]
     dataset = _eval_dataset(args, loaded)
     first_images, _ = load_images(dataset, max(args.calibration, MAC_IMAGES))
     started = time.perf_counter()
@@ -125,7 +127,7 @@ def _eval(args: argparse.Namespace) -> int:
     if not is_main_process():  # every process holds the summed table; one prints it
         return 0
     budget = f"{args.macs_ratio:.0%} of the MACs" if args.macs_ratio is not None else (
-        f"keep ratio {args.keep_ratio}" if args.keep_ratio is not None else "each method's default keep ratio")
+        f"keep ratio {args.keep_ratio if args.keep_ratio is not None else DEFAULT_KEEP_RATIO}")
     labelled = rows[0]["top1"] is not None
     header = {**_header(args, loaded, runtime), "data": args.data, "images": rows[0]["images"], "labelled": labelled,
               "budget": budget, "processes": world_size(), "seconds": time.perf_counter() - started}
@@ -138,7 +140,17 @@ def _eval(args: argparse.Namespace) -> int:
               f"from {args.data}, {budget}, {runtime.describe()}"
               + (f", {world_size()} processes" if world_size() > 1 else ""))
         _print_table(rows, columns)
+        if args.macs_ratio is None:
+            _note_unequal_budgets(rows)
     return 0
+
+
+def _note_unequal_budgets(rows: Sequence[dict[str, Any]], tolerance: float = 0.05) -> None:
+    """A line saying so when one keep ratio costs the methods different shares of the MACs."""
+    shares = [row["macs_ratio"] for row in rows[1:] if "note" not in row]
+    if len(shares) > 1 and max(shares) - min(shares) > tolerance:
+        print(f"at one keep ratio the methods spend {min(shares):.2f}-{max(shares):.2f} of the MACs; "
+              "--macs-ratio R compares them at the same MACs")
 
 
 def _with_checkpoint_modules(spec: MethodSpec, loaded: LoadedModel, keep_ratio: Optional[float]) -> MethodSpec:
@@ -151,6 +163,13 @@ def _with_checkpoint_modules(spec: MethodSpec, loaded: LoadedModel, keep_ratio: 
     if changes:
         set_options(model, **changes)
     return dataclasses.replace(spec, model=model)
+
+
+def _at_default_keep_ratio(spec: MethodSpec) -> MethodSpec:
+    """``spec`` at :data:`DEFAULT_KEEP_RATIO` unless it sets its own keep ratio or runs a checkpoint's model."""
+    if spec.model is not None or "keep_ratio" in spec.options:
+        return spec
+    return dataclasses.replace(spec, options={**spec.options, "keep_ratio": DEFAULT_KEEP_RATIO})
 
 
 def _eval_dataset(args: argparse.Namespace, loaded: LoadedModel) -> Dataset:
@@ -205,7 +224,7 @@ def _add_budget_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead of --keep-ratio: the share of the unpatched MACs each method spends, its keep "
                         "ratio fitted to within 1 %%")
     budget.add_argument("--keep-ratio", type=_ratio, help="share of the patch tokens kept, for every method (default: "
-                        f"a tokenpatch checkpoint's, else {DEFAULT_KEEP_RATIO}; eval: each method's own)")
+                        f"a tokenpatch checkpoint's, else {DEFAULT_KEEP_RATIO})")
 
 
 def _add_methods_argument(parser: argparse.ArgumentParser, default: str) -> None:
@@ -426,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_arguments(tune)
     defaults = FinetuneConfig()
     tune.add_argument("--recipe", choices=sorted(RECIPES), help="a paper's fine-tuning recipe (its method, epochs, "
-                      "batch, learning rates, losses and augmentation; see the README); the flags below override it")
+                      "batch, learning rates, losses and augmentation; see the Fine-tune guide); the flags below override it")
     length = tune.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive, help=f"optimisation steps (default {defaults.steps})")
     length.add_argument("--minutes", type=_positive_float,
