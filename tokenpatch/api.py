@@ -34,7 +34,7 @@ def patch(model: ModelT, method: str = DEFAULT_METHOD, keep_ratio: Optional[floa
     On any error the model is left exactly as it was.
 
     Args:
-        model: a supported ViT (see the README for the list), e.g. from ``timm.create_model``.
+        model: a supported ViT (see docs/models.md for the list), e.g. from ``timm.create_model``.
         method: one of :func:`available_methods` (``"tome"`` by default: ToMe's official rule,
             which ranks tokens by similarity rather than by one model's attention statistics).
         keep_ratio: fraction of patch tokens kept, in (0, 1]; None takes the method's default.

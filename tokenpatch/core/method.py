@@ -96,7 +96,7 @@ class ScoringConfig(MethodConfig):
         scorer: whose attention: ``"class_token"`` the class token's (the papers' rule);
             ``"mean_query"`` the mean of the patches' queries, which needs no class token
             (SigLIP, ``*_gap_*``): its attention estimates the attention each patch receives
-            from all patches, measured against the class token's in the README; ``"auto"``
+            from all patches, measured against the class token's in docs/methods/index.md; ``"auto"``
             the class token where the model has one, else the mean query.
     """
 

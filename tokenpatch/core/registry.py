@@ -11,7 +11,7 @@ METHODS: dict[str, Method] = {}
 
 #: the method ``patch`` and the CLI use when none is named: ToMe's merging ranks tokens by their
 #: similarity, not by one model's class-token attention, and lost the least top-1 training-free
-#: at 55-75 % of the MACs on the real DeiT-Tiny (README, Leaderboard)
+#: at 55-75 % of the MACs on the real DeiT-Tiny (docs/benchmarks/leaderboard.md)
 DEFAULT_METHOD = "tome"
 
 MethodClass = TypeVar("MethodClass", bound=type)

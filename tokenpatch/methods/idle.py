@@ -25,7 +25,7 @@ proportional attention, and the block's change to that mean moves the selected t
 idle token it took. Idle tokens still pass through, stay in place and may be selected again,
 now from an up-to-date state; with them, the first idle block's ranking is kept for the pass
 (``score=None`` means ``"fixed"`` here, ``"fresh"`` with ``idle_update="unchanged"``). Measured on
-the shared DeiT-Tiny at 65 % of the MACs (README, "Method fidelity"): 76.4 top-1 against 77.0
+the shared DeiT-Tiny at 65 % of the MACs (docs/benchmarks/training-free.md): 76.4 top-1 against 77.0
 unpatched at 224 px, 79.4 against 79.2 at 288 px; the official rule 60.6 and 64.0.
 
 Other deviations, kept as options:

@@ -11,7 +11,7 @@ stands for several (proportional attention), passed to SDPA as an additive mask.
 This is the official rule: the alternating A/B split runs over the whole sequence, so the class
 token is the first (protected) token of set A and the patches at odd positions of the sequence
 form A. (tokenpatch's earlier split over the patches alone measured 1.0 point of top-1 lower at
-65 % of the MACs on the shared DeiT-Tiny, README "Method fidelity", and was removed.)
+65 % of the MACs on the shared DeiT-Tiny, docs/methods/index.md, and was removed.)
 
 ``r=`` merges a constant ``r`` per block (ToMe's own setting; each block merges at most half
 of its patches). ``keep_ratio=`` instead asks for the mean share of patches the blocks' MLPs

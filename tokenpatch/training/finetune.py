@@ -3,7 +3,7 @@
 The teacher is a frozen copy of the model's weights as they were before fine-tuning, run
 unpatched. It must be a copy: the same weights at ``keep_ratio=1.0`` would move with the
 student, and the two can then agree on anything (measured on the real DeiT-Tiny: top-1 fell
-from 72.0 to 11.6 % while the loss went to 0.02; see the README). The student is the patched model in train
+from 72.0 to 11.6 % while the loss went to 0.02; see docs/guides/finetune.md). The student is the patched model in train
 mode. Labels are optional: with none, the loss is the distillation term alone. The method's own
 losses join with the weights its options give them (``Method.training_losses``: e.g.
 DynamicViT's ratio loss with ``ratio_weight``, IdleViT's token-cut loss with ``cut_weight``,
@@ -67,7 +67,7 @@ def frozen_teacher(model: nn.Module) -> nn.Module:
 
 @dataclass
 class FinetuneConfig:
-    """Options of :func:`finetune`. The defaults are the measured recipe (README, "Short fine-tuning").
+    """Options of :func:`finetune`. The defaults are the measured recipe (docs/benchmarks/finetune-defaults.md).
 
     Attributes:
         steps: optimisation steps (ignored when ``minutes`` is set).
@@ -93,7 +93,7 @@ class FinetuneConfig:
             block as they are. They compute exactly what the teacher computes, and no gradient
             has to flow back through them on all the tokens, so each step is faster (1.3x for
             ``idle`` on DeiT-Tiny), but in the same time training every weight won back more
-            (README), so it is off by default.
+            (docs/benchmarks/finetune-defaults.md), so it is off by default.
         mixup: alpha of mixup on the training images (0: off). Each batch is blended with a
             shuffled copy of itself by a Beta(alpha, alpha) weight, and teacher and student see
             the same blend, so a small folder yields new inputs every step (Beyer et al.,
