@@ -21,6 +21,11 @@ def cell(value: Any) -> str:
     return "–" if value is None else str(value)
 
 
+def rows_of(results: Any) -> list[dict[str, Any]]:
+    """The rows of a result file's content: its ``rows``, or the file itself when it is a list of them."""
+    return results if isinstance(results, list) else results["rows"]
+
+
 def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """``rows`` as a Markdown table of ``columns``."""
     lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
@@ -34,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--columns", nargs="+", help="columns to show (default: every key of the first row)")
     args = parser.parse_args(argv)
     with open(args.results) as f:
-        rows = json.load(f)["rows"]
+        rows = rows_of(json.load(f))
     print(markdown(rows, args.columns or list(rows[0])))
     return 0
 

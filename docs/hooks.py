@@ -2,7 +2,8 @@
 
 - ``<!-- cli-reference -->`` becomes every command's ``--help``, from the parser itself.
 - ``<!-- results: FILE columns=A,B,C [where=KEY=VALUE] -->`` becomes a table of the rows of a
-  committed result file (``benchmarks/results/*.json``), printed by ``benchmarks/markdown_table.py``;
+  committed result file (``benchmarks/results/*.json``), printed by ``benchmarks/markdown_table.py``
+  and captioned with the file's name;
   ``where`` keeps the rows whose KEY's first word is VALUE (``method=dynamicvit`` keeps the rows of
   ``dynamicvit (untrained)``; ``idle:idle_update=unchanged`` is another word than ``idle``).
 """
@@ -36,13 +37,13 @@ def cli_reference() -> str:
 def results_table(match: re.Match) -> str:
     """The Markdown table a ``<!-- results: ... -->`` marker asks for."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from markdown_table import markdown
+    from markdown_table import markdown, rows_of
 
     path, columns, key, value = match.groups()
-    rows = json.loads((ROOT / path).read_text())["rows"]
+    rows = rows_of(json.loads((ROOT / path).read_text()))
     if key is not None:
         rows = [row for row in rows if str(row.get(key)).split(" ")[0] == value]
-    return markdown(rows, columns.split(","))
+    return markdown(rows, columns.split(",")) + f"\n\n*Generated from `{path}`.*"
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001 (the hook's signature)
