@@ -15,7 +15,8 @@ import tokenpatch.methods  # noqa: F401  (registers the built-in methods: the pa
 from tokenpatch.core.registry import METHODS
 from tokenpatch.data import data_dir
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (-n N) the workers share the cores: threads beyond a worker's share only wait on each other.
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 # Small versions (depth 4, 64 px images) of every architecture the timm backend must support.
 SMALL_MODELS = {

@@ -4,6 +4,7 @@ version, the type stub of the lazy public API, and silencing progress bars."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,14 @@ def test_the_version_is_the_packages():
     from importlib.metadata import version
 
     assert version("tokenpatch") == tokenpatch.__version__
+
+
+def test_the_changelog_and_the_citation_name_the_version():
+    root = Path(__file__).resolve().parents[1]
+    newest = re.search(r"^## \[([^\]]+)\] - (\S+)", (root / "CHANGELOG.md").read_text(), flags=re.M)
+    assert newest is not None and newest.group(1) == tokenpatch.__version__
+    assert newest.group(2) == "unreleased" or re.fullmatch(r"\d{4}-\d{2}-\d{2}", newest.group(2))
+    assert re.search(rf"^version: {re.escape(tokenpatch.__version__)}$", (root / "CITATION.cff").read_text(), flags=re.M)
 
 
 @pytest.mark.parametrize("quiet", [["--quiet"], ["-q"], "env"])
