@@ -5,7 +5,8 @@ import timm
 import torch
 
 import tokenpatch
-from tokenpatch.errors import InvalidOptionError
+from tokenpatch.errors import InvalidOptionError, UnreachableBudgetError
+from tokenpatch.measure.budget import _bisect
 from tokenpatch.measure.flops import count_macs
 
 from conftest import images
@@ -52,3 +53,24 @@ def test_keep_ratio_and_macs_ratio_together_are_refused():
     with pytest.raises(InvalidOptionError, match="keep_ratio or macs_ratio, not both"):
         tokenpatch.patch(model, "idle", keep_ratio=0.5, macs_ratio=0.6)
     assert not tokenpatch.is_patched(model)
+
+
+@pytest.mark.parametrize("target, counted", [(0.9, 2), (0.001, 1)])
+def test_a_budget_beyond_either_end_is_known_unreachable_after_counting_the_ends_only(target, counted):
+    """ats spends at most ~0.63 of the MACs below keep ratio 1 (its sampler drops tokens at any ratio): a budget
+    above that is refused after counting the largest keep ratio, not after a bisection that cannot converge."""
+    keep_ratios = []
+
+    def share(keep):
+        keep_ratios.append(keep)
+        return 0.1 + 0.5 * keep
+
+    tried = _bisect(share, target, 0.01)
+    assert len(keep_ratios) == counted and tried == {k: 0.1 + 0.5 * k for k in keep_ratios}
+
+
+def test_ats_tells_an_unreachable_budget_after_counting_two_keep_ratios():
+    model = tokenpatch.patch(twelve_block_model(), "ats")
+    x = images(model, batch=2)
+    with pytest.raises(UnreachableBudgetError, match=r"can.t reach macs_ratio=0.99 .*\(keep_ratio=0.9990\)"):
+        tokenpatch.set_macs_ratio(model, 0.99, x)

@@ -14,7 +14,7 @@ from tokenpatch.cli import main
 from tokenpatch.backends.build import build_timm_model
 from tokenpatch.core.registry import DEFAULT_METHOD
 from tokenpatch.jobs.audit import AUDIT_COLUMNS, COMPILED_COLUMNS
-from tokenpatch.jobs.models import DEFAULT_KEEP_RATIO
+from tokenpatch.jobs.models import DEFAULT_KEEP_RATIO, DEFAULT_MACS_RATIO
 from tokenpatch.measure.flops import count_macs
 
 from conftest import random_folder_and_weights
@@ -40,7 +40,7 @@ def test_audit_json_agrees_with_the_library(capsys):
 
 
 def test_audit_table_has_one_row_per_method(capsys):
-    assert main(AUDIT + ["--methods", "all"]) == 0
+    assert main(AUDIT + ["--methods", "all", "--keep-ratio", "0.5"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[:3] == ["method", "keep_ratio", "gmacs_unpatched"]
     assert sorted(line.split()[0] for line in lines[3:]) == sorted(tokenpatch.available_methods())
@@ -255,14 +255,18 @@ def test_eval_reports_accuracy_when_labelled_and_notes_a_budget_a_method_cannot_
     assert lines[-1].startswith("tome:r=2: a MAC budget chooses tome's merges through keep_ratio")
 
 
-def test_eval_runs_every_method_at_the_default_keep_ratio_of_every_command(tuning_inputs, capsys):
+def test_eval_compares_methods_at_the_default_macs_share_and_a_named_keep_ratio_at_one_keep_ratio(tuning_inputs, capsys):
     data, weights = tuning_inputs
-    argv = EVAL + ["--data", str(data), "--checkpoint", str(weights), "--methods", "evit", "idle:keep_ratio=0.8", "tome"]
+    argv = EVAL + ["--data", str(data), "--checkpoint", str(weights), "--methods", "evit", "tome"]
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert f"keep ratio {DEFAULT_KEEP_RATIO}" in lines[0]
+    assert f"{DEFAULT_MACS_RATIO:.0%} of the MACs" in lines[0]
+    shares = [float(line.split()[3]) for line in lines[4:6]]
+    assert shares == pytest.approx([DEFAULT_MACS_RATIO] * 2, rel=0.011)
+    assert main(argv + ["idle:keep_ratio=0.8"]) == 0  # a keep ratio named: the others at the default one
+    lines = capsys.readouterr().out.splitlines()
     keep_ratios = {line.split()[0]: float(line.split()[1]) for line in lines[4:7]}
-    assert keep_ratios == {"evit": DEFAULT_KEEP_RATIO, "idle:keep_ratio=0.8": 0.8, "tome": DEFAULT_KEEP_RATIO}
+    assert keep_ratios == {"evit": DEFAULT_KEEP_RATIO, "tome": DEFAULT_KEEP_RATIO, "idle:keep_ratio=0.8": 0.8}
     assert re.fullmatch(r"at one keep ratio the methods spend 0\.\d\d-0\.\d\d of the MACs; --macs-ratio R "
                         r"compares them at the same MACs", lines[-1])
 

@@ -154,7 +154,7 @@ def test_autocast_and_channels_last_run_the_models_as_asked():
 def test_output_writes_the_table_as_json_and_csv_with_what_made_it(tmp_path, capsys):
     root = _image_folder(tmp_path / "images", {"": 3})
     out = tmp_path / "results"
-    assert main(EVAL + ["--data", str(root), "--methods", "evit", "tome:r=2", "--amp", "bf16", "--output", str(out),
+    assert main(EVAL + ["--data", str(root), "--methods", "evit", "tome:r=2", "--keep-ratio", "0.5", "--amp", "bf16", "--output", str(out),
                         "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     written = json.loads((out / "results.json").read_text())

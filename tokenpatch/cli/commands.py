@@ -28,7 +28,7 @@ from ..jobs.audit import AUDIT_COLUMNS, COMPILED_COLUMNS, audit_rows
 from ..jobs.evaluation import EVAL_COLUMNS, MAC_IMAGES, MethodSpec, classes_of, eval_loader, evaluation_rows
 from ..jobs.explain import write_explanations
 from ..jobs.finetune import FinetuneJob, finetune_job, run_finetune_job
-from ..jobs.models import DEFAULT_KEEP_RATIO, LoadedModel, PatchRequest, lift_keep_ratio, load_model
+from ..jobs.models import DEFAULT_KEEP_RATIO, DEFAULT_MACS_RATIO, LoadedModel, PatchRequest, lift_keep_ratio, load_model
 from ..measure.budget import check_macs_ratio
 from ..measure.report import RESULTS_SCHEMA_VERSION, format_table, write_results
 from ..measure.runtime import AMP_DTYPES, Runtime
@@ -74,7 +74,8 @@ def _audit(args: argparse.Namespace) -> int:
         raise TokenPatchError("give --method (with --option) for one method, or --methods with each one's options")
     options = method_options(_method_named(args), args.option)  # bad options fail before any download
     loaded = _load(args, args.img_size)
-    requests = ([PatchRequest(spec.name, args.keep_ratio, args.macs_ratio, spec.options) for spec in specs] if specs
+    macs_ratio = _compared_at(args, specs or [])
+    requests = ([PatchRequest(spec.name, args.keep_ratio, macs_ratio, spec.options) for spec in specs] if specs
                 else [PatchRequest(args.method, args.keep_ratio, args.macs_ratio, options)])
     patched, unreachable = {}, []
     for request, spec in zip(requests, specs or [None]):
@@ -112,22 +113,23 @@ def _eval(args: argparse.Namespace) -> int:
         methods = [MethodSpec(name, label=f"{name} (checkpoint)",
                               model=loaded.patched(PatchRequest(keep_ratio=args.keep_ratio)))]
     methods = methods or [MethodSpec(name) for name in training_free_methods()]
-    keep_ratio = None if args.macs_ratio is not None else args.keep_ratio
+    macs_ratio = _compared_at(args, methods)
+    keep_ratio = None if macs_ratio is not None else args.keep_ratio
     for spec in methods:  # a request that contradicts itself is the user's error, before any work
-        lift_keep_ratio(keep_ratio, args.macs_ratio, spec.options)
+        lift_keep_ratio(keep_ratio, macs_ratio, spec.options)
     methods = [_with_checkpoint_modules(spec, loaded, keep_ratio) for spec in methods]
-    if keep_ratio is None and args.macs_ratio is None:  # the default budget of every command
+    if keep_ratio is None and macs_ratio is None:  # a keep ratio named for some methods: the others at the default
         methods = [_at_default_keep_ratio(spec) for spec in methods]
     dataset = _eval_dataset(args, loaded)
     first_images, _ = load_images(dataset, max(args.calibration, MAC_IMAGES))
     started = time.perf_counter()
     rows = evaluation_rows(loaded.unpatched, eval_loader(dataset, args.batch_size, args.workers, runtime), methods,
-                           first_images, keep_ratio, args.macs_ratio, args.calibration, MAC_IMAGES, runtime,
+                           first_images, keep_ratio, macs_ratio, args.calibration, MAC_IMAGES, runtime,
                            progress=is_main_process())
     if not is_main_process():  # every process holds the summed table; one prints it
         return 0
-    budget = f"{args.macs_ratio:.0%} of the MACs" if args.macs_ratio is not None else (
-        f"keep ratio {args.keep_ratio if args.keep_ratio is not None else DEFAULT_KEEP_RATIO}")
+    budget = f"{macs_ratio:.0%} of the MACs" if macs_ratio is not None else (
+        f"keep ratio {args.keep_ratio}" if args.keep_ratio is not None else "the checkpoint's keep ratio")
     labelled = rows[0]["top1"] is not None
     header = {**_header(args, loaded, runtime), "data": args.data, "images": rows[0]["images"], "labelled": labelled,
               "budget": budget, "processes": world_size(), "seconds": time.perf_counter() - started}
@@ -140,7 +142,7 @@ def _eval(args: argparse.Namespace) -> int:
               f"from {args.data}, {budget}, {runtime.describe()}"
               + (f", {world_size()} processes" if world_size() > 1 else ""))
         _print_table(rows, columns)
-        if args.macs_ratio is None:
+        if macs_ratio is None:
             _note_unequal_budgets(rows)
     return 0
 
@@ -170,6 +172,16 @@ def _at_default_keep_ratio(spec: MethodSpec) -> MethodSpec:
     if spec.model is not None or "keep_ratio" in spec.options:
         return spec
     return dataclasses.replace(spec, options={**spec.options, "keep_ratio": DEFAULT_KEEP_RATIO})
+
+
+def _compared_at(args: argparse.Namespace, methods: Sequence[MethodSpec]) -> Optional[float]:
+    """The MACs share a table comparing ``methods`` fits them to: ``--macs-ratio``, else
+    :data:`DEFAULT_MACS_RATIO` when no keep ratio is named anywhere and there is a comparison (not
+    one checkpoint's model alone)."""
+    named = args.keep_ratio is not None or any("keep_ratio" in spec.options for spec in methods)
+    if args.macs_ratio is not None or named or not methods or all(spec.model is not None for spec in methods):
+        return args.macs_ratio
+    return DEFAULT_MACS_RATIO
 
 
 def _eval_dataset(args: argparse.Namespace, loaded: LoadedModel) -> Dataset:
@@ -222,9 +234,10 @@ def _add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--macs-ratio", type=_macs_ratio,
                         help="instead of --keep-ratio: the share of the unpatched MACs each method spends, its keep "
-                        "ratio fitted to within 1 %%")
-    budget.add_argument("--keep-ratio", type=_ratio, help="share of the patch tokens kept, for every method (default: "
-                        f"a tokenpatch checkpoint's, else {DEFAULT_KEEP_RATIO})")
+                        f"ratio fitted to within 1 %% (default for a table comparing methods, eval's and audit "
+                        f"--methods', when no keep ratio is named: {DEFAULT_MACS_RATIO})")
+    budget.add_argument("--keep-ratio", type=_ratio, help="share of the patch tokens kept, for every method (default "
+                        f"for one method: a tokenpatch checkpoint's, else {DEFAULT_KEEP_RATIO})")
 
 
 def _add_methods_argument(parser: argparse.ArgumentParser, default: str) -> None:

@@ -18,6 +18,9 @@ from ..errors import InvalidOptionError
 
 #: the keep ratio of a patch that names none (and comes from no tokenpatch checkpoint)
 DEFAULT_KEEP_RATIO = 0.5
+#: the share of the unpatched MACs a table comparing methods gives each one when no budget is named:
+#: one keep ratio means different MACs to different methods (``pitome``'s is per block)
+DEFAULT_MACS_RATIO = 0.65
 
 
 @dataclass(frozen=True)

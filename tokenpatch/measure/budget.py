@@ -16,6 +16,8 @@ from .flops import as_input, count_macs
 TOLERANCE = 0.01
 #: smallest keep ratio tried
 LOWEST_KEEP_RATIO = 1e-3
+#: largest keep ratio below 1 tried (1.0 is dense for every method: it says nothing about a budget)
+HIGHEST_KEEP_RATIO = 1 - 1e-3
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,9 @@ def _bisect(share: Callable[[float], float], target: float, tolerance: float) ->
     tried = {low: share(low)}
     if tried[low] > target * (1 + tolerance):
         return tried  # even the smallest keep ratio spends too much
+    tried[HIGHEST_KEEP_RATIO] = share(HIGHEST_KEEP_RATIO)
+    if tried[HIGHEST_KEEP_RATIO] < target * (1 - tolerance):
+        return tried  # even the largest spends too little (ats: its sampler drops tokens at any keep ratio)
     for _ in range(40):
         middle = (low + high) / 2
         tried[middle] = share(middle)
