@@ -265,6 +265,7 @@ def test_eval_compares_methods_at_the_default_macs_share_and_a_named_keep_ratio_
     assert shares == pytest.approx([DEFAULT_MACS_RATIO] * 2, rel=0.011)
     assert main(argv + ["idle:keep_ratio=0.8"]) == 0  # a keep ratio named: the others at the default one
     lines = capsys.readouterr().out.splitlines()
+    assert f"keep ratio {DEFAULT_KEEP_RATIO} unless a method names its own" in lines[0]
     keep_ratios = {line.split()[0]: float(line.split()[1]) for line in lines[4:7]}
     assert keep_ratios == {"evit": DEFAULT_KEEP_RATIO, "tome": DEFAULT_KEEP_RATIO, "idle:keep_ratio=0.8": 0.8}
     assert re.fullmatch(r"at one keep ratio the methods spend 0\.\d\d-0\.\d\d of the MACs; --macs-ratio R "

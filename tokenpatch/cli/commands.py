@@ -128,8 +128,7 @@ def _eval(args: argparse.Namespace) -> int:
                            progress=is_main_process())
     if not is_main_process():  # every process holds the summed table; one prints it
         return 0
-    budget = f"{macs_ratio:.0%} of the MACs" if macs_ratio is not None else (
-        f"keep ratio {args.keep_ratio}" if args.keep_ratio is not None else "the checkpoint's keep ratio")
+    budget = _budget_text(args, macs_ratio, methods)
     labelled = rows[0]["top1"] is not None
     header = {**_header(args, loaded, runtime), "data": args.data, "images": rows[0]["images"], "labelled": labelled,
               "budget": budget, "processes": world_size(), "seconds": time.perf_counter() - started}
@@ -145,6 +144,17 @@ def _eval(args: argparse.Namespace) -> int:
         if macs_ratio is None:
             _note_unequal_budgets(rows)
     return 0
+
+
+def _budget_text(args: argparse.Namespace, macs_ratio: Optional[float], methods: Sequence[MethodSpec]) -> str:
+    """What the eval table's rows spend, for its header."""
+    if macs_ratio is not None:
+        return f"{macs_ratio:.0%} of the MACs"
+    if args.keep_ratio is not None:
+        return f"keep ratio {args.keep_ratio}"
+    if all(spec.model is not None for spec in methods):
+        return "the checkpoint's keep ratio"
+    return f"keep ratio {DEFAULT_KEEP_RATIO} unless a method names its own"
 
 
 def _note_unequal_budgets(rows: Sequence[dict[str, Any]], tolerance: float = 0.05) -> None:
