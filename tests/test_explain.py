@@ -224,6 +224,29 @@ def test_the_pareto_figure_labels_every_reached_point_and_leaves_out_unreachable
     assert sorted(text.get_text() for text in zoom.texts) == ["70.0", "74.0", "76.0"]
 
 
+def test_the_pareto_figure_labels_close_points_without_overlapping_labels(tmp_path, monkeypatch):
+    import matplotlib.figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    from tokenpatch.measure.plot import pareto_figure
+
+    drawn = []
+    real_savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, path: drawn.append(self) or real_savefig(self, path))
+    # as in the leaderboard: many methods near one budget, their top-1 within a tenth of a point
+    rows = [{"method": f"m{i}", "macs_ratio": 0.65 + 0.002 * i, "top1": 76.0 + 0.1 * (i % 4)} for i in range(8)]
+    rows += [{"method": f"m{i}", "macs_ratio": 0.5, "top1": 60.0 + i} for i in range(8)]
+    pareto_figure(rows, 77.0, "title", tmp_path / "pareto.png")
+    figure = drawn[0]
+    renderer = FigureCanvasAgg(figure).get_renderer()  # pyplot closed the figure: draw it again as saved
+    for axes in figure.axes:
+        boxes = [Text.get_window_extent(text, renderer) for text in axes.texts]  # the words, not the leader line
+        assert all(not a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), "no label covers another"
+    assert sorted(float(text.get_text()) for text in figure.axes[1].texts) == sorted(
+        round(row["top1"], 1) for row in rows if row["top1"] >= 76.0)  # the zoom: within 8 points of 77
+
+
 def test_an_explanation_keeps_the_logits_of_the_pass_it_explains():
     """What explain ran is what the model predicts: the CLI captions its panels from these, with no second pass."""
     model = tokenpatch.patch(make_model("deit_tiny", depth=4), "evit", keep_ratio=0.5)

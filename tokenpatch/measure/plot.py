@@ -45,12 +45,13 @@ def pareto_figure(rows: Sequence[Mapping[str, Any]], unpatched_top1: float, titl
             series.setdefault(row["method"], []).append((100 * row["macs_ratio"], row["top1"]))
     figure, (whole, zoom) = plt.subplots(1, 2, figsize=(14, 6.5), dpi=110, gridspec_kw={"width_ratios": [1, 1.4]})
     near = [y for points in series.values() for _, y in points if y >= unpatched_top1 - 8]
+    labelled: dict[Any, list[tuple[float, float, str]]] = {whole: [], zoom: []}
     for axes in (whole, zoom):
         axes.plot([100], [unpatched_top1], marker="*", markersize=14, color="black", linestyle="none",
                   label=f"unpatched ({unpatched_top1:.1f})", zorder=3)
         for i, (method, points) in enumerate(sorted(series.items())):
-            _draw_series(axes, i, method, sorted(points), unpatched_top1, labels=axes is zoom or min(
-                y for _, y in points) < unpatched_top1 - 8)
+            colour = _draw_series(axes, i, method, sorted(points), unpatched_top1)
+            labelled[axes] += [(x, y, colour) for x, y in points if axes is zoom or y < unpatched_top1 - 8]
         axes.set_xlabel("MACs, % of the unpatched model's")
         axes.set_ylabel("top-1, %")
         axes.grid(True, alpha=0.3)
@@ -61,20 +62,44 @@ def pareto_figure(rows: Sequence[Mapping[str, Any]], unpatched_top1: float, titl
     whole.legend(fontsize=8, loc="lower right", ncol=2)
     figure.suptitle(title, fontsize=11)
     figure.tight_layout()
+    for axes, points in labelled.items():  # after the layout: the spacing is in the final display units
+        _label_points(axes, points, figure.dpi)
     figure.savefig(path)
     plt.close(figure)
 
 
-def _draw_series(axes: Any, index: int, method: str, points: list[tuple[float, float]], unpatched_top1: float,
-                 labels: bool) -> None:
-    """One method's points, joined in MAC order to the unpatched point; each labelled with its
-    top-1 when ``labels`` (to the right or left by turns, so that close points stay readable)."""
+def _draw_series(axes: Any, index: int, method: str, points: list[tuple[float, float]],
+                 unpatched_top1: float) -> str:
+    """One method's points, joined in MAC order to the unpatched point; returns its colour."""
     colour, marker = COLOURS[index % len(COLOURS)], MARKERS[index % len(MARKERS)]
     xs, ys = zip(*(points + [(100.0, unpatched_top1)]))
     dashed = "untrained" in method or "=" in method  # a learned policy left untrained, or a non-default rule
     axes.plot(xs, ys, color=colour, marker=marker, markevery=list(range(len(points))), linewidth=1.2,
               linestyle="--" if dashed else "-", label=method)
-    if labels:
-        for x, y in points:
-            axes.annotate(f"{y:.1f}", (x, y), textcoords="offset points", fontsize=7, color=colour,
-                          xytext=(5, -3 + 4 * (index % 3)) if index % 2 == 0 else (-22, -3 + 4 * (index % 3)))
+    return colour
+
+
+def _label_points(axes: Any, points: list[tuple[float, float, str]], dpi: float, spacing: float = 9.0,
+                  budget_width: float = 5.0, gap: float = 7.0) -> None:
+    """Label each (MACs %, top-1, colour) point with its top-1 so that no two labels overlap and none
+    covers a marker: the points of one budget (MACs within ``budget_width``) are labelled right and
+    left of the whole group by turns in top-1 order, ``gap`` typographic points clear of it, labels on
+    one side pushed apart to ``spacing`` points, each joined to its point by a thin line when moved."""
+    low, high = axes.get_ylim()
+    budgets: dict[int, list[tuple[float, float, str]]] = {}
+    for point in points:
+        if low <= point[1] <= high:  # a label of a point outside the zoomed band would float alone
+            budgets.setdefault(round(point[0] / budget_width), []).append(point)
+    to_points = 72.0 / dpi  # display pixels to typographic points
+    for group in budgets.values():
+        group.sort(key=lambda p: p[1])
+        shown = [(axes.transData.transform((x, y)) * to_points, (x, y), colour) for x, y, colour in group]
+        edges = {1: max(at[0] for at, _, _ in shown) + gap, -1: min(at[0] for at, _, _ in shown) - gap}
+        for side in (1, -1):
+            placed = -float("inf")
+            for (across, up), (x, y), colour in shown[(0 if side == 1 else 1)::2]:
+                placed = max(up, placed + spacing)
+                moved = (edges[side] - across, placed - up)
+                axes.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(moved[0], moved[1] - 3),
+                              fontsize=7, color=colour, ha="left" if side == 1 else "right",
+                              arrowprops=dict(arrowstyle="-", color=colour, linewidth=0.5, shrinkA=0, shrinkB=3))
