@@ -73,8 +73,11 @@ def test_the_changelog_and_the_citation_name_the_version():
     root = Path(__file__).resolve().parents[1]
     newest = re.search(r"^## \[([^\]]+)\] - (\S+)", (root / "CHANGELOG.md").read_text(), flags=re.M)
     assert newest is not None and newest.group(1) == tokenpatch.__version__
-    assert newest.group(2) == "unreleased" or re.fullmatch(r"\d{4}-\d{2}-\d{2}", newest.group(2))
-    assert re.search(rf"^version: {re.escape(tokenpatch.__version__)}$", (root / "CITATION.cff").read_text(), flags=re.M)
+    citation = (root / "CITATION.cff").read_text()
+    assert re.search(rf"^version: {re.escape(tokenpatch.__version__)}$", citation, flags=re.M)
+    if newest.group(2) != "unreleased":  # a released version: dated the same in both
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", newest.group(2))
+        assert re.search(rf"^date-released: {newest.group(2)}$", citation, flags=re.M)
 
 
 @pytest.mark.parametrize("quiet", [["--quiet"], ["-q"], "env"])
