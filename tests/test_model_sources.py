@@ -243,7 +243,7 @@ def test_the_classifier_an_hf_checkpoint_names_is_the_one_that_loads(tmp_path):
 # resize (the aspect ratio is not kept), centre crop 224, bicubic, ImageNet mean and std. timm's
 # DeiT transform keeps the aspect ratio (short side 248, centre crop 224), so the two see slightly
 # different pixels: the top-1s may differ by those images, not by the model.
-# Measured on the 500 shared images: top-1 of timm / hf 77.0 / 77.8 unpatched, 74.0 / 75.4 with evit.
+# Measured on the 500 shared images: top-1 of timm / hf 77.0 / 77.8 unpatched, 64.8 / 63.4 with evit at keep 0.5.
 HF_TOP1_TOLERANCE = 2.0
 HUB_DEIT_PROCESSOR = dict(size={"height": 256, "width": 256}, crop_size={"height": 224, "width": 224}, resample=3,
                           image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
@@ -252,7 +252,8 @@ HUB_DEIT_PROCESSOR = dict(size={"height": 256, "width": 256}, crop_size={"height
 def test_hf_with_the_hubs_deit_processor_agrees_with_timms_top1_on_the_real_sample(shared_data, tmp_path, capsys):
     folder = transformers_folder(shared_data / DEIT_TINY_WEIGHTS, tmp_path / "hf",
                                  transformers.DeiTImageProcessor(**HUB_DEIT_PROCESSOR))
-    common = ["--data", str(shared_data / IMAGENET_SAMPLE), "--methods", "evit", "-j", "2", "--json"]
+    common = ["--data", str(shared_data / IMAGENET_SAMPLE), "--methods", "evit", "--keep-ratio", "0.5", "-j", "2",
+              "--json"]  # one keep ratio in both: no budget fitted twice
     tables = []
     for model in (["deit_tiny_patch16_224", "--checkpoint", str(shared_data / DEIT_TINY_WEIGHTS)], [f"hf:{folder}"]):
         assert main(["eval", *model, *common]) == 0
