@@ -113,18 +113,17 @@ def _eval(args: argparse.Namespace) -> int:
         methods = [MethodSpec(name, label=f"{name} (checkpoint)",
                               model=loaded.patched(PatchRequest(keep_ratio=args.keep_ratio)))]
     methods = methods or [MethodSpec(name) for name in training_free_methods()]
-    macs_ratio = _compared_at(args, methods)
-    keep_ratio = None if macs_ratio is not None else args.keep_ratio
+    macs_ratio = _compared_at(args, methods)  # None whenever --keep-ratio is given (the flags exclude each other)
     for spec in methods:  # a request that contradicts itself is the user's error, before any work
-        lift_keep_ratio(keep_ratio, macs_ratio, spec.options)
-    methods = [_with_checkpoint_modules(spec, loaded, keep_ratio) for spec in methods]
-    if keep_ratio is None and macs_ratio is None:  # a keep ratio named for some methods: the others at the default
+        lift_keep_ratio(args.keep_ratio, macs_ratio, spec.options)
+    methods = [_with_checkpoint_modules(spec, loaded, args.keep_ratio) for spec in methods]
+    if args.keep_ratio is None and macs_ratio is None:  # a keep ratio named for some methods: the others at the default
         methods = [_at_default_keep_ratio(spec) for spec in methods]
     dataset = _eval_dataset(args, loaded)
     first_images, _ = load_images(dataset, max(args.calibration, MAC_IMAGES))
     started = time.perf_counter()
     rows = evaluation_rows(loaded.unpatched, eval_loader(dataset, args.batch_size, args.workers, runtime), methods,
-                           first_images, keep_ratio, macs_ratio, args.calibration, MAC_IMAGES, runtime,
+                           first_images, args.keep_ratio, macs_ratio, args.calibration, MAC_IMAGES, runtime,
                            progress=is_main_process())
     if not is_main_process():  # every process holds the summed table; one prints it
         return 0
